@@ -1,0 +1,309 @@
+"""Typed run configuration: nested dataclasses, loaded from YAML, overridden with dotted `key=value` pairs.
+
+Every entry point (train.py, the tools, the launchers) builds a `Config` the same way:
+`load_config(path, overrides)`. Unknown keys and values of the wrong type are rejected with the dotted key in
+the message, so a typo in a 48-hour Slurm job fails in the first second instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the dotted key."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    name: str = ""  # wandb run name; defaults to the output folder's name
+
+
+@dataclass
+class DataConfig:
+    codes_dir: str = ""  # folder written by tools/extract_codes.py (manifest.json + shards)
+    entropy_dir: str = ""  # folder written by tools/compute_entropy.py; "" = <codes_dir>/entropy
+    val_fraction: float = 0.02  # held-out images (by index) for the validation loss
+    batch_size: int = 32  # images per optimizer step, summed over data-parallel ranks (global batch)
+    global_tokens_per_microbatch: int = 0  # DPAR packer budget (global positions); 0 = fixed image count
+    num_workers: int = 0
+    log_sample_ids: bool = False
+
+
+@dataclass
+class PatchConfig:
+    mode: str = "global"  # global | monotonic | global+monotonic | static
+    alignment: str = "reference"  # reference (e[k-1] > θ starts code k) | blt (e[k] > θ)
+    threshold: float = 7.8  # θ in nats; ignored by mode=static
+    max_patch_length: int = 4  # P_max
+    static_length: int = 2  # patch length for mode=static
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "dpar"  # gpt | entropy | dpar
+    preset: str = ""  # e.g. gpt-b, dpar-xl, dpar-tiny; explicit fields below override the preset
+    dim: int = 0
+    n_heads: int = 0
+    n_layers: int = 0  # gpt/entropy depth
+    n_encoder_layers: int = 0  # dpar local encoder
+    n_global_layers: int = 0  # dpar global transformer
+    n_decoder_layers: int = 0  # dpar local decoder
+    ffn_multiple_of: int = 256
+    ffn_dim_multiplier: float = 0.0  # 0 = LLaMA's 8/3 rule
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    grid: tuple[int, int] = (16, 16)
+    dropout: float = 0.1
+    class_dropout: float = 0.1  # probability of replacing the label by the null class (CFG)
+    rope_base: float = 10000.0
+    global_rope: str = "dynamic"  # dynamic | 1d
+    norm_eps: float = 1e-5
+    attention_backend: str = "sdpa"  # sdpa | flex
+    patch: PatchConfig = field(default_factory=PatchConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 0  # 0 = only at the end
+    val_batches: int = 8
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    ema: float = 0.0  # 0 = off; else the EMA decay, e.g. 0.9999
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # steps between checkpoints; 0 = only the final one
+    resume: str = ""  # "" | auto | path to a checkpoint folder
+    keep_last: int = 3
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1 = the rest of the world
+    tp: int = 1
+    activation_checkpoint: str = "none"  # none | full | selective
+    compile: bool = False
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    project: str = "dpar-scale"
+    mode: str = "offline"  # offline unless the user has logged in and sets online
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+# --------------------------------------------------------------------------------------------------- coercion
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Returns `value` converted to `annotation`, or raises ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+        return _build(annotation, value, key)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} fits none of {annotation}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {annotation}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(
+            f"unknown config key {'.'.join(filter(None, [prefix, unknown[0]]))!r} "
+            f"(valid keys at {where}: {', '.join(sorted(names))})"
+        )
+    kwargs = {name: _coerce(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parses the right-hand side of an override with YAML rules (so 1e-4, true, [16,16] work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+
+    def convert(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [convert(x) for x in v]
+        return v
+
+    return convert(cfg)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Applies `a.b.c=value` strings to a nested dict (validated later against the dataclasses)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value (e.g. model.dim=64)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = values
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(text)
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Reads YAML (optional), applies dotted overrides, validates types and keys, and checks values."""
+    values: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        values = loaded
+    # Start from the defaults so that overrides can name keys the file does not mention.
+    merged = _deep_merge(to_dict(cls()), values)
+    merged = apply_overrides(merged, overrides or [])
+    cfg = _build(cls, merged)
+    if isinstance(cfg, Config):
+        validate(cfg)
+    return cfg
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    _choice("model.kind", cfg.model.kind, ("gpt", "entropy", "dpar"))
+    _choice("model.global_rope", cfg.model.global_rope, ("dynamic", "1d"))
+    _choice("model.attention_backend", cfg.model.attention_backend, ("sdpa", "flex"))
+    _choice("model.patch.mode", cfg.model.patch.mode, ("global", "monotonic", "global+monotonic", "static"))
+    _choice("model.patch.alignment", cfg.model.patch.alignment, ("reference", "blt"))
+    _choice("optim.schedule", cfg.optim.schedule, ("constant", "cosine"))
+    _choice("train.precision", cfg.train.precision, ("fp32", "bf16"))
+    _choice("parallel.activation_checkpoint", cfg.parallel.activation_checkpoint, ("none", "full", "selective"))
+    _choice("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
+    for key, value in (("model.patch.max_patch_length", cfg.model.patch.max_patch_length),
+                       ("model.patch.static_length", cfg.model.patch.static_length),
+                       ("train.steps", cfg.train.steps), ("train.grad_accum", cfg.train.grad_accum),
+                       ("train.log_every", cfg.train.log_every), ("data.batch_size", cfg.data.batch_size),
+                       ("parallel.tp", cfg.parallel.tp), ("parallel.dp_replicate", cfg.parallel.dp_replicate)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest), got {cfg.parallel.dp_shard}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 <= cfg.train.ema < 1.0:
+        raise ConfigError(f"train.ema must be in [0, 1), got {cfg.train.ema}")
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Writes the resolved config as YAML (the run folder's `config.yaml`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,50 @@
+"""Typed config: YAML + dotted overrides, rejected with the dotted key named."""
+import pytest
+import yaml
+
+from dpar_scale.config import Config, ConfigError, load_config, save_config, to_dict
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"kind": "gpt", "dim": 32, "patch": {"threshold": 7.9}},
+                                    "train": {"steps": 5}}))
+    cfg = load_config(path, ["model.dim=64", "optim.lr=3e-4", "model.grid=[24,24]", "train.precision=bf16",
+                             "optim.betas=[0.9,0.99]", "data.log_sample_ids=true"])
+    assert isinstance(cfg, Config)
+    assert cfg.model.kind == "gpt" and cfg.model.dim == 64 and cfg.train.steps == 5
+    assert cfg.model.patch.threshold == 7.9 and cfg.model.grid == (24, 24)
+    assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.9, 0.99) and cfg.data.log_sample_ids is True
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.dimm=3", "model.dimm"),
+    ("model.dim=abc", "model.dim"),
+    ("model.dim=1.5", "model.dim"),
+    ("train.precision=fp8", "train.precision"),
+    ("nonsense=1", "nonsense"),
+    ("model.patch=3", "model.patch"),
+    ("model.grid=[16]", "model.grid"),
+    ("train.steps=0", "train.steps"),
+    ("parallel.dp_shard=0", "parallel.dp_shard"),
+    ("model.kind", "dotted.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["model.dim=48", "run.output_dir=/tmp/x"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
