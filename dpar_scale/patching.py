@@ -1,0 +1,199 @@
+"""Entropy-driven patching: which codes start a patch.
+
+Index convention (DESIGN.md §1): `entropy[:, j]` is the entropy (nats) of the entropy model's prediction of code j
+from the start token and codes < j. With N = H·W codes in raster order and grid width W:
+
+* codes 0 and 1 always start a patch;
+* for k >= 2, code k starts a patch when the boundary signal at k fires, or when k % W == 0 (row reset: a patch
+  never crosses a row);
+* every run longer than P_max is cut into floor(L / P_max) patches of P_max and one of L mod P_max (if non-zero).
+
+The boundary signal, by alignment:
+
+* `reference` (the authors' code, the default): uses e[k-1]. A hard-to-predict code *closes* its patch.
+* `blt` (BLT's byte rule): uses e[k]. A hard-to-predict code *opens* a new patch.
+
+and by mode, with s the aligned entropy and s_prev the one before it:
+
+* `global`: s > θ;
+* `monotonic`: s - s_prev > θ (BLT's approximate monotonic rule);
+* `global+monotonic`: s > θ or s - s_prev > θ_rel (either signal opens a patch);
+* `static`: no entropy at all: fixed `static_length` runs restarting at every row (the paper's ablation baseline).
+
+Comparisons are strict and done in float32, like the authors' code, so a stored float16 entropy that equals θ
+exactly does not start a patch. Both alignments are causal: whether code k starts a patch depends on codes < k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("global", "monotonic", "global+monotonic", "static")
+ALIGNMENTS = ("reference", "blt")
+
+
+def patch_starts(
+    entropy: torch.Tensor,
+    *,
+    width: int,
+    threshold: float,
+    max_patch_length: int,
+    mode: str = "global",
+    alignment: str = "reference",
+    static_length: int = 2,
+    relative_threshold: float | None = None,
+) -> torch.Tensor:
+    """Bool tensor [B, N]: True where a code starts a patch (after row reset and P_max splitting)."""
+    if entropy.dim() != 2:
+        raise ValueError(f"entropy must be [B, H*W], got shape {tuple(entropy.shape)}")
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment {alignment!r} is not one of {ALIGNMENTS}")
+    if max_patch_length < 1:
+        raise ValueError(f"max_patch_length must be >= 1, got {max_patch_length}")
+    batch, n = entropy.shape
+    if width < 1 or n % width != 0:
+        raise ValueError(f"grid width {width} does not divide the {n} codes per image")
+    device = entropy.device
+    k = torch.arange(n, device=device)
+    column = k % width
+
+    if mode == "static":
+        if static_length < 1:
+            raise ValueError(f"static_length must be >= 1, got {static_length}")
+        starts = (column % static_length == 0).expand(batch, n).clone()
+    else:
+        e = entropy.to(torch.float32)
+        theta = torch.tensor(threshold, dtype=torch.float32, device=device)
+        # s[:, k] is the entropy that decides whether code k starts a patch.
+        if alignment == "reference":
+            s = torch.cat([e.new_zeros(batch, 1), e[:, :-1]], dim=1)
+        else:
+            s = e
+        s_prev = torch.cat([s[:, :1], s[:, :-1]], dim=1)
+        rising = (s - s_prev) if mode != "global" else None
+        if mode == "global":
+            signal = s > theta
+        elif mode == "monotonic":
+            signal = rising > theta
+        else:
+            if relative_threshold is None:
+                raise ValueError("mode 'global+monotonic' needs relative_threshold (θ_rel for e_k - e_(k-1) > θ_rel)")
+            rel = torch.tensor(relative_threshold, dtype=torch.float32, device=device)
+            signal = (s > theta) | (rising > rel)
+        starts = signal | (column == 0)
+        starts[:, : min(2, n)] = True  # codes 0 and 1: no entropy (or only e[0]) to decide with
+    return _split_long_runs(starts, max_patch_length)
+
+
+def _split_long_runs(starts: torch.Tensor, max_patch_length: int) -> torch.Tensor:
+    """Within each run (a start and the codes up to the next start), start a new patch every P_max codes.
+
+    That is exactly floor(L / P_max) patches of P_max followed by one of L mod P_max.
+    """
+    n = starts.shape[1]
+    k = torch.arange(n, device=starts.device).expand_as(starts)
+    run_start = torch.where(starts, k, torch.zeros_like(k)).cummax(dim=1).values
+    return (k - run_start) % max_patch_length == 0
+
+
+def starts_to_patch_ids(starts: torch.Tensor) -> torch.Tensor:
+    """Long tensor [B, N]: the index (within its image) of the patch each code belongs to."""
+    return starts.long().cumsum(dim=1) - 1
+
+
+def starts_to_lengths(starts: torch.Tensor) -> list[list[int]]:
+    """Per image, the list of patch lengths (sums to N)."""
+    out = []
+    n = starts.shape[1]
+    for row in starts.cpu():
+        idx = torch.nonzero(row, as_tuple=False).flatten().tolist()
+        out.append([b - a for a, b in zip(idx, idx[1:] + [n])])
+    return out
+
+
+def patch_lengths(
+    entropy: torch.Tensor,
+    *,
+    width: int,
+    threshold: float,
+    max_patch_length: int,
+    mode: str = "global",
+    alignment: str = "reference",
+    static_length: int = 2,
+    relative_threshold: float | None = None,
+) -> list[list[int]]:
+    """Per image, the patch lengths given by the rule in this module's docstring (each list sums to H·W)."""
+    starts = patch_starts(
+        entropy, width=width, threshold=threshold, max_patch_length=max_patch_length, mode=mode,
+        alignment=alignment, static_length=static_length, relative_threshold=relative_threshold,
+    )
+    return starts_to_lengths(starts)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+@dataclass
+class Calibration:
+    threshold: float
+    mean_patch_length: float  # codes / patches over the whole set (= the global-position reduction factor)
+    target: float
+    histogram: dict[int, int]  # patch length -> number of patches
+    num_images: int
+
+
+def mean_patch_length(starts: torch.Tensor) -> float:
+    return starts.numel() / max(int(starts.sum()), 1)
+
+
+def length_histogram(starts: torch.Tensor) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for lengths in starts_to_lengths(starts):
+        for length in lengths:
+            counts[length] = counts.get(length, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def calibrate_threshold(
+    entropy: torch.Tensor,
+    *,
+    width: int,
+    target_mean_length: float,
+    max_patch_length: int,
+    mode: str = "global",
+    alignment: str = "reference",
+    iterations: int = 40,
+) -> Calibration:
+    """Finds θ whose mean patch length over `entropy` [B, N] is closest to the target, by bisection.
+
+    The mean length is non-decreasing in θ (a larger θ fires fewer boundaries), so bisection applies. With ties
+    in the entropies an exact hit may not exist; the closest achieved value is returned and reported.
+    """
+    if mode == "static":
+        raise ValueError("a static layout has no threshold to calibrate; set model.patch.static_length instead")
+    e = entropy.to(torch.float32)
+    kwargs = dict(width=width, max_patch_length=max_patch_length, mode=mode, alignment=alignment)
+    low = float(e.min()) - 1.0 if mode == "global" else float((e[:, 1:] - e[:, :-1]).min()) - 1.0
+    high = float(e.max()) + 1.0 if mode == "global" else float((e[:, 1:] - e[:, :-1]).max()) + 1.0
+    ceiling = mean_patch_length(patch_starts(e, threshold=high, **kwargs))
+    if target_mean_length > ceiling + 1e-9:
+        raise ValueError(
+            f"target mean patch length {target_mean_length} is unreachable: with only forced starts (row resets, "
+            f"P_max={max_patch_length}) the mean is {ceiling:.3f}; lower the target or raise max_patch_length"
+        )
+    best = (float("inf"), high)
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        achieved = mean_patch_length(patch_starts(e, threshold=mid, **kwargs))
+        best = min(best, (abs(achieved - target_mean_length), mid))
+        if achieved < target_mean_length:
+            low = mid
+        else:
+            high = mid
+    theta = best[1]
+    starts = patch_starts(e, threshold=theta, **kwargs)
+    return Calibration(
+        threshold=theta, mean_patch_length=mean_patch_length(starts), target=target_mean_length,
+        histogram=length_histogram(starts), num_images=e.shape[0],
+    )

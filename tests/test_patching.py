@@ -1,0 +1,155 @@
+"""The patch rule of DESIGN.md §1, checked by hand-worked examples, a loop-by-loop reference, and properties."""
+import math
+
+import pytest
+import torch
+
+from dpar_scale.patching import (
+    calibrate_threshold, patch_lengths, patch_starts, starts_to_lengths, starts_to_patch_ids,
+)
+
+
+def reference_lengths(e, width, theta, pmax, alignment="reference"):
+    """A direct, loop-by-loop transcription of the rule (one image, Python floats rounded to float32)."""
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731
+    theta = f32(theta)
+    n = len(e)
+    starts = []
+    for k in range(n):
+        if k < 2 or k % width == 0:
+            starts.append(k)
+        elif alignment == "reference" and f32(e[k - 1]) > theta:
+            starts.append(k)
+        elif alignment == "blt" and f32(e[k]) > theta:
+            starts.append(k)
+    lengths = []
+    for a, b in zip(starts, starts[1:] + [n]):
+        run = b - a
+        lengths += [pmax] * (run // pmax) + ([run % pmax] if run % pmax else [])
+    return lengths
+
+
+def test_hand_worked_reference_alignment():
+    # One row of 8 codes, θ = 5. e[2] = 9 > θ makes code 3 start a patch (the hard code 2 closes its patch).
+    e = torch.tensor([[9.0, 1.0, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    assert patch_lengths(e, width=8, threshold=5.0, max_patch_length=8) == [[1, 2, 5]]
+    # The same with P_max = 2: the run of 5 becomes 2, 2, 1.
+    assert patch_lengths(e, width=8, threshold=5.0, max_patch_length=2) == [[1, 2, 2, 2, 1]]
+    # e[0] never matters: code 1 always starts anyway. e[N-1] never matters: nothing follows it.
+    e2 = e.clone()
+    e2[0, 0], e2[0, 7] = -3.0, 99.0
+    assert patch_lengths(e2, width=8, threshold=5.0, max_patch_length=8) == [[1, 2, 5]]
+
+
+def test_hand_worked_blt_alignment():
+    e = torch.tensor([[9.0, 1.0, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    # Under BLT's alignment the hard code 2 opens its own patch.
+    assert patch_lengths(e, width=8, threshold=5.0, max_patch_length=8, alignment="blt") == [[1, 1, 6]]
+
+
+def test_row_reset_two_rows():
+    # 2 rows of 4, all entropies low: codes 0 and 1 start, then code 4 (row start).
+    e = torch.zeros(1, 8)
+    assert patch_lengths(e, width=4, threshold=1.0, max_patch_length=4) == [[1, 3, 4]]
+    assert patch_lengths(e, width=4, threshold=1.0, max_patch_length=2) == [[1, 2, 1, 2, 2]]
+
+
+def test_threshold_is_strict_and_float32():
+    theta = 7.8
+    e = torch.full((1, 6), 0.0)
+    e[0, 2] = torch.tensor(theta, dtype=torch.float32)  # equal in float32: not above
+    assert patch_lengths(e, width=6, threshold=theta, max_patch_length=6) == [[1, 5]]
+    e[0, 2] = torch.nextafter(torch.tensor(theta, dtype=torch.float32), torch.tensor(9.0))
+    assert patch_lengths(e, width=6, threshold=theta, max_patch_length=6) == [[1, 2, 3]]
+    # float16 storage: the stored value rounded to 7.80078125 > 7.8
+    e16 = e.clone()
+    e16[0, 2] = 7.8
+    assert patch_lengths(e16.half(), width=6, threshold=theta, max_patch_length=6) == [[1, 2, 3]]
+
+
+def test_monotonic_modes():
+    e = torch.tensor([[0.0, 1.0, 4.0, 4.5, 4.6, 1.0, 8.0, 8.0]])
+    # reference alignment: code k uses e[k-1] - e[k-2]; rises > 2 at e[2]-e[1]=3 (k=3) and e[6]-e[5]=7 (k=7).
+    assert patch_lengths(e, width=8, threshold=2.0, max_patch_length=8, mode="monotonic") == [[1, 2, 4, 1]]
+    # global+monotonic: either e > 6 (k=7, k=8 n/a) or rise > 2 (k=3, k=7).
+    lengths = patch_lengths(e, width=8, threshold=6.0, max_patch_length=8, mode="global+monotonic",
+                            relative_threshold=2.0)
+    assert lengths == [[1, 2, 4, 1]]
+    with pytest.raises(ValueError, match="relative_threshold"):
+        patch_lengths(e, width=8, threshold=6.0, max_patch_length=8, mode="global+monotonic")
+
+
+def test_static_mode_restarts_every_row():
+    e = torch.rand(2, 12)
+    assert patch_lengths(e, width=6, threshold=0.0, max_patch_length=4, mode="static", static_length=4) == [
+        [4, 2, 4, 2]] * 2
+    assert patch_lengths(e, width=6, threshold=0.0, max_patch_length=2, mode="static", static_length=4) == [
+        [2, 2, 2, 2, 2, 2]] * 2
+
+
+@pytest.mark.parametrize("alignment", ["reference", "blt"])
+@pytest.mark.parametrize("pmax", [1, 2, 4, 16])
+def test_matches_loop_reference_on_random_entropies(alignment, pmax):
+    g = torch.Generator().manual_seed(pmax)
+    width = 16
+    e = torch.rand(16, 256, generator=g) * 9.7
+    got = patch_lengths(e, width=width, threshold=7.8, max_patch_length=pmax, alignment=alignment)
+    for i in range(e.shape[0]):
+        assert got[i] == reference_lengths(e[i].tolist(), width, 7.8, pmax, alignment)
+
+
+@pytest.mark.parametrize("mode", ["global", "monotonic", "static"])
+def test_properties(mode):
+    g = torch.Generator().manual_seed(1)
+    h, w, pmax = 24, 24, 4
+    e = torch.rand(8, h * w, generator=g) * 9.7
+    starts = patch_starts(e, width=w, threshold=7.0 if mode == "global" else 2.0, max_patch_length=pmax, mode=mode,
+                          static_length=3)
+    for lengths in starts_to_lengths(starts):
+        assert sum(lengths) == h * w
+        assert max(lengths) <= pmax and min(lengths) >= 1
+    # no patch crosses a row: every row start is a patch start
+    assert starts[:, ::w].all()
+    # the tensor form (patch ids) agrees with the list form
+    ids = starts_to_patch_ids(starts)
+    for row_ids, lengths in zip(ids, starts_to_lengths(starts)):
+        expected = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        assert torch.equal(row_ids, expected)
+
+
+def test_pmax_one_and_infinite_threshold():
+    e = torch.rand(3, 64) * 9.7
+    assert patch_lengths(e, width=8, threshold=7.8, max_patch_length=1) == [[1] * 64] * 3
+    # θ = +inf: only the forced starts (codes 0, 1, row starts), then P_max splitting.
+    assert patch_lengths(e, width=8, threshold=math.inf, max_patch_length=8) == [[1, 7] + [8] * 7] * 3
+
+
+def test_causality_of_boundaries():
+    # Whether code k starts a patch depends only on e[:k] (reference) -- so only on codes < k-1... < k.
+    g = torch.Generator().manual_seed(3)
+    e = torch.rand(1, 64, generator=g) * 9.7
+    base = patch_starts(e, width=8, threshold=6.0, max_patch_length=4)
+    for k in range(64):
+        e2 = e.clone()
+        e2[0, k:] = torch.rand(64 - k, generator=g) * 9.7
+        assert torch.equal(patch_starts(e2, width=8, threshold=6.0, max_patch_length=4)[0, : k + 1], base[0, : k + 1])
+
+
+def test_calibration_hits_target():
+    g = torch.Generator().manual_seed(0)
+    e = torch.rand(64, 256, generator=g) * 9.7
+    cal = calibrate_threshold(e, width=16, target_mean_length=1.81, max_patch_length=4)
+    assert abs(cal.mean_patch_length - 1.81) < 0.01
+    assert sum(k * v for k, v in cal.histogram.items()) == 64 * 256
+    # the reported θ reproduces the reported mean
+    starts = patch_starts(e, width=16, threshold=cal.threshold, max_patch_length=4)
+    assert starts.numel() / starts.sum().item() == pytest.approx(cal.mean_patch_length)
+    with pytest.raises(ValueError, match="unreachable"):
+        calibrate_threshold(e, width=16, target_mean_length=5.0, max_patch_length=4)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="does not divide"):
+        patch_lengths(torch.zeros(1, 10), width=4, threshold=1.0, max_patch_length=2)
+    with pytest.raises(ValueError, match="mode"):
+        patch_lengths(torch.zeros(1, 8), width=4, threshold=1.0, max_patch_length=2, mode="dynamic")
