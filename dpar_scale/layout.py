@@ -1,0 +1,209 @@
+"""Patch layouts: where each image's patches are, and how they sit in the packed global sequence.
+
+A batch of B images, each N = H·W codes in raster order, is cut into patches (contiguous runs of codes). Image i
+has M_i patches. The DPAR global transformer runs over one *packed* sequence holding, for every image in turn,
+M_i + 1 positions:
+
+    [class_i, patch_i,0, ..., patch_i,M_i-1]
+
+concatenated over images (no per-image padding), with `cu_seqlens` marking the image boundaries and the total
+padded only up to a multiple of `pad_to_multiple` (the tensor-parallel degree, so sequence parallelism can shard
+it evenly). Packed position cu_seqlens[i] + m holds class_i (m = 0) or patch m-1; because the global transformer
+is causal, its *output* there summarises the class and patches < m, which is exactly what the codes of patch m
+may see. Hence `code_to_packed[i, t] = cu_seqlens[i] + patch_id[i, t]`.
+
+All index tensors are built vectorised on the CPU (no per-code Python loop) and moved with `.to(device)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def static_lengths(grid: tuple[int, int], length: int, row_reset: bool = True) -> list[int]:
+    """Fixed-length patches over one image; with row_reset a patch never crosses a row (the last of a row may
+    be shorter)."""
+    h, w = grid
+    if length < 1:
+        raise ValueError(f"patch length must be >= 1, got {length}")
+    span, reps = (w, h) if row_reset else (h * w, 1)
+    row = [length] * (span // length) + ([span % length] if span % length else [])
+    return row * reps
+
+
+def prefix_lengths(lengths: Sequence[int], n_codes: int) -> list[int]:
+    """Patch lengths covering only the first `n_codes` codes (the patch holding the cut is shortened)."""
+    out, used = [], 0
+    for v in lengths:
+        if used >= n_codes:
+            break
+        out.append(min(v, n_codes - used))
+        used += out[-1]
+    return out
+
+
+@dataclass(eq=False)
+class PatchLayout:
+    grid: tuple[int, int]
+    lengths: tuple[tuple[int, ...], ...]  # per image, the patch lengths (each sums to N)
+    pad_to_multiple: int
+    patch_id: torch.Tensor  # [B, N] long: patch index (within its image) of each code; N = H·W or a prefix
+    num_patches: torch.Tensor  # [B] long: M_i
+    patch_start: torch.Tensor  # [B, M] long: first code of each patch (0 for padding patches)
+    patch_end: torch.Tensor  # [B, M] long: last code (inclusive) of each patch (0 for padding patches)
+    patch_valid: torch.Tensor  # [B, M] bool: m < M_i
+    cu_seqlens: torch.Tensor  # [B + 1] int32: image boundaries in the packed sequence (unpadded total last)
+    packed_image_id: torch.Tensor  # [T] long: image of each packed position, -1 for padding
+    packed_pos: torch.Tensor  # [T] long: position inside its image's run (0 = class), 0 for padding
+    packed_row: torch.Tensor  # [T] long: row of the patch's first code (0 for class / padding)
+    packed_col_start: torch.Tensor  # [T] long: column of the patch's first code
+    packed_col_end: torch.Tensor  # [T] long: column of the patch's last code
+    packed_source: torch.Tensor  # [T] long: row of cat([class [B], patches [B*M], zero]) for `pack`
+    code_to_packed: torch.Tensor  # [B, N] long: packed position whose output feeds code t
+    patch_to_packed: torch.Tensor  # [B, M] long: packed position of patch m, -1 for padding patches
+
+    # ------------------------------------------------------------------------------------------- properties
+    @property
+    def batch_size(self) -> int:
+        return self.patch_id.shape[0]
+
+    @property
+    def n_codes(self) -> int:
+        return self.patch_id.shape[1]
+
+    @property
+    def max_patches(self) -> int:
+        return self.patch_valid.shape[1]
+
+    @property
+    def packed_length(self) -> int:
+        """T: the packed sequence length including the padding to `pad_to_multiple`."""
+        return self.packed_image_id.shape[0]
+
+    @property
+    def num_global_positions(self) -> int:
+        """Σ_i (M_i + 1), the positions that are not padding."""
+        return sum(len(x) + 1 for x in self.lengths)
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(len(x) + 1 for x in self.lengths)
+
+    # ---------------------------------------------------------------------------------------------- builders
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[Sequence[int]], grid: tuple[int, int] | Sequence[int],
+                     pad_to_multiple: int = 1, n_codes: int | None = None) -> "PatchLayout":
+        """Layout from per-image patch lengths (the output of `dpar_scale.patching.patch_lengths`).
+
+        Each image's lengths sum to `n_codes` (default H·W); a smaller `n_codes` describes the first codes of the
+        images in raster order (a generation prefix, whose last patch may still be growing).
+        """
+        h, w = int(grid[0]), int(grid[1])
+        n = h * w if n_codes is None else int(n_codes)
+        if not 1 <= n <= h * w:
+            raise ValueError(f"n_codes must be in [1, {h * w}] for grid {h}x{w}, got {n}")
+        lengths = tuple(tuple(int(v) for v in per_image) for per_image in lengths)
+        if not lengths:
+            raise ValueError("PatchLayout needs at least one image")
+        if pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+        for i, per_image in enumerate(lengths):
+            if sum(per_image) != n or min(per_image, default=0) < 1:
+                raise ValueError(f"image {i}: patch lengths must be positive and sum to {n} codes (grid "
+                                 f"{h}x{w}); got {len(per_image)} lengths summing to {sum(per_image)}")
+        b = len(lengths)
+        counts = torch.tensor([len(x) for x in lengths], dtype=torch.long)
+        flat_len = torch.tensor([v for x in lengths for v in x], dtype=torch.long)
+        m_max = int(counts.max())
+        patch_image = torch.repeat_interleave(torch.arange(b), counts)  # image of each flat patch
+        first_patch = torch.cumsum(counts, 0) - counts  # flat index of each image's patch 0
+        local = torch.arange(len(flat_len)) - first_patch[patch_image]  # m of each flat patch
+        start = torch.cumsum(flat_len, 0) - flat_len - patch_image * n  # first code, within its image
+        end = start + flat_len - 1
+
+        patch_id = torch.repeat_interleave(local, flat_len).view(b, n)
+        valid = torch.arange(m_max)[None, :] < counts[:, None]
+        patch_start = torch.zeros(b, m_max, dtype=torch.long)
+        patch_end = torch.zeros(b, m_max, dtype=torch.long)
+        patch_start[valid], patch_end[valid] = start, end  # boolean indexing is row-major, like the flat order
+
+        run = counts + 1  # class + patches
+        cu = torch.zeros(b + 1, dtype=torch.long)
+        cu[1:] = torch.cumsum(run, 0)
+        total = int(cu[-1])
+        t_len = -(-total // pad_to_multiple) * pad_to_multiple
+        image_id = torch.full((t_len,), -1, dtype=torch.long)
+        image_id[:total] = torch.repeat_interleave(torch.arange(b), run)
+        pos = torch.zeros(t_len, dtype=torch.long)
+        pos[:total] = torch.arange(total) - torch.repeat_interleave(cu[:-1], run)
+
+        patch_packed = cu[patch_image] + 1 + local
+        patch_to_packed = torch.full((b, m_max), -1, dtype=torch.long)
+        patch_to_packed[valid] = patch_packed
+        row, col_start, col_end = (torch.zeros(t_len, dtype=torch.long) for _ in range(3))
+        row[patch_packed], col_start[patch_packed], col_end[patch_packed] = start // w, start % w, end % w
+        # Source rows for `pack`: class vectors first, then the [B, M] patch grid flattened, then one zero row.
+        source = torch.full((t_len,), b + b * m_max, dtype=torch.long)
+        source[cu[:-1]] = torch.arange(b)
+        source[patch_packed] = b + patch_image * m_max + local
+        code_to_packed = cu[:-1, None] + patch_id
+
+        return cls(grid=(h, w), lengths=lengths, pad_to_multiple=pad_to_multiple, patch_id=patch_id,
+                   num_patches=counts, patch_start=patch_start, patch_end=patch_end, patch_valid=valid,
+                   cu_seqlens=cu.to(torch.int32), packed_image_id=image_id, packed_pos=pos, packed_row=row,
+                   packed_col_start=col_start, packed_col_end=col_end, packed_source=source,
+                   code_to_packed=code_to_packed, patch_to_packed=patch_to_packed)
+
+    @classmethod
+    def from_patch_ids(cls, patch_id: torch.Tensor, grid, pad_to_multiple: int = 1) -> "PatchLayout":
+        """Layout from a [B, N] tensor of per-code patch indices (0, 0, 1, 2, 2, ...: starting at 0, +0 or +1)."""
+        patch_id = patch_id.detach().cpu().long()
+        if patch_id.dim() != 2:
+            raise ValueError(f"patch_id must be [B, N], got shape {tuple(patch_id.shape)}")
+        steps = patch_id.diff(dim=1)
+        if (patch_id[:, 0] != 0).any() or ((steps != 0) & (steps != 1)).any():
+            raise ValueError("patch_id rows must start at 0 and grow by 0 or 1 from code to code")
+        lengths = [torch.bincount(row).tolist() for row in patch_id]
+        return cls.from_lengths(lengths, grid, pad_to_multiple, n_codes=patch_id.shape[1])
+
+    @classmethod
+    def from_starts(cls, starts: torch.Tensor, grid, pad_to_multiple: int = 1) -> "PatchLayout":
+        """Layout from a [B, N] bool tensor, True where a code starts a patch (code 0 must start one)."""
+        return cls.from_patch_ids(torch.cumsum(starts.long(), dim=1) - 1, grid, pad_to_multiple)
+
+    @classmethod
+    def static(cls, batch: int, grid, length: int, row_reset: bool = True, pad_to_multiple: int = 1):
+        """Every image cut into fixed-length patches (the static-patch ablation; length 1 = the token model)."""
+        return cls.from_lengths([static_lengths(tuple(grid), length, row_reset)] * batch, grid, pad_to_multiple)
+
+    def prefix(self, n_codes: int) -> "PatchLayout":
+        """The layout of the first `n_codes` codes of every image (the patch holding the cut is shortened)."""
+        return PatchLayout.from_lengths([prefix_lengths(x, n_codes) for x in self.lengths], self.grid,
+                                        self.pad_to_multiple, n_codes=n_codes)
+
+    # ------------------------------------------------------------------------------------------------- use
+    def to(self, device, non_blocking: bool = False) -> "PatchLayout":
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                 for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
+
+    def pack(self, class_emb: torch.Tensor, patch_emb: torch.Tensor) -> torch.Tensor:
+        """class_emb [B, D] and patch_emb [B, M, D] -> packed sequence [T, D] (zeros at padding).
+
+        One gather from a concatenated source, so the backward is one scatter-add and nothing is written in place.
+        """
+        b, m, d = patch_emb.shape
+        zero = patch_emb.new_zeros(1, d)
+        source = torch.cat([class_emb.to(patch_emb.dtype), patch_emb.reshape(b * m, d), zero], dim=0)
+        return source[self.packed_source]
+
+    def gather_codes(self, packed: torch.Tensor) -> torch.Tensor:
+        """Packed outputs [T, D] -> per-code [B, N, D]: code t of patch m gets packed position cu_seqlens + m."""
+        return packed[self.code_to_packed]
+
+    def __repr__(self) -> str:
+        return (f"PatchLayout(B={self.batch_size}, grid={self.grid}, patches={self.num_patches.tolist()}, "
+                f"packed={self.num_global_positions}->{self.packed_length})")

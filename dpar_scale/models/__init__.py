@@ -1,0 +1,77 @@
+"""Models: the GPT baseline, the entropy model (an unconditional GPT) and DPAR, built from a ModelConfig.
+
+`resolve_model_config` fills a config's zero shape fields from its preset (explicit non-zero fields win), so the
+config saved next to a checkpoint states the real shape; `build_model` builds from it. Build on the meta device
+(`with torch.device("meta"): build_model(cfg)`) to size big models for free; after `to_empty(device=...)` call
+`model.init_weights()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from dpar_scale.config import ConfigError, ModelConfig
+
+from .attention import AttentionMask, attend, compile_flex, flex_available
+from .dpar import DPAR
+from .gpt import GPT
+from .presets import PRESETS, count_params, param_breakdown
+
+__all__ = ["AttentionMask", "DPAR", "GPT", "PRESETS", "attend", "build_model", "compile_flex", "count_params",
+           "flex_available", "param_breakdown", "resolve_model_config"]
+
+_SHAPE_FIELDS = ("dim", "n_heads", "n_layers", "n_encoder_layers", "n_global_layers", "n_decoder_layers")
+_TOKEN_KINDS = ("gpt", "entropy")
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """A copy of `cfg` with the preset's shape filled into the fields left at 0 (and num_classes=0 for the
+    entropy model). A gpt-shaped preset serves kind gpt or entropy (entropy-b == gpt-b unconditional); a dpar
+    preset only kind dpar."""
+    values = {}
+    if cfg.preset:
+        if cfg.preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {cfg.preset!r} (known: {', '.join(sorted(PRESETS))})")
+        preset = PRESETS[cfg.preset]
+        same_family = (preset["kind"] == cfg.kind) or (preset["kind"] in _TOKEN_KINDS and cfg.kind in _TOKEN_KINDS)
+        if not same_family:
+            raise ConfigError(f"model.kind={cfg.kind!r} does not fit model.preset={cfg.preset!r} (a "
+                              f"{preset['kind']} shape): set model.kind={preset['kind']} or pick a "
+                              f"{cfg.kind}-* preset")
+        values = {k: v for k, v in preset.items() if k != "kind" and not getattr(cfg, k)}
+    out = dataclasses.replace(cfg, **values)
+    if out.kind == "entropy":
+        out = dataclasses.replace(out, num_classes=0)
+    _check(out)
+    return out
+
+
+def _check(cfg: ModelConfig) -> None:
+    if cfg.kind not in ("gpt", "entropy", "dpar"):
+        raise ConfigError(f"model.kind: {cfg.kind!r} is not one of gpt, entropy, dpar")
+    need = ("n_encoder_layers", "n_global_layers", "n_decoder_layers") if cfg.kind == "dpar" else ("n_layers",)
+    for key in ("dim", "n_heads") + need:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1 for kind={cfg.kind} (set it or pick a model.preset)")
+    if cfg.dim % cfg.n_heads or (cfg.dim // cfg.n_heads) % 4:
+        raise ConfigError(f"model.dim={cfg.dim} / n_heads={cfg.n_heads} must give a head dim divisible by 4 "
+                          f"(2-D RoPE splits the rotary pairs between rows and columns)")
+    if cfg.kind == "gpt" and cfg.num_classes < 1:
+        raise ConfigError("model.num_classes must be >= 1 for kind=gpt (kind=entropy is the unconditional model)")
+    if cfg.kind == "dpar" and cfg.num_classes < 1:
+        raise ConfigError("model.num_classes must be >= 1 for kind=dpar")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """GPT / entropy GPT / DPAR from a ModelConfig (preset filled in first, explicit non-zero fields override)."""
+    cfg = resolve_model_config(cfg)
+    common = dict(dim=cfg.dim, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size, grid=tuple(cfg.grid),
+                  multiple_of=cfg.ffn_multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier or None,
+                  dropout=cfg.dropout, class_dropout=cfg.class_dropout, rope_base=cfg.rope_base,
+                  norm_eps=cfg.norm_eps, attention_backend=cfg.attention_backend)
+    if cfg.kind == "dpar":
+        return DPAR(n_encoder_layers=cfg.n_encoder_layers, n_global_layers=cfg.n_global_layers,
+                    n_decoder_layers=cfg.n_decoder_layers, num_classes=cfg.num_classes,
+                    global_rope=cfg.global_rope, **common)
+    return GPT(n_layers=cfg.n_layers, num_classes=cfg.num_classes if cfg.kind == "gpt" else 0, **common)

@@ -1,0 +1,158 @@
+"""One attention entry point with a backend switch; the mask is described, not materialised, by the caller.
+
+`AttentionMask` says *which* keys a query may see (same id, optionally causal); each backend turns that description
+into what it needs (a boolean tensor for SDPA, a BlockMask for flex_attention). The description is built once per
+forward and shared by all layers, so both materialisations are cached on it.
+
+Rule: query i (in row b) sees key j iff
+    (q_ids is None or (q_ids[b, i] >= 0 and q_ids[b, i] == kv_ids[b, j]))
+    and (not causal or j <= i + q_offset).
+`q_ids` / `kv_ids` are document ids for packed self-attention (image id per position, -1 for padding) or group ids
+for cross-attention (patch id of each query and of each code). `q_offset` places the queries after `q_offset`
+cached keys, which is what an incremental-decoding KV cache needs; nothing else changes for it.
+
+Query rows that see no key at all (padding) produce zeros, never NaN, on every backend.
+
+Backends: "sdpa" (default, the reference; materialises a [B, 1, Lq, Lk] bool mask, fine for per-GPU micro-batches)
+and "flex" (flex_attention + a BlockMask that skips empty blocks; call `compile_flex()` for the fused kernel). In
+torch 2.13 flex runs eagerly on CPU for the forward only (its CPU backward raises), so CPU training uses sdpa.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "flex")
+
+
+@dataclass(eq=False)
+class AttentionMask:
+    causal: bool = False
+    q_ids: torch.Tensor | None = None  # [B or 1, Lq] long; -1 = padding query (sees nothing)
+    kv_ids: torch.Tensor | None = None  # [B or 1, Lk] long; must be given together with q_ids
+    q_offset: int = 0  # absolute position of query 0 among the keys (KV cache)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if (self.q_ids is None) != (self.kv_ids is None):
+            raise ValueError("AttentionMask: q_ids and kv_ids must be given together")
+
+    @property
+    def is_plain_causal(self) -> bool:
+        return self.causal and self.q_ids is None and self.q_offset == 0
+
+    def dense(self, lq: int, lk: int, device) -> torch.Tensor:
+        """Boolean [B or 1, 1, Lq, Lk] mask, True = may attend."""
+        key = ("dense", lq, lk, str(device))
+        if key not in self._cache:
+            allowed = torch.ones(1, lq, lk, dtype=torch.bool, device=device)
+            if self.causal:
+                qpos = torch.arange(lq, device=device)[:, None] + self.q_offset
+                allowed = allowed & (torch.arange(lk, device=device)[None, :] <= qpos)
+            if self.q_ids is not None:
+                qi, ki = self.q_ids.to(device), self.kv_ids.to(device)
+                allowed = allowed & (qi[:, :, None] == ki[:, None, :]) & (qi[:, :, None] >= 0)
+            self._cache[key] = allowed[:, None]
+        return self._cache[key]
+
+    def query_valid(self, lq: int, lk: int, device) -> torch.Tensor:
+        """Bool [B or 1, 1, Lq, 1]: the query sees at least one key."""
+        key = ("valid", lq, lk, str(device))
+        if key not in self._cache:
+            self._cache[key] = self.dense(lq, lk, device).any(-1, keepdim=True)
+        return self._cache[key]
+
+    def block_mask(self, batch: int, lq: int, lk: int, device):
+        key = ("block", batch, lq, lk, str(device))
+        if key not in self._cache:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            causal, offset = self.causal, self.q_offset
+            q_ids = self.q_ids.to(device) if self.q_ids is not None else None
+            kv_ids = self.kv_ids.to(device) if self.kv_ids is not None else None
+            ids_batch = q_ids.shape[0] if q_ids is not None else 1
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                ok = kv_idx >= 0  # a tensor True, so the terms below can be and-ed uniformly
+                if causal:
+                    ok = ok & (kv_idx <= q_idx + offset)
+                if q_ids is not None:
+                    bi = b if ids_batch > 1 else 0
+                    qi = q_ids[bi, q_idx]
+                    ok = ok & (qi >= 0) & (qi == kv_ids[bi, kv_idx])
+                return ok
+
+            mask_batch = ids_batch if ids_batch > 1 else None
+            self._cache[key] = create_block_mask(mask_mod, mask_batch, None, lq, lk, device=device)
+        return self._cache[key]
+
+
+def _attend_sdpa(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    lq, lk = q.shape[-2], k.shape[-2]
+    if mask.is_plain_causal and lq == lk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if not mask.causal and mask.q_ids is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    allowed = mask.dense(lq, lk, q.device)
+    valid = mask.query_valid(lq, lk, q.device)
+    # A row with no allowed key would be softmax over all -inf (NaN on some kernels): let it see everything,
+    # then zero its output, so padding rows are finite and carry no gradient.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~valid)
+    return out * valid.to(out.dtype)
+
+
+def _attend_flex(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    lq, lk = q.shape[-2], k.shape[-2]
+    if not mask.causal and mask.q_ids is None:
+        return _flex_fn(q, k, v)
+    block = mask.block_mask(q.shape[0], lq, lk, q.device)
+    out = _flex_fn(q, k, v, block_mask=block)  # fully masked rows come out as zeros
+    if mask.q_ids is not None:
+        ids = mask.q_ids.to(q.device)
+        out = out * (ids >= 0)[:, None, :, None].to(out.dtype)
+    return out
+
+
+def _flex_attention(*args, **kwargs):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(*args, **kwargs)
+
+
+# Eager flex_attention materialises the score matrix (correct everywhere, fast nowhere); `compile_flex()` swaps in
+# the fused kernel. Training code calls it when it compiles the model; tests use the eager path.
+_flex_fn = _flex_attention
+
+
+def compile_flex(**compile_kwargs) -> None:
+    global _flex_fn
+    from torch.nn.attention.flex_attention import flex_attention
+
+    _flex_fn = torch.compile(flex_attention, **compile_kwargs)
+
+
+def flex_available() -> tuple[bool, str]:
+    """(True, "") if flex_attention runs here (eagerly), else (False, reason)."""
+    try:
+        q = torch.randn(1, 1, 4, 8)
+        m = AttentionMask(causal=True, q_ids=torch.zeros(1, 4, dtype=torch.long),
+                          kv_ids=torch.zeros(1, 4, dtype=torch.long))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _attend_flex(q, q, q, m)
+        return True, ""
+    except Exception as e:  # noqa: BLE001 - any failure means "not available here", with the reason
+        return False, f"{type(e).__name__}: {e}"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, backend: str = "sdpa"):
+    """q [B, H, Lq, Dh], k/v [B, H, Lk, Dh] -> [B, H, Lq, Dh] under `mask`, with the chosen backend."""
+    if backend == "sdpa":
+        return _attend_sdpa(q, k, v, mask)
+    if backend == "flex":
+        return _attend_flex(q, k, v, mask)
+    raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")

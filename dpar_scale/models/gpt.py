@@ -1,0 +1,85 @@
+"""The LlamaGen-equivalent token model: the GPT baseline and (with num_classes == 0) the entropy model.
+
+Input sequence [cond, x_0, ..., x_{N-2}] -> logits for x_0 ... x_{N-1}, so `logits[:, t]` predicts `codes[:, t]`
+from the condition and codes < t. cond is the class embedding (index `num_classes` is the null class used for
+classifier-free guidance) or, for the unconditional entropy model, a learned start vector.
+
+Positions follow LlamaGen: input position i >= 1 holds code i-1 and gets the 2-D RoPE of that code's grid cell;
+the condition position gets the identity rotation (LlamaGen stores cos = sin = 0 there, which zeroes the class
+token's q/k; we use the identity so the class token can be attended to by content).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import AttentionMask
+from .layers import RMSNorm, TransformerBlock, drop_labels, init_llamagen_
+from .rope import rope_2d, rope_identity
+
+
+class GPT(nn.Module):
+    # Top-level children -> parameter group, for count_params / tools/count_params.py.
+    PARAM_GROUPS = {"tok_embeddings": "embeddings", "class_embedding": "embeddings", "start_token": "embeddings",
+                    "layers": "global", "norm": "head", "output": "head"}
+
+    def __init__(self, *, dim: int, n_layers: int, n_heads: int, vocab_size: int, num_classes: int,
+                 grid: tuple[int, int], multiple_of: int = 256, ffn_dim_multiplier: float | None = None,
+                 dropout: float = 0.0, class_dropout: float = 0.0, rope_base: float = 10000.0,
+                 norm_eps: float = 1e-5, attention_backend: str = "sdpa"):
+        super().__init__()
+        self.dim, self.vocab_size, self.num_classes = dim, vocab_size, num_classes
+        self.grid, self.head_dim, self.rope_base = tuple(grid), dim // n_heads, rope_base
+        self.class_dropout = class_dropout
+        self.tok_embeddings = nn.Embedding(vocab_size, dim)
+        if num_classes > 0:
+            self.class_embedding = nn.Embedding(num_classes + 1, dim)  # + the null class for CFG
+        else:
+            self.start_token = nn.Parameter(torch.zeros(dim))
+        self.tok_dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            TransformerBlock(dim, n_heads, multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier,
+                             dropout=dropout, norm_eps=norm_eps, backend=attention_backend)
+            for _ in range(n_layers))
+        self.norm = RMSNorm(dim, norm_eps)
+        self.output = nn.Linear(dim, vocab_size, bias=False)
+        self.init_weights()
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def init_weights(self) -> None:
+        """LlamaGen init (N(0, 0.02), zero output head). Call again after materialising from the meta device."""
+        init_llamagen_(self)
+        if not self.conditional:
+            nn.init.normal_(self.start_token, std=0.02)
+        nn.init.zeros_(self.output.weight)
+
+    def condition(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        """[B, D] condition vectors: class embeddings (null class when labels is None) or the start token."""
+        if not self.conditional:
+            return self.start_token[None].expand(batch, -1)
+        if labels is None:
+            labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        labels = drop_labels(labels, self.num_classes, self.class_dropout, self.training)
+        return self.class_embedding(labels)
+
+    def rope_table(self, length: int, device) -> torch.Tensor:
+        """[length, head_dim/2, 2]: identity for the condition position, then the codes' 2-D RoPE."""
+        grid = rope_2d(*self.grid, self.head_dim, self.rope_base, device=device)
+        return torch.cat([rope_identity(1, self.head_dim, device), grid[: length - 1]], dim=0)
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, layout=None) -> torch.Tensor:
+        """codes [B, N] -> logits [B, N, vocab] (fp32); `layout` is accepted and ignored."""
+        b, n = codes.shape
+        if n > self.grid[0] * self.grid[1]:
+            raise ValueError(f"{n} codes do not fit the {self.grid} grid")
+        cond = self.condition(labels, b, codes.device)
+        x = torch.cat([cond[:, None].to(self.tok_embeddings.weight.dtype), self.tok_embeddings(codes[:, :-1])], 1)
+        x = self.tok_dropout(x)
+        rope = self.rope_table(n, codes.device)
+        mask = AttentionMask(causal=True)
+        for layer in self.layers:
+            x = layer(x, mask, rope)
+        return self.output(self.norm(x)).float()
