@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic dataset, image loading/preprocessing, and code shards."""

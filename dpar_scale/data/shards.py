@@ -1,0 +1,532 @@
+"""Code shards on disk: atomic writing, checksums, and memory-mapped reading.
+
+Layout of a code folder (written by tools/extract_codes.py):
+    manifest.json                    written last; its presence means the folder is complete
+    shard_00000.codes.npy            uint16 [n, H*W] codes, rows image-major: row = image_slot * V + view
+    shard_00000.labels.npy           int64 [n] class labels
+    shard_00000.source.npy           int64 [n, 2] (index of the image in the sorted listing, view index)
+    shard_00000.json                 the shard's record (counts, sha256 of each file); written after its files
+Every file is written under a temporary name and renamed, so a crash never leaves a file that looks complete,
+and a shard counts as done only once its record exists and its files match the recorded checksums.
+
+Per-row side arrays (e.g. entropies [n, H*W] float16 from tools/compute_entropy.py) live in a subfolder with
+the same sharding: `<sub>/shard_00000.<name>.npy` + `<sub>/shard_00000.<name>.json` + `<sub>/manifest.json`,
+whose `codes_fingerprint` ties it to the exact code shards it was computed from.
+
+Readers open shards lazily and keep at most `max_open` memory maps (each holds a file descriptor), so an
+ImageNet-sized folder (>1000 shards) does not run into the open-file limit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "CODES_DTYPE", "MANIFEST_NAME", "ShardError", "sha256_file", "save_npy_atomic", "write_json_atomic",
+    "shard_stem", "code_shard_files", "write_code_shard", "read_shard_record", "check_shard_files",
+    "codes_fingerprint", "write_manifest", "CodeShards", "RowArray", "write_side_shard",
+    "read_side_shard_record", "side_shard_complete", "write_side_manifest", "SideArray", "open_side_array",
+]
+
+CODES_DTYPE = np.uint16
+MANIFEST_NAME = "manifest.json"
+FORMAT = "dpar-code-shards"
+SIDE_FORMAT = "dpar-side-shards"
+FORMAT_VERSION = 1
+_REBUILD_HINT = "re-run tools/extract_codes.py with the same arguments: it rebuilds only missing or bad shards"
+
+
+class ShardError(RuntimeError):
+    """A shard folder is missing, incomplete, corrupt or inconsistent; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# low-level atomic writing
+
+
+class _HashingFile:
+    """File wrapper that hashes what np.save writes, so checksums cost no second read."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        return self.f.write(data)
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}.tmp.{os.getpid()}"
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> str:
+    """np.save to a temporary name, fsync, rename into place; returns the file's sha256."""
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        hf = _HashingFile(f)
+        np.lib.format.write_array(hf, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hf.h.hexdigest()
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = _tmp_name(path)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a .npy file; ShardError if it is missing or not a valid .npy."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise ShardError(f"shard file {path} is missing; {_REBUILD_HINT}") from None
+    except (OSError, ValueError) as e:
+        raise ShardError(f"shard file {path} is not a valid .npy file ({e}); delete it and "
+                         f"{_REBUILD_HINT}") from None
+    if fortran:
+        raise ShardError(f"shard file {path} is Fortran-ordered; it was not written by this code")
+    return tuple(shape), np.dtype(dtype), offset
+
+
+def check_npy(path: str, shape: Sequence[int], dtype: Any) -> None:
+    """Header and file size agree with the expected shape/dtype (catches truncation without hashing)."""
+    got_shape, got_dtype, offset = read_npy_header(path)
+    if got_shape != tuple(shape) or got_dtype != np.dtype(dtype):
+        raise ShardError(f"shard file {path} holds {got_dtype}{list(got_shape)}, expected "
+                         f"{np.dtype(dtype)}{list(shape)}; {_REBUILD_HINT}")
+    expect = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    size = os.path.getsize(path)
+    if size != expect:
+        raise ShardError(f"shard file {path} is truncated or padded ({size} bytes, expected {expect}); "
+                         f"delete it and {_REBUILD_HINT}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# code shards: writing
+
+
+def shard_stem(index: int) -> str:
+    return f"shard_{index:05d}"
+
+
+def code_shard_files(index: int) -> dict[str, str]:
+    s = shard_stem(index)
+    return {"codes": f"{s}.codes.npy", "labels": f"{s}.labels.npy", "source": f"{s}.source.npy",
+            "record": f"{s}.json"}
+
+
+def to_codes_dtype(codes: np.ndarray) -> np.ndarray:
+    """Validate integer codes and store them as uint16 (vocabularies up to 65536 entries)."""
+    codes = np.asarray(codes)
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise TypeError(f"codes must be integers, got {codes.dtype}")
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) > np.iinfo(CODES_DTYPE).max):
+        raise ValueError(f"codes outside [0, 65535] cannot be stored as uint16 (min {codes.min()}, "
+                         f"max {codes.max()}); vocabularies above 65536 entries are not supported")
+    return codes.astype(CODES_DTYPE, copy=False)
+
+
+def write_code_shard(out_dir: str, index: int, codes: np.ndarray, labels: np.ndarray,
+                     source: np.ndarray | None = None, meta: dict | None = None) -> dict:
+    """Write one shard (codes [n, T], labels [n], optional source [n, 2]) and then its record.
+
+    The old record is removed first, so an interrupted rewrite leaves the shard visibly incomplete.
+    Returns the record (also stored as shard_XXXXX.json).
+    """
+    files = code_shard_files(index)
+    codes = to_codes_dtype(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be [n, T], got shape {codes.shape}")
+    n = codes.shape[0]
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if labels.shape[0] != n:
+        raise ValueError(f"labels has {labels.shape[0]} rows, codes has {n}")
+    record_path = os.path.join(out_dir, files["record"])
+    if os.path.exists(record_path):
+        os.remove(record_path)
+    sha = {"codes": save_npy_atomic(os.path.join(out_dir, files["codes"]), codes),
+           "labels": save_npy_atomic(os.path.join(out_dir, files["labels"]), labels)}
+    out_files = {"codes": files["codes"], "labels": files["labels"]}
+    if source is not None:
+        source = np.asarray(source, dtype=np.int64).reshape(n, 2)
+        sha["source"] = save_npy_atomic(os.path.join(out_dir, files["source"]), source)
+        out_files["source"] = files["source"]
+    record = {**(meta or {}), "index": index, "count": n, "seq_len": codes.shape[1], "files": out_files,
+              "sha256": sha}
+    write_json_atomic(record_path, record)
+    return record
+
+
+def read_shard_record(out_dir: str, index: int) -> dict | None:
+    """The shard's record, or None if it was never completed (or the record is unreadable)."""
+    rec = _read_json(os.path.join(out_dir, code_shard_files(index)["record"]))
+    return rec if isinstance(rec, dict) and rec.get("index") == index else None
+
+
+def _expected_shapes(record: dict) -> dict[str, tuple[tuple[int, ...], Any]]:
+    n, t = record["count"], record["seq_len"]
+    return {"codes": ((n, t), CODES_DTYPE), "labels": ((n,), np.int64), "source": ((n, 2), np.int64)}
+
+
+def check_shard_files(out_dir: str, record: dict, verify_sha: bool = True) -> str | None:
+    """None if every file of the shard exists, has the recorded shape and (optionally) checksum; else why not."""
+    shapes = _expected_shapes(record)
+    for key, fname in record["files"].items():
+        path = os.path.join(out_dir, fname)
+        try:
+            check_npy(path, *shapes[key])
+        except ShardError as e:
+            return str(e)
+        if verify_sha and sha256_file(path) != record["sha256"][key]:
+            return f"shard file {path} does not match its recorded sha256 (corrupt); {_REBUILD_HINT}"
+    return None
+
+
+def codes_fingerprint(shards: list[dict]) -> str:
+    """One hash naming the exact code data (shard order, counts and checksums); side arrays record it."""
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(f"{s['index']}:{s['count']}:{s['sha256']['codes']}:{s['sha256']['labels']};".encode())
+    return h.hexdigest()
+
+
+def write_manifest(out_dir: str, manifest: dict) -> None:
+    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading
+
+
+class RowArray:
+    """Rows of equal shape spread over .npy shard files, indexed as one array; shards memory-mapped lazily.
+
+    Indexing: an int gives one row, a slice or an integer array gives a stacked copy; both may cross shard
+    boundaries. Every file's header and size are checked at construction (cheap); `verify()` hashes them.
+    """
+
+    def __init__(self, folder: str, files: list[str], counts: list[int], row_shape: tuple[int, ...],
+                 dtype: Any, sha256: list[str] | None = None, max_open: int = 256):
+        self.folder, self.files, self.counts = folder, list(files), [int(c) for c in counts]
+        self.row_shape, self.dtype, self.sha256 = tuple(row_shape), np.dtype(dtype), sha256
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        self.max_open = max_open
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        for fname, n in zip(self.files, self.counts):
+            check_npy(os.path.join(folder, fname), (n, *self.row_shape), self.dtype)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _map(self, k: int) -> np.ndarray:
+        m = self._maps.get(k)
+        if m is None:
+            m = np.load(os.path.join(self.folder, self.files[k]), mmap_mode="r")
+            self._maps[k] = m
+            if len(self._maps) > self.max_open:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(k)
+        return m
+
+    def __getstate__(self):  # memory maps are reopened in the receiving process (e.g. DataLoader workers)
+        state = self.__dict__.copy()
+        state["_maps"] = OrderedDict()
+        return state
+
+    def _row(self, i: int) -> np.ndarray:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"row {i} out of range for {n} rows")
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return np.array(self._map(k)[i - self.offsets[k]])
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, (int, np.integer)):
+            return self._row(int(idx))
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(len(self))
+            if step == 1:
+                return self._range(start, max(start, stop))
+            idx = np.arange(start, stop, step)
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        idx = np.where(idx < 0, idx + n, idx)
+        out = np.empty((idx.size, *self.row_shape), self.dtype)
+        shard = np.searchsorted(self.offsets, idx, side="right") - 1
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = self._map(int(k))[idx[sel] - self.offsets[k]]
+        return out
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        parts = []
+        k = max(0, bisect.bisect_right(self.offsets, start) - 1)
+        while start < stop and k < len(self.files):
+            lo, hi = self.offsets[k], self.offsets[k + 1]
+            if hi > start:
+                parts.append(self._map(k)[start - lo: min(stop, hi) - lo])
+                start = min(stop, hi)
+            k += 1
+        if not parts:
+            return np.empty((0, *self.row_shape), self.dtype)
+        return np.concatenate(parts, axis=0)
+
+    def read_all(self) -> np.ndarray:
+        return self._range(0, len(self))
+
+    def verify(self) -> list[str]:
+        """Problems found (missing/truncated files, checksum mismatches); empty when all is well."""
+        problems = []
+        for k, (fname, n) in enumerate(zip(self.files, self.counts)):
+            path = os.path.join(self.folder, fname)
+            try:
+                check_npy(path, (n, *self.row_shape), self.dtype)
+            except ShardError as e:
+                problems.append(str(e))
+                continue
+            if self.sha256 is not None and sha256_file(path) != self.sha256[k]:
+                problems.append(f"shard file {path} does not match the sha256 in the manifest (corrupt); "
+                                f"delete it and {_REBUILD_HINT}")
+        return problems
+
+
+_REQUIRED = ("format", "format_version", "num_images", "num_source_images", "grid", "vocab_size", "tokenizer",
+             "image_size", "augmentation", "num_classes", "classes", "shards", "skipped")
+
+
+def _load_manifest(folder: str, fmt: str, what: str) -> dict:
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isdir(folder):
+        raise ShardError(f"{what} folder {folder!r} does not exist")
+    if not os.path.isfile(path):
+        raise ShardError(f"{path} is missing: the {what} in {folder!r} are incomplete (interrupted or still "
+                         f"running); re-run the tool that writes them with the same arguments to finish")
+    m = _read_json(path)
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        raise ShardError(f"{path} is not a valid {what} manifest (format {None if m is None else m.get('format')!r},"
+                         f" expected {fmt!r})")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path} has format_version {m.get('format_version')}, this code reads {FORMAT_VERSION}")
+    return m
+
+
+class CodeShards:
+    """Read-only view of an extracted code folder: `len()` rows, `codes(i)`, `labels`, `source`, `verify()`.
+
+    Rows are image-major: the V = `copies_per_image` augmented views of one image are consecutive, so image
+    slot s owns rows [s*V, (s+1)*V) (skipped images own none).
+    """
+
+    def __init__(self, folder: str, max_open: int = 256):
+        self.folder = os.path.abspath(folder)
+        m = _load_manifest(self.folder, FORMAT, "code shards")
+        missing = [k for k in _REQUIRED if k not in m]
+        if missing:
+            raise ShardError(f"{os.path.join(self.folder, MANIFEST_NAME)} lacks fields {missing}")
+        self.manifest = m
+        self.grid = tuple(int(g) for g in m["grid"])
+        self.seq_len = self.grid[0] * self.grid[1]
+        self.vocab_size = int(m["vocab_size"])
+        self.num_classes = int(m["num_classes"])
+        self.classes = list(m["classes"])
+        self.image_size = int(m["image_size"])
+        self.copies_per_image = int(m["augmentation"]["copies_per_image"])
+        self.tokenizer = dict(m["tokenizer"])
+        shards = m["shards"]
+        if sum(s["count"] for s in shards) != m["num_images"]:
+            raise ShardError(f"{self.folder}: shard counts sum to {sum(s['count'] for s in shards)} but the "
+                             f"manifest says num_images={m['num_images']}")
+        if [s["index"] for s in shards] != list(range(len(shards))):
+            raise ShardError(f"{self.folder}: manifest shards are not numbered 0..{len(shards) - 1} in order")
+        self.shards = shards
+        self.fingerprint = codes_fingerprint(shards)
+
+        def arr(key, row_shape, dtype):
+            return RowArray(self.folder, [s["files"][key] for s in shards], [s["count"] for s in shards],
+                            row_shape, dtype, [s["sha256"][key] for s in shards], max_open)
+
+        self._codes = arr("codes", (self.seq_len,), CODES_DTYPE)
+        self._labels = arr("labels", (), np.int64)
+        self._source = arr("source", (2,), np.int64) if all("source" in s["files"] for s in shards) else None
+        self._labels_cache: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    @property
+    def num_source_images(self) -> int:
+        return int(self.manifest["num_source_images"])
+
+    def codes(self, idx) -> np.ndarray:
+        """uint16 codes: [T] for an int, [k, T] for a slice or an index array (rows may span shards)."""
+        return self._codes[idx]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """All labels as int64 [n] (read once and cached: 8 bytes per row)."""
+        if self._labels_cache is None:
+            self._labels_cache = self._labels.read_all()
+        return self._labels_cache
+
+    def label(self, idx):
+        return self._labels[idx]
+
+    def source(self, idx) -> np.ndarray:
+        """(image index in the sorted listing, view index) for the given rows."""
+        if self._source is None:
+            raise ShardError(f"{self.folder}: these shards were written without source indices")
+        return self._source[idx]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self._codes[i], int(self._labels[i])
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        """Rows [start, stop) held by the k-th shard (shards are listed in index order 0..K-1).
+
+        Tools that compute per-row side arrays (entropies) iterate shards with this and write one side
+        shard per code shard: `write_side_shard(side_dir, k, values_for(codes(slice(*shard_range(k)))))`.
+        """
+        return int(self._codes.offsets[k]), int(self._codes.offsets[k + 1])
+
+    def verify(self, raise_on_error: bool = True) -> list[str]:
+        """Hash every shard file against the manifest; raise ShardError (or return problems) if any differ."""
+        problems = self._codes.verify() + self._labels.verify() + (self._source.verify() if self._source else [])
+        if problems and raise_on_error:
+            raise ShardError(f"{len(problems)} problem(s) in {self.folder}:\n  " + "\n  ".join(problems))
+        return problems
+
+    def __repr__(self) -> str:
+        return (f"CodeShards({self.folder!r}, rows={len(self)}, grid={self.grid}, vocab={self.vocab_size}, "
+                f"shards={len(self.shards)})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-row side arrays (same sharding as the codes)
+
+
+def _side_files(index: int, name: str) -> tuple[str, str]:
+    s = shard_stem(index)
+    return f"{s}.{name}.npy", f"{s}.{name}.json"
+
+
+def write_side_shard(side_dir: str, index: int, array: np.ndarray, name: str = "entropy",
+                     dtype: Any = np.float16, meta: dict | None = None) -> dict:
+    """Write side array rows for code shard `index` (same row count), then its record; atomic like codes."""
+    os.makedirs(side_dir, exist_ok=True)
+    npy, rec = _side_files(index, name)
+    rec_path = os.path.join(side_dir, rec)
+    if os.path.exists(rec_path):
+        os.remove(rec_path)
+    array = np.asarray(array).astype(dtype, copy=False)
+    sha = save_npy_atomic(os.path.join(side_dir, npy), array)
+    record = {**(meta or {}), "index": index, "count": int(array.shape[0]), "row_shape": list(array.shape[1:]),
+              "dtype": np.dtype(dtype).name, "file": npy, "sha256": sha}
+    write_json_atomic(rec_path, record)
+    return record
+
+
+def read_side_shard_record(side_dir: str, index: int, name: str = "entropy") -> dict | None:
+    rec = _read_json(os.path.join(side_dir, _side_files(index, name)[1]))
+    return rec if isinstance(rec, dict) and rec.get("index") == index else None
+
+
+def side_shard_complete(side_dir: str, index: int, expected_count: int, name: str = "entropy",
+                        verify_sha: bool = True) -> bool:
+    """True if side shard `index` was completed with `expected_count` rows and its file is intact."""
+    rec = read_side_shard_record(side_dir, index, name)
+    if rec is None or rec["count"] != expected_count:
+        return False
+    path = os.path.join(side_dir, rec["file"])
+    try:
+        check_npy(path, (rec["count"], *rec["row_shape"]), rec["dtype"])
+    except ShardError:
+        return False
+    return not verify_sha or sha256_file(path) == rec["sha256"]
+
+
+def write_side_manifest(side_dir: str, codes: CodeShards, name: str = "entropy",
+                        extra: dict | None = None) -> dict:
+    """Collect the side shard records for every code shard into `side_dir/manifest.json` (written last)."""
+    records, missing = [], []
+    for s in codes.shards:
+        rec = read_side_shard_record(side_dir, s["index"], name)
+        if rec is None or rec["count"] != s["count"]:
+            missing.append(shard_stem(s["index"]))
+        else:
+            records.append({k: rec[k] for k in ("index", "count", "file", "sha256")})
+    if missing:
+        raise ShardError(f"{side_dir}: {len(missing)} {name} shard(s) missing or with wrong row count "
+                         f"(first: {missing[:5]}); finish computing them before writing the manifest")
+    shapes = {tuple(read_side_shard_record(side_dir, r["index"], name)["row_shape"]) for r in records} or {()}
+    dtypes = {read_side_shard_record(side_dir, r["index"], name)["dtype"] for r in records} or {"float16"}
+    if len(shapes) != 1 or len(dtypes) != 1:
+        raise ShardError(f"{side_dir}: {name} shards disagree on row shape {shapes} or dtype {dtypes}")
+    manifest = {"format": SIDE_FORMAT, "format_version": FORMAT_VERSION, "name": name,
+                "dtype": dtypes.pop(), "row_shape": list(shapes.pop()), "num_rows": len(codes),
+                "codes_dir": codes.folder, "codes_fingerprint": codes.fingerprint, "shards": records,
+                **(extra or {})}
+    write_manifest(side_dir, manifest)
+    return manifest
+
+
+class SideArray(RowArray):
+    """Memory-mapped per-row side array (e.g. entropies); `manifest` holds what the writer recorded."""
+
+    def __init__(self, side_dir: str, codes: CodeShards | str | None = None, max_open: int = 256):
+        side_dir = os.path.abspath(side_dir)
+        m = _load_manifest(side_dir, SIDE_FORMAT, "side array")
+        self.manifest, self.name = m, m["name"]
+        super().__init__(side_dir, [s["file"] for s in m["shards"]], [s["count"] for s in m["shards"]],
+                         tuple(m["row_shape"]), m["dtype"], [s["sha256"] for s in m["shards"]], max_open)
+        if isinstance(codes, str):
+            codes = CodeShards(codes)
+        if codes is not None and codes.fingerprint != m["codes_fingerprint"]:
+            raise ShardError(f"{side_dir}: the {self.name} array was computed from different code shards than "
+                             f"{codes.folder} (fingerprint mismatch); recompute it")
+        if len(self) != m["num_rows"]:
+            raise ShardError(f"{side_dir}: shards hold {len(self)} rows, manifest says {m['num_rows']}")
+
+
+def open_side_array(side_dir: str, codes: CodeShards | str | None = None) -> SideArray:
+    return SideArray(side_dir, codes)

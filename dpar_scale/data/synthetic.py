@@ -1,0 +1,357 @@
+"""Embedded class-conditional image dataset: small RGB pictures of simple objects and scenes.
+
+Why it exists: every pipeline stage (tokenizer fit, code extraction, entropy model, DPAR training, sampling)
+needs real images to run end to end without downloading anything. The classes are chosen so that
+information content varies *inside* an image: flat or smoothly graded backgrounds (codes an entropy model
+predicts easily) next to edges and fine texture (codes it cannot), which is exactly what entropy-based
+patching needs to find.
+
+Determinism: image (class c, index i) is drawn from numpy's PCG64 seeded with (seed, c, i), so it does not
+depend on how many images per class are generated or in which order, and two runs write identical bytes.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["CLASS_NAMES", "CLASS_DESCRIPTIONS", "render_image", "class_folder_name", "generate_dataset"]
+
+GENERATOR_VERSION = 1
+
+# (name, what the class looks like). Order defines the label index.
+_CLASSES: list[tuple[str, str]] = [
+    ("disc", "one flat-coloured disc on a flat or graded background"),
+    ("square", "a rotated flat-coloured square"),
+    ("ring", "an annulus (ring) of random radius and thickness"),
+    ("stripes", "a rectangle filled with fine stripes of random period and orientation"),
+    ("checker", "a square object filled with a fine two-colour checkerboard"),
+    ("triangle", "a rotated flat-coloured triangle"),
+    ("cross", "a rotated plus-shaped cross"),
+    ("blob", "an irregular blob filled with fine random texture"),
+    ("sky_sun", "graded sky with a sun disc above a textured ground strip"),
+    ("dots", "a rectangular grid of small dots"),
+    ("star", "a rotated five-pointed star"),
+    ("waves", "a band of wavy parallel lines"),
+]
+CLASS_NAMES: list[str] = [n for n, _ in _CLASSES]
+CLASS_DESCRIPTIONS: dict[str, str] = dict(_CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# drawing helpers (all in float32 RGB in [0, 1], coordinates in pixels, pixel centres at k + 0.5)
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    c = np.arange(size, dtype=np.float32) + 0.5
+    return np.meshgrid(c, c, indexing="ij")  # yy, xx
+
+
+def _vivid(rng: np.random.Generator, hue: float | None = None) -> np.ndarray:
+    h = rng.random() if hue is None else hue % 1.0
+    return np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0)), np.float32)
+
+
+def _muted(rng: np.random.Generator, hue: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.05, 0.45), rng.uniform(0.15, 0.95)), np.float32)
+
+
+def _background(rng: np.random.Generator, size: int, fg_hue: float) -> np.ndarray:
+    """Flat (half the time) or a smooth linear gradient, in a hue far from the foreground's."""
+    hue = fg_hue + rng.uniform(0.3, 0.7)
+    c0 = _muted(rng, hue)
+    img = np.empty((size, size, 3), np.float32)
+    if rng.random() < 0.5:
+        img[:] = c0
+        return img
+    c1 = _muted(rng, hue + rng.uniform(-0.1, 0.1))
+    yy, xx = _grid(size)
+    ang = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(ang) * xx + np.sin(ang) * yy) / size
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    return c0 * (1 - t[..., None]) + c1 * t[..., None]
+
+
+def _coverage(sdf: np.ndarray) -> np.ndarray:
+    """Anti-aliased coverage from a signed distance in pixels (negative inside): a one-pixel ramp."""
+    return np.clip(0.5 - sdf, 0.0, 1.0)[..., None]
+
+
+def _paint(img: np.ndarray, sdf: np.ndarray, colour: np.ndarray | float) -> np.ndarray:
+    a = _coverage(sdf)
+    return img * (1 - a) + np.asarray(colour, np.float32) * a
+
+
+def _rotated(yy, xx, cy, cx, angle):
+    """Coordinates relative to (cy, cx) in a frame rotated by `angle`."""
+    dy, dx = yy - cy, xx - cx
+    c, s = np.cos(angle), np.sin(angle)
+    return c * dx + s * dy, -s * dx + c * dy  # u (along), v (across)
+
+
+def _box_sdf(u, v, hu, hv):
+    qu, qv = np.abs(u) - hu, np.abs(v) - hv
+    outside = np.hypot(np.maximum(qu, 0), np.maximum(qv, 0))
+    return outside + np.minimum(np.maximum(qu, qv), 0)
+
+
+def _centre(rng, size, margin):
+    return rng.uniform(margin, 1 - margin) * size, rng.uniform(margin, 1 - margin) * size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one renderer per class: (rng, size) -> float32 [size, size, 3]
+
+
+def _disc(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    cy, cx = _centre(rng, s, 0.3)
+    r = rng.uniform(0.12, 0.28) * s
+    return _paint(img, np.hypot(yy - cy, xx - cx) - r, fg)
+
+
+def _square(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    cy, cx = _centre(rng, s, 0.32)
+    u, v = _rotated(yy, xx, cy, cx, rng.uniform(0, np.pi / 2))
+    h = rng.uniform(0.1, 0.22) * s
+    return _paint(img, _box_sdf(u, v, h, h), fg)
+
+
+def _ring(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    cy, cx = _centre(rng, s, 0.35)
+    r = rng.uniform(0.14, 0.3) * s
+    t = rng.uniform(0.03, 0.08) * s
+    return _paint(img, np.abs(np.hypot(yy - cy, xx - cx) - r) - t / 2, fg)
+
+
+def _stripes(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    cy, cx = _centre(rng, s, 0.3)
+    hu, hv = rng.uniform(0.15, 0.32, size=2) * s
+    box = _box_sdf(xx - cx, yy - cy, hu, hv)
+    period = rng.uniform(2.5, 5.0) * s / 64
+    u, _ = _rotated(yy, xx, cy, cx, rng.uniform(0, np.pi))
+    phase = (u / period) % 1.0
+    alt = _vivid(rng, _hue(fg) + 0.5) * rng.uniform(0.2, 1.0)
+    pattern = np.where(phase[..., None] < 0.5, fg, alt)
+    a = _coverage(box)
+    return img * (1 - a) + pattern * a
+
+
+def _checker(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    cy, cx = _centre(rng, s, 0.3)
+    h = rng.uniform(0.14, 0.28) * s
+    cell = float(rng.integers(2, 5)) * s / 64
+    alt = _vivid(rng, _hue(fg) + rng.uniform(0.3, 0.7))
+    parity = (np.floor((xx - cx) / cell) + np.floor((yy - cy) / cell)) % 2
+    pattern = np.where(parity[..., None] < 0.5, fg, alt)
+    a = _coverage(_box_sdf(xx - cx, yy - cy, h, h))
+    return img * (1 - a) + pattern * a
+
+
+def _polygon_sdf(yy, xx, cy, cx, radius, n, angle):
+    """Approximate SDF of a regular n-gon: max of the signed distances to its edge lines."""
+    d = np.full(yy.shape, -np.inf, np.float32)
+    apothem = radius * np.cos(np.pi / n)
+    for k in range(n):
+        th = angle + 2 * np.pi * (k + 0.5) / n
+        d = np.maximum(d, np.cos(th) * (xx - cx) + np.sin(th) * (yy - cy) - apothem)
+    return d
+
+
+def _triangle(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    cy, cx = _centre(rng, s, 0.33)
+    r = rng.uniform(0.16, 0.3) * s
+    return _paint(img, _polygon_sdf(yy, xx, cy, cx, r, 3, rng.uniform(0, 2 * np.pi)), fg)
+
+
+def _cross(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    cy, cx = _centre(rng, s, 0.33)
+    u, v = _rotated(yy, xx, cy, cx, rng.uniform(0, np.pi / 2))
+    arm, half = rng.uniform(0.15, 0.28) * s, rng.uniform(0.04, 0.08) * s
+    return _paint(img, np.minimum(_box_sdf(u, v, arm, half), _box_sdf(u, v, half, arm)), fg)
+
+
+def _texture(rng, s, cell_px):
+    """Value noise at `cell_px` resolution (nearest upsampled) plus per-pixel noise: fine detail."""
+    n = max(1, int(np.ceil(s / cell_px)))
+    coarse = rng.random((n, n), dtype=np.float32)
+    rep = int(np.ceil(s / n))
+    up = np.repeat(np.repeat(coarse, rep, 0), rep, 1)[:s, :s]
+    return 0.6 * up + 0.4 * rng.random((s, s), dtype=np.float32)
+
+
+def _blob(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    cy, cx = _centre(rng, s, 0.35)
+    r0 = rng.uniform(0.15, 0.26) * s
+    th = np.arctan2(yy - cy, xx - cx)
+    r = r0 * (1 + 0.2 * np.sin(rng.integers(2, 5) * th + rng.uniform(0, 6.3))
+              + 0.1 * np.sin(rng.integers(5, 8) * th + rng.uniform(0, 6.3)))
+    tex = _texture(rng, s, 2 * s / 64)
+    pattern = fg * (0.45 + 0.9 * tex[..., None])
+    a = _coverage(np.hypot(yy - cy, xx - cx) - r)
+    return np.clip(img * (1 - a) + pattern * a, 0, 1)
+
+
+def _sky_sun(rng, s):
+    yy, xx = _grid(s)
+    top = np.array(colorsys.hsv_to_rgb(rng.uniform(0.55, 0.68), rng.uniform(0.5, 0.9), rng.uniform(0.5, 0.9)),
+                   np.float32)
+    low = np.array(colorsys.hsv_to_rgb(rng.uniform(0.0, 0.15), rng.uniform(0.1, 0.5), rng.uniform(0.8, 1.0)),
+                   np.float32)
+    horizon = rng.uniform(0.6, 0.8) * s
+    t = np.clip(yy / horizon, 0, 1)[..., None]
+    img = top * (1 - t) + low * t
+    sun = np.array(colorsys.hsv_to_rgb(rng.uniform(0.08, 0.16), rng.uniform(0.6, 1.0), 1.0), np.float32)
+    cx, cy = rng.uniform(0.2, 0.8) * s, rng.uniform(0.15, 0.45) * horizon / 0.7
+    img = _paint(img, np.hypot(yy - cy, xx - cx) - rng.uniform(0.06, 0.12) * s, sun)
+    ground = np.array(colorsys.hsv_to_rgb(rng.uniform(0.2, 0.4), rng.uniform(0.4, 0.9), rng.uniform(0.3, 0.7)),
+                      np.float32)
+    tex = _texture(rng, s, 1.5 * s / 64)
+    edge = horizon + 1.5 * np.sin(xx / s * 2 * np.pi * rng.uniform(1, 3) + rng.uniform(0, 6.3))
+    a = _coverage(edge - yy)
+    return np.clip(img * (1 - a) + ground * (0.5 + 0.8 * tex[..., None]) * a, 0, 1)
+
+
+def _dots(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    cy, cx = _centre(rng, s, 0.3)
+    hu, hv = rng.uniform(0.18, 0.35, size=2) * s
+    spacing = rng.uniform(4.0, 7.0) * s / 64
+    radius = rng.uniform(1.0, 0.35 * spacing)
+    gy = (yy - cy) - spacing * np.round((yy - cy) / spacing)
+    gx = (xx - cx) - spacing * np.round((xx - cx) / spacing)
+    sdf = np.maximum(np.hypot(gy, gx) - radius, _box_sdf(xx - cx, yy - cy, hu, hv))
+    return _paint(img, sdf, fg)
+
+
+def _star(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    cy, cx = _centre(rng, s, 0.33)
+    r_out = rng.uniform(0.17, 0.3) * s
+    r_in = r_out * rng.uniform(0.38, 0.5)
+    th = np.arctan2(yy - cy, xx - cx) - rng.uniform(0, 2 * np.pi)
+    frac = np.abs(((th / (2 * np.pi / 5)) % 1.0) - 0.5) * 2  # 0 at an inner notch, 1 at a tip
+    r = r_in + (r_out - r_in) * frac
+    return _paint(img, (np.hypot(yy - cy, xx - cx) - r) * 0.8, fg)
+
+
+def _waves(rng, s):
+    fg = _vivid(rng)
+    img = _background(rng, s, _hue(fg))
+    yy, xx = _grid(s)
+    y0, y1 = sorted(rng.uniform(0.1, 0.9, size=2) * s)
+    if y1 - y0 < 0.3 * s:
+        y1 = min(s, y0 + 0.3 * s)
+    spacing = rng.uniform(4.0, 8.0) * s / 64
+    amp, wl = rng.uniform(1.0, 4.0) * s / 64, rng.uniform(0.2, 0.6) * s
+    w = yy - amp * np.sin(2 * np.pi * xx / wl + rng.uniform(0, 6.3))
+    line = np.abs(w - spacing * np.round(w / spacing)) - rng.uniform(0.6, 1.2) * s / 64
+    band = np.maximum(y0 - yy, yy - y1)
+    return _paint(img, np.maximum(line, band), fg)
+
+
+def _hue(rgb: np.ndarray) -> float:
+    return colorsys.rgb_to_hsv(*[float(c) for c in rgb])[0]
+
+
+_RENDERERS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
+    "disc": _disc, "square": _square, "ring": _ring, "stripes": _stripes, "checker": _checker,
+    "triangle": _triangle, "cross": _cross, "blob": _blob, "sky_sun": _sky_sun, "dots": _dots,
+    "star": _star, "waves": _waves,
+}
+assert list(_RENDERERS) == CLASS_NAMES
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+
+
+def render_image(class_index: int, index: int, image_size: int = 64, seed: int = 0) -> np.ndarray:
+    """Image `index` of class `class_index` as uint8 [image_size, image_size, 3]; a pure function."""
+    if not 0 <= class_index < len(CLASS_NAMES):
+        raise ValueError(f"class_index must be in [0, {len(CLASS_NAMES)}), got {class_index}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    rng = np.random.default_rng([seed, class_index, index])
+    img = _RENDERERS[CLASS_NAMES[class_index]](rng, image_size)
+    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+
+def class_folder_name(class_index: int) -> str:
+    """ImageFolder directory of a class, e.g. "03_stripes"; sorts in class-index order."""
+    return f"{class_index:02d}_{CLASS_NAMES[class_index]}"
+
+
+def generate_dataset(out_dir: str, num_per_class: int, num_classes: int = 10, image_size: int = 64,
+                     seed: int = 0, progress: bool = True) -> dict:
+    """Write an ImageFolder tree `out_dir/<NN_class>/<index:05d>.png` plus `out_dir/classes.json`.
+
+    Folder and file names are zero-padded so that sorted (ImageFolder) order equals class and index order.
+    Returns the contents of classes.json ("classes": folder names in label order, "names": short names).
+    """
+    if not 1 <= num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"--classes must be in [1, {len(CLASS_NAMES)}], got {num_classes}")
+    if num_per_class < 1:
+        raise ValueError(f"--num-per-class must be >= 1, got {num_per_class}")
+    from tqdm import tqdm
+
+    names = CLASS_NAMES[:num_classes]
+    # Folder names carry the class index so that ImageFolder's sorted order (which defines the labels at
+    # extraction time) equals the generator's class order: label k <-> CLASS_NAMES[k].
+    folders = [class_folder_name(c) for c in range(num_classes)]
+    os.makedirs(out_dir, exist_ok=True)
+    width = max(5, len(str(num_per_class - 1)))
+    bar = tqdm(total=num_classes * num_per_class, desc="images", unit="img", disable=not progress)
+    for c, folder in enumerate(folders):
+        cdir = os.path.join(out_dir, folder)
+        os.makedirs(cdir, exist_ok=True)
+        for i in range(num_per_class):
+            arr = render_image(c, i, image_size, seed)
+            Image.fromarray(arr, "RGB").save(os.path.join(cdir, f"{i:0{width}d}.png"), format="PNG")
+            bar.update(1)
+    bar.close()
+    info = {
+        "classes": folders,
+        "names": names,
+        "descriptions": {n: CLASS_DESCRIPTIONS[n] for n in names},
+        "num_per_class": num_per_class,
+        "image_size": image_size,
+        "seed": seed,
+        "generator": f"dpar_scale.data.synthetic v{GENERATOR_VERSION}",
+    }
+    with open(os.path.join(out_dir, "classes.json"), "w") as f:
+        json.dump(info, f, indent=2)
+        f.write("\n")
+    return info

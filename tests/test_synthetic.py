@@ -1,0 +1,121 @@
+"""The embedded dataset: deterministic, class-dependent, and with flat next to detailed regions."""
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dpar_scale.data.images import list_image_folder
+from dpar_scale.data.synthetic import CLASS_NAMES, class_folder_name, generate_dataset, render_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tree_digest(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def _block_var(img, b=4):
+    """Per b x b block variance (mean over channels) of a uint8 image, in [0, 1] units."""
+    x = img.astype(np.float32) / 255
+    h, w, _ = x.shape
+    blocks = x.reshape(h // b, b, w // b, b, 3).transpose(0, 2, 1, 3, 4).reshape(-1, b * b, 3)
+    return blocks.var(1).mean(1)
+
+
+def _features(img):
+    x = img.astype(np.float32) / 255
+    v = _block_var(img)
+    g = x.mean(2)
+    gy, gx = np.gradient(g)
+    w, th = np.hypot(gx, gy), np.arctan2(gy, gx)
+    # Rotation-invariant edge-orientation symmetry (k-fold): separates discs, triangles, squares, stars.
+    sym = [np.abs((w * np.exp(1j * k * th)).sum()) / (w.sum() + 1e-9) for k in (2, 3, 4, 5)]
+    return np.array([(v < 1e-3).mean(), (v > 1e-2).mean(), (v > 3e-2).mean(), np.abs(gx).mean(),
+                     np.abs(gy).mean(), x.std(), *sym])
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate_dataset(str(a), num_per_class=4, num_classes=3, image_size=64, seed=0, progress=False)
+    generate_dataset(str(b), num_per_class=4, num_classes=3, image_size=64, seed=0, progress=False)
+    da, db = _tree_digest(a), _tree_digest(b)
+    assert len(da) == 3 * 4 + 1 and da == db
+
+
+def test_layout_and_classes_json(tmp_path):
+    info = generate_dataset(str(tmp_path), num_per_class=3, num_classes=10, image_size=64, seed=0, progress=False)
+    folders = [class_folder_name(c) for c in range(10)]
+    assert info["classes"] == folders and folders[3] == "03_stripes" and info["names"] == CLASS_NAMES[:10]
+    assert json.loads((tmp_path / "classes.json").read_text())["classes"] == folders
+    # ImageFolder labels (sorted folders) follow the generator's class order
+    assert list_image_folder(str(tmp_path))[0] == folders
+    for name in folders:
+        assert sorted(os.listdir(tmp_path / name)) == ["00000.png", "00001.png", "00002.png"]
+
+
+def test_different_seeds_and_indices_differ():
+    for c in range(len(CLASS_NAMES)):
+        a = render_image(c, 0, 64, seed=0)
+        assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+        assert not np.array_equal(a, render_image(c, 0, 64, seed=1))
+        assert not np.array_equal(a, render_image(c, 1, 64, seed=0))
+        assert np.array_equal(a, render_image(c, 0, 64, seed=0))
+
+
+def test_image_independent_of_dataset_size(tmp_path):
+    generate_dataset(str(tmp_path / "small"), num_per_class=2, num_classes=2, seed=3, progress=False)
+    generate_dataset(str(tmp_path / "big"), num_per_class=5, num_classes=2, seed=3, progress=False)
+    small, big = _tree_digest(tmp_path / "small"), _tree_digest(tmp_path / "big")
+    assert all(big[k] == v for k, v in small.items() if k.endswith(".png"))
+
+
+def test_classes_differ_in_statistics():
+    n = 16
+    feats = np.array([[_features(render_image(c, i)) for i in range(n)] for c in range(len(CLASS_NAMES))])
+    mean, se = feats.mean(1), feats.std(1, ddof=1) / np.sqrt(n)
+    for a, b in itertools.combinations(range(len(CLASS_NAMES)), 2):
+        z = np.abs(mean[a] - mean[b]) / np.sqrt(se[a] ** 2 + se[b] ** 2 + 1e-12)
+        assert z.max() > 2.0, (CLASS_NAMES[a], CLASS_NAMES[b], z)
+    # fine-texture classes carry clearly more detailed blocks than plain flat shapes
+    detailed = dict(zip(CLASS_NAMES, mean[:, 1]))
+    for textured in ("stripes", "checker", "dots", "waves"):
+        for plain in ("disc", "square", "triangle"):
+            assert detailed[textured] > 2 * detailed[plain], (textured, plain)
+
+
+def test_flat_and_detailed_regions_in_every_image():
+    for c in range(len(CLASS_NAMES)):
+        for i in range(6):
+            v = _block_var(render_image(c, i))
+            assert (v < 1e-3).mean() > 0.3, (CLASS_NAMES[c], i)  # many (near) flat blocks
+            assert (v > 1e-2).mean() > 0.02, (CLASS_NAMES[c], i)  # and some detailed ones
+    # across the dataset the block variance spans orders of magnitude (what entropy patching needs)
+    allv = np.concatenate([_block_var(render_image(c, i)) for c in range(10) for i in range(4)])
+    assert np.quantile(allv, 0.5) < 1e-4 and np.quantile(allv, 0.95) > 1e-2
+
+
+def test_make_dataset_cli(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("make_dataset", os.path.join(ROOT, "tools", "make_dataset.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--out", str(tmp_path), "--num-per-class", "2", "--classes", "3", "--quiet"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["00_disc", "01_square", "02_ring", "classes.json"]
+    assert mod.main(["--out", str(tmp_path), "--classes", "99", "--quiet"]) == 1
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        render_image(len(CLASS_NAMES), 0)
+    with pytest.raises(ValueError):
+        generate_dataset("/nonexistent-never-written", 1, num_classes=0, progress=False)

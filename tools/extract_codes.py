@@ -1,0 +1,338 @@
+#!/usr/bin/env python
+"""Encode an ImageFolder into sharded VQ codes (LlamaGen's extract_codes_c2i, made resumable and sharded).
+
+    python tools/extract_codes.py --images DIR --out DIR --tokenizer {llamagen-vq16,kmeans} \
+        --tokenizer-path PATH --image-size N [--ten-crop] [--flip] [--shard-size 1024] [--batch-size 64] \
+        [--device cpu] [--num-workers K] [--crop-range 1.1]
+    torchrun --nproc_per_node 8 tools/extract_codes.py ... --device cuda
+
+Views per image (see dpar_scale/data/images.py for the facts): plain 1; --flip 2 (image, mirror: LlamaGen's
+default); --ten-crop 10 (LlamaGen's --ten-crop: torchvision TenCrop of a crop_range-enlarged centre crop,
+mirrors included, so --flip adds nothing there).
+
+Sharding: shard k holds images [k*S, (k+1)*S) of the sorted listing (S = --shard-size), whatever the number
+of processes; rank r builds shards r, r+W, r+2W, ... So a run can be resumed with any world size: finished
+shards (record present, checksums verified) are kept, missing or corrupt ones rebuilt. The manifest is written
+by rank 0 after a barrier, last. Unreadable images are reported, skipped and listed in the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dpar_scale import distributed as D  # noqa: E402
+from dpar_scale.data.images import ImageViews, list_image_folder, view_names  # noqa: E402
+from dpar_scale.data.shards import (  # noqa: E402
+    FORMAT, FORMAT_VERSION, MANIFEST_NAME, check_shard_files, codes_fingerprint,
+    read_shard_record, sha256_file, shard_stem, to_codes_dtype, write_code_shard, write_json_atomic,
+    write_manifest)
+from dpar_scale.tokenizer import TOKENIZER_NAMES, load_tokenizer  # noqa: E402
+
+CONFIG_NAME = "extract_config.json"
+
+
+class ExtractError(RuntimeError):
+    """A user-facing problem: printed as one line, exit status 1."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="ImageFolder root: DIR/<class>/<image>")
+    p.add_argument("--out", required=True, help="output folder for shards + manifest.json")
+    p.add_argument("--tokenizer", required=True, choices=TOKENIZER_NAMES)
+    p.add_argument("--tokenizer-path", required=True, help="local tokenizer file (never downloaded)")
+    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--ten-crop", action="store_true", help="LlamaGen ten-crop: 10 views per image")
+    p.add_argument("--flip", action="store_true", help="add the horizontal mirror (2 views; implied by ten-crop)")
+    p.add_argument("--crop-range", type=float, default=1.1, help="ten-crop enlargement (LlamaGen: 1.1)")
+    p.add_argument("--shard-size", type=int, default=1024, help="source images per shard")
+    p.add_argument("--batch-size", type=int, default=64, help="views per tokenizer call")
+    p.add_argument("--device", default="cpu", help="cpu, cuda (= cuda:LOCAL_RANK under torchrun), cuda:N")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="image decoding processes per rank (default: min(8, cpus/ranks - 1))")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _listing_sha256(root: str, samples: list[tuple[str, int]]) -> str:
+    # Relative paths, so the images folder may move between an interrupted run and its resumption.
+    h = hashlib.sha256()
+    root = os.path.abspath(root)
+    for path, label in samples:
+        h.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+def _identity(args, tok, classes, samples, tok_sha: str) -> dict:
+    """Everything that determines the codes; a resumed run must match it exactly."""
+    views = view_names(args.ten_crop, args.flip)
+    grid = args.image_size // tok.downsample
+    return {
+        "tokenizer": {"name": args.tokenizer, "sha256": tok_sha, "vocab_size": int(tok.vocab_size),
+                      "downsample": int(tok.downsample)},
+        "image_size": args.image_size,
+        "grid": [grid, grid],
+        "augmentation": {"ten_crop": bool(args.ten_crop), "flip": bool(args.flip or args.ten_crop),
+                         "crop_range": args.crop_range if args.ten_crop else None,
+                         "copies_per_image": len(views), "views": views},
+        "shard_size": args.shard_size,
+        "num_listed_images": len(samples),
+        "image_list_sha256": _listing_sha256(args.images, samples),
+        "classes": classes,
+    }
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            show = (lambda v: v if not isinstance(v, list) or len(v) < 8 else f"[{len(v)} items]")
+            out.append(f"{prefix}{k}: existing {show(a)!r} vs requested {show(b)!r}")
+    return out
+
+
+def _prepare_out_dir(out: str, identity: dict) -> str | None:
+    """Rank 0: refuse to resume into a folder made with other settings; record the identity. Error or None."""
+    os.makedirs(out, exist_ok=True)
+    for fname in (CONFIG_NAME, MANIFEST_NAME):
+        path = os.path.join(out, fname)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            return f"cannot read {path} ({e}); remove it or use a fresh --out"
+        old = old.get("identity", old) if fname == MANIFEST_NAME else old
+        diffs = _diff({k: old.get(k) for k in identity}, identity)
+        if diffs:
+            return (f"{out} already holds codes made with different settings ({path}):\n  " + "\n  ".join(diffs)
+                    + "\nuse a fresh --out folder (or delete this one) to extract with the new settings")
+    write_json_atomic(os.path.join(out, CONFIG_NAME), identity)
+    # The folder is being (re)built: until the new manifest lands, readers must see it as incomplete.
+    if os.path.exists(os.path.join(out, MANIFEST_NAME)):
+        os.remove(os.path.join(out, MANIFEST_NAME))
+    return None
+
+
+def _collate(items):
+    return items
+
+
+def _encode(tok, views: torch.Tensor, batch_size: int, device: str, grid: list[int]) -> np.ndarray:
+    outs = []
+    for chunk in views.split(batch_size):
+        with torch.inference_mode():
+            codes = tok.encode(chunk.to(device))
+        if tuple(codes.shape[1:]) != tuple(grid):
+            raise ExtractError(f"tokenizer {tok.name} returned codes of shape {tuple(codes.shape[1:])} for "
+                               f"{chunk.shape[-1]}px images, expected grid {tuple(grid)}")
+        outs.append(to_codes_dtype(codes.reshape(codes.shape[0], -1).cpu().numpy()))  # uint16: 4x less RAM
+    return np.concatenate(outs)
+
+
+def _build_shards(args, tok, samples, todo, identity, cfg_sha, device, rank) -> None:
+    """Encode and write the shards in `todo` (ascending), one shard in memory at a time."""
+    from tqdm import tqdm
+
+    S, N, V = args.shard_size, len(samples), identity["augmentation"]["copies_per_image"]
+    imgs_per_batch = max(1, args.batch_size // V)
+    batches = []
+    for k in todo:
+        for lo in range(k * S, min(N, (k + 1) * S), imgs_per_batch):
+            batches.append(list(range(lo, min(N, (k + 1) * S, lo + imgs_per_batch))))
+    ds = ImageViews(samples, args.image_size, args.ten_crop, args.flip, args.crop_range)
+    workers = args.num_workers
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) // D.get_world_size() - 1))
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate)
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, unit="img", desc=f"extract (rank {rank}, {len(todo)} shards)",
+               disable=args.quiet or rank != 0)
+    state: dict | None = None
+
+    def flush(st):
+        k = st["k"]
+        codes = np.concatenate(st["codes"]) if st["codes"] else np.zeros((0, math.prod(identity["grid"])), np.uint16)
+        labels = np.asarray(st["labels"], np.int64)
+        source = np.asarray(st["source"], np.int64).reshape(-1, 2)
+        lo, hi = k * S, min(N, (k + 1) * S)
+        write_code_shard(args.out, k, codes, labels, source, meta={
+            "config_sha256": cfg_sha, "image_range": [lo, hi], "num_images": st["ok"], "skipped": st["skipped"]})
+
+    for batch in loader:
+        k = batch[0]["index"] // S
+        if state is None or state["k"] != k:
+            if state is not None:
+                flush(state)
+            for stale in glob.glob(os.path.join(args.out, f"{shard_stem(k)}.*.tmp.*")):
+                os.remove(stale)  # leftovers of an interrupted writer
+            state = {"k": k, "codes": [], "labels": [], "source": [], "skipped": [], "ok": 0}
+        good = [it for it in batch if it["error"] is None]
+        for it in batch:
+            if it["error"] is not None:
+                bar.write(f"warning: skipping unreadable image {it['path']}: {it['error']}", file=sys.stderr)
+                state["skipped"].append({"path": it["path"], "reason": it["error"]})
+        if good:
+            views = torch.cat([it["views"] for it in good])
+            state["codes"].append(_encode(tok, views, args.batch_size, device, identity["grid"]))
+            for it in good:
+                state["labels"] += [it["label"]] * V
+                state["source"] += [(it["index"], v) for v in range(V)]
+            state["ok"] += len(good)
+        bar.update(len(batch))
+    if state is not None:
+        flush(state)
+    bar.close()
+
+
+def run(args) -> int:
+    t0 = time.time()
+    rank, world = D.init_distributed(backend="gloo")  # only barriers/objects cross ranks: gloo works anywhere
+    try:
+        if args.shard_size < 1 or args.batch_size < 1:
+            raise ExtractError("--shard-size and --batch-size must be >= 1")
+        if args.image_size < 1:
+            raise ExtractError(f"--image-size must be positive, got {args.image_size}")
+        if args.crop_range < 1.0:
+            raise ExtractError(f"--crop-range must be >= 1 (ten-crop enlarges before cropping), got {args.crop_range}")
+        try:
+            classes, samples = list_image_folder(args.images)
+        except FileNotFoundError as e:
+            raise ExtractError(str(e)) from None
+        if not samples:
+            raise ExtractError(f"no images found under {args.images!r} (extensions: .jpg .jpeg .png .ppm .bmp "
+                               f".pgm .tif .tiff .webp, in class sub-folders)")
+        device = args.device
+        if device == "cuda" and world > 1:
+            device = f"cuda:{D.get_local_rank()}"
+        try:
+            tok = load_tokenizer(args.tokenizer, args.tokenizer_path, device=device)
+        except (FileNotFoundError, ValueError) as e:
+            raise ExtractError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - e.g. a corrupt file: say which and why, no traceback
+            raise ExtractError(f"cannot load the {args.tokenizer} tokenizer from {args.tokenizer_path!r}: "
+                               f"{type(e).__name__}: {e}") from None
+        if args.image_size % tok.downsample:
+            raise ExtractError(f"--image-size {args.image_size} is not divisible by the {args.tokenizer} "
+                               f"tokenizer's downsampling factor {tok.downsample}")
+        if tok.vocab_size > 65536:
+            raise ExtractError(f"vocab_size {tok.vocab_size} does not fit the uint16 code shards")
+
+        # Rank 0 hashes the tokenizer and checks the folder; everyone gets the verdict (and exits together).
+        verdict = None
+        if rank == 0:
+            identity = _identity(args, tok, classes, samples, sha256_file(args.tokenizer_path))
+            verdict = (_prepare_out_dir(args.out, identity), identity)
+        err, identity = D.broadcast_object(verdict)
+        if err:
+            raise ExtractError(err)
+        cfg_sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+        S, N = args.shard_size, len(samples)
+        num_shards = math.ceil(N / S)
+        todo, reused = [], 0
+        for k in range(rank, num_shards, world):
+            rec = read_shard_record(args.out, k)
+            problem = "not built yet" if rec is None else (
+                "made with other settings" if rec.get("config_sha256") != cfg_sha
+                else check_shard_files(args.out, rec, verify_sha=True))
+            if problem is None:
+                reused += 1
+            else:
+                if rec is not None:
+                    print(f"rank {rank}: rebuilding {shard_stem(k)}: {problem.split('; ')[0]}", file=sys.stderr)
+                todo.append(k)
+        _build_shards(args, tok, samples, todo, identity, cfg_sha, device, rank)
+
+        counts = D.all_gather_object((len(todo), reused))
+        D.barrier()
+        if rank == 0:
+            _write_manifest(args, identity, num_shards, cfg_sha)
+            built = sum(c[0] for c in counts)
+            _summary(args, identity, built, sum(c[1] for c in counts), time.time() - t0)
+        D.barrier()
+        return 0
+    finally:
+        D.destroy_distributed()
+
+
+def _write_manifest(args, identity: dict, num_shards: int, cfg_sha: str) -> None:
+    shards, skipped, missing = [], [], []
+    for k in range(num_shards):
+        rec = read_shard_record(args.out, k)
+        if rec is None or rec.get("config_sha256") != cfg_sha:
+            missing.append(shard_stem(k))
+            continue
+        shards.append({k2: rec[k2] for k2 in ("index", "files", "count", "num_images", "image_range", "sha256")})
+        skipped += rec["skipped"]
+    if missing:
+        raise ExtractError(f"{len(missing)} shard(s) were not completed ({missing[:5]}...); did a rank fail? "
+                           f"re-run the same command to finish")
+    rows = sum(s["count"] for s in shards)
+    tok = identity["tokenizer"]
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "num_images": rows,
+        "num_source_images": sum(s["num_images"] for s in shards),
+        "num_listed_images": identity["num_listed_images"],
+        "grid": identity["grid"], "seq_len": math.prod(identity["grid"]),
+        "vocab_size": tok["vocab_size"], "codes_dtype": "uint16",
+        "tokenizer": {"name": tok["name"], "path": os.path.abspath(args.tokenizer_path), "sha256": tok["sha256"],
+                      "downsample": tok["downsample"]},
+        "image_size": identity["image_size"],
+        "augmentation": identity["augmentation"],
+        "row_order": "image-major: the copies_per_image views of one image are consecutive rows",
+        "num_classes": len(identity["classes"]), "classes": identity["classes"],
+        "images_root": os.path.abspath(args.images),
+        "shard_size": identity["shard_size"],
+        "shards": shards,
+        "skipped": skipped,
+        "codes_fingerprint": codes_fingerprint(shards),
+        "identity": identity,
+    }
+    write_manifest(args.out, manifest)
+
+
+def _summary(args, identity, built, reused, seconds) -> None:
+    with open(os.path.join(args.out, MANIFEST_NAME)) as f:
+        m = json.load(f)
+    g = m["grid"]
+    print(f"extract_codes: {m['num_listed_images']} images listed, {m['num_source_images']} encoded, "
+          f"{len(m['skipped'])} skipped -> {m['num_images']} code rows ({m['augmentation']['copies_per_image']} "
+          f"views/image), grid {g[0]}x{g[1]}, vocab {m['vocab_size']}, {len(m['shards'])} shards "
+          f"({built} built, {reused} reused) in {seconds:.1f}s -> {os.path.abspath(args.out)}")
+    for s in m["skipped"][:20]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+    if len(m["skipped"]) > 20:
+        print(f"  ... and {len(m['skipped']) - 20} more (see manifest.json 'skipped')")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ExtractError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
