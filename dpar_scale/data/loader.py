@@ -1,0 +1,164 @@
+"""Training batches from extracted codes: a seeded global order, one cursor, and per-rank slices.
+
+The order in which samples are seen is a pure function of (seed, epoch, position in epoch): epoch e's order is
+`randperm(n_train)` drawn from a generator seeded with (seed, e). The only state is the *global cursor* — how
+many samples have been consumed in total — so a run resumed on a different number of ranks (or with a
+different per-rank batch) picks up at exactly the same sample.
+
+A global batch of G samples at cursor c is positions [c, c + G); data-parallel rank r of D takes the r-th of D
+equal contiguous slices, and tensor-parallel ranks of one group pass the same r, so they see the same data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpar_scale.patching import patch_starts, starts_to_lengths
+
+
+@dataclass
+class Batch:
+    codes: torch.Tensor  # long [B, N]
+    labels: torch.Tensor  # long [B]
+    sample_ids: torch.Tensor  # long [B]: row index in the code shards
+    patch_lengths: list[list[int]] | None = None  # per image, for DPAR
+
+    @property
+    def num_codes(self) -> int:
+        return self.codes.numel()
+
+    @property
+    def num_patches(self) -> int:
+        return sum(len(p) for p in self.patch_lengths) if self.patch_lengths is not None else self.num_codes
+
+
+class GlobalOrder:
+    """Maps global positions (0, 1, 2, … across epochs) to sample ids of a split."""
+
+    def __init__(self, sample_ids: np.ndarray, seed: int, shuffle: bool = True):
+        if len(sample_ids) == 0:
+            raise ValueError("the training split is empty: extract more images or lower data.val_fraction")
+        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        self.seed = seed
+        self.shuffle = shuffle
+        self._cached_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._cached_epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perm = torch.randperm(len(self.sample_ids), generator=g).numpy()
+            else:
+                self._perm = np.arange(len(self.sample_ids))
+            self._cached_epoch = epoch
+        return self._perm
+
+    def ids(self, start: int, count: int) -> np.ndarray:
+        """Sample ids at global positions [start, start + count)."""
+        out = np.empty(count, dtype=np.int64)
+        n = len(self.sample_ids)
+        for i, pos in enumerate(range(start, start + count)):
+            out[i] = self.sample_ids[self._permutation(pos // n)[pos % n]]
+        return out
+
+
+class CodeData:
+    """Codes, labels and (optionally) entropies of an extracted dataset, with a train/validation split.
+
+    Rows that come from the same source image (ten-crop/flip copies) are kept in the same split.
+    """
+
+    def __init__(self, codes, labels, grid: tuple[int, int], vocab_size: int, num_classes: int,
+                 entropy=None, copies_per_image: int = 1, val_fraction: float = 0.0, manifest: dict | None = None):
+        self.codes, self.labels, self.entropy = codes, labels, entropy
+        self.grid, self.vocab_size, self.num_classes = tuple(grid), vocab_size, num_classes
+        self.manifest = manifest or {}
+        n = len(labels)
+        if n == 0:
+            raise ValueError("the code dataset is empty: run tools/extract_codes.py on a folder with images first")
+        if entropy is not None and len(entropy) != n:
+            raise ValueError(f"entropy rows ({len(entropy)}) do not match code rows ({n}): recompute entropies")
+        n_sources = n // copies_per_image
+        n_val_sources = int(round(n_sources * val_fraction))
+        if val_fraction > 0 and n_val_sources == 0 and n_sources > 1:
+            n_val_sources = 1
+        cut = (n_sources - n_val_sources) * copies_per_image
+        self.train_ids = np.arange(cut, dtype=np.int64)
+        self.val_ids = np.arange(cut, n, dtype=np.int64)
+
+    @classmethod
+    def open(cls, codes_dir: str, entropy_dir: str = "", need_entropy: bool = False, val_fraction: float = 0.0):
+        from dpar_scale.data.shards import CodeShards, open_side_array
+
+        shards = CodeShards(codes_dir)
+        codes = _Rows(shards.codes)
+        entropy = None
+        if need_entropy or entropy_dir:
+            path = Path(entropy_dir or Path(codes_dir) / "entropy")
+            if not (path / "manifest.json").is_file():
+                raise FileNotFoundError(
+                    f"no entropies at {path}: run tools/compute_entropy.py --codes {codes_dir} first "
+                    f"(or set model.patch.mode=static, which needs none)")
+            entropy = open_side_array(str(path), codes=shards)
+        return cls(codes, shards.labels, grid=shards.grid, vocab_size=shards.vocab_size,
+                   num_classes=shards.num_classes, entropy=entropy, copies_per_image=shards.copies_per_image,
+                   val_fraction=val_fraction, manifest=shards.manifest)
+
+    def gather(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        order = np.argsort(ids, kind="stable")  # sorted reads are friendlier to memory-mapped shards
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        sorted_ids = ids[order]
+        codes = torch.from_numpy(np.asarray(self.codes[sorted_ids]).astype(np.int64))[inverse]
+        labels = torch.from_numpy(np.asarray(self.labels[sorted_ids]).astype(np.int64))[inverse]
+        entropy = None
+        if self.entropy is not None:
+            entropy = torch.from_numpy(np.asarray(self.entropy[sorted_ids]).astype(np.float32))[inverse]
+        return codes, labels, entropy
+
+
+class _Rows:
+    """Adapts a row-reading function (e.g. `CodeShards.codes`) to `rows[index_array]`."""
+
+    def __init__(self, read):
+        self.read = read
+
+    def __getitem__(self, idx):
+        return self.read(idx)
+
+
+class BatchSource:
+    """Turns sample ids into `Batch`es, computing patch lengths with the configured rule when needed."""
+
+    def __init__(self, data: CodeData, patch_cfg=None):
+        self.data = data
+        self.patch_cfg = patch_cfg  # PatchConfig for DPAR, None for token-level models
+
+    def make(self, ids: np.ndarray) -> Batch:
+        codes, labels, entropy = self.data.gather(ids)
+        lengths = None
+        if self.patch_cfg is not None:
+            p = self.patch_cfg
+            if p.mode != "static" and entropy is None:
+                raise ValueError("DPAR with an entropy patch rule needs entropies (data.entropy_dir)")
+            source = entropy if entropy is not None else torch.zeros(codes.shape)
+            starts = patch_starts(source, width=self.data.grid[1], threshold=p.threshold,
+                                  max_patch_length=p.max_patch_length, mode=p.mode, alignment=p.alignment,
+                                  static_length=p.static_length)
+            lengths = starts_to_lengths(starts)
+        return Batch(codes=codes, labels=labels, sample_ids=torch.from_numpy(ids), patch_lengths=lengths)
+
+
+def rank_slice(global_ids: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray:
+    """The contiguous share of a global batch that data-parallel rank `dp_rank` reads."""
+    if len(global_ids) % dp_size:
+        raise ValueError(f"global batch of {len(global_ids)} does not split over {dp_size} data-parallel ranks")
+    per = len(global_ids) // dp_size
+    return global_ids[dp_rank * per:(dp_rank + 1) * per]

@@ -1,0 +1,56 @@
+"""Shared fixtures: small code datasets written in the real shard format (no images, no tokenizer)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dpar_scale.data import shards as S
+
+# Two CPU threads on a 2-core runner sometimes make the first large matmul ~100x slower (thread start-up
+# contention); tests check correctness, not speed, so keep the main test process single-threaded.
+torch.set_num_threads(1)
+
+
+def write_code_dataset(folder, *, n_images=64, grid=(4, 4), vocab=32, num_classes=3, seed=0, shard_size=24,
+                       entropy=True):
+    """Codes with some structure (runs of repeated codes), labels, and optionally an entropy side array."""
+    rng = np.random.default_rng(seed)
+    n = grid[0] * grid[1]
+    labels = rng.integers(0, num_classes, size=n_images)
+    codes = np.empty((n_images, n), dtype=np.int64)
+    for i in range(n_images):
+        row = rng.integers(0, vocab, size=n)
+        flat = rng.random(n) < 0.5  # half the positions repeat the previous code: low-information runs
+        for k in range(1, n):
+            if flat[k]:
+                row[k] = row[k - 1]
+        row[0] = labels[i]  # the first code tells the class apart
+        codes[i] = row
+    folder.mkdir(parents=True, exist_ok=True)
+    shard_records = []
+    for index, start in enumerate(range(0, n_images, shard_size)):
+        stop = min(start + shard_size, n_images)
+        shard_records.append(S.write_code_shard(str(folder), index, codes[start:stop], labels[start:stop]))
+    manifest = {
+        "format": S.FORMAT, "format_version": S.FORMAT_VERSION, "num_images": n_images,
+        "num_source_images": n_images, "grid": list(grid), "vocab_size": vocab,
+        "tokenizer": {"name": "synthetic", "path": "", "sha256": ""}, "image_size": grid[0] * 4,
+        "augmentation": {"ten_crop": False, "flip": False, "copies_per_image": 1},
+        "num_classes": num_classes, "classes": [f"c{i}" for i in range(num_classes)], "shards": shard_records,
+        "skipped": [],
+    }
+    S.write_manifest(str(folder), manifest)
+    if entropy:
+        shards = S.CodeShards(str(folder))
+        ent = (rng.random((n_images, n)) * np.log(vocab)).astype(np.float16)
+        for rec in shard_records:
+            start = rec["index"] * shard_size
+            S.write_side_shard(str(folder / "entropy"), rec["index"], ent[start:start + rec["count"]])
+        S.write_side_manifest(str(folder / "entropy"), shards, extra={"grid": list(grid)})
+    return folder
+
+
+@pytest.fixture
+def code_dataset(tmp_path):
+    return write_code_dataset(tmp_path / "codes")

@@ -1,0 +1,166 @@
+"""The one trainer, for all three model kinds: learning, determinism, accumulation, resume, and bad input."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpar_scale.checkpoint import list_checkpoints, load_model_for_inference
+from dpar_scale.config import ConfigError, load_config
+from dpar_scale.data.loader import GlobalOrder
+from dpar_scale.metrics import read_metrics
+from dpar_scale.trainer import NonFiniteLossError, Trainer
+
+from conftest import write_code_dataset
+
+TINY = {"gpt": "model.n_layers=2", "entropy": "model.n_layers=2", "dpar": "model.n_global_layers=1"}
+
+
+def make_cfg(tmp_path, codes, kind, *extra):
+    overrides = [
+        f"run.output_dir={tmp_path / kind}", f"data.codes_dir={codes}", f"model.kind={kind}",
+        f"model.preset={'dpar-tiny' if kind == 'dpar' else 'gpt-tiny'}", "model.dim=32", "model.n_heads=2",
+        TINY[kind], "model.vocab_size=32", "model.num_classes=3", "model.grid=[4,4]", "model.dropout=0.0",
+        "model.class_dropout=0.0", "model.patch.threshold=2.0", "model.patch.max_patch_length=4",
+        "data.batch_size=8", "data.val_fraction=0.125", "optim.lr=3e-3", "train.steps=12", "train.log_every=4",
+        "train.val_batches=2", "train.progress_bar=false", "wandb.enabled=false", *extra]
+    return load_config(None, overrides)
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.parametrize("kind", ["gpt", "entropy", "dpar"])
+def test_each_kind_learns_and_writes_its_run_folder(tmp_path, code_dataset, kind):
+    cfg = make_cfg(tmp_path, code_dataset, kind, "train.steps=40", "train.log_every=1")
+    result = Trainer(cfg).fit()
+    run = tmp_path / kind
+    records = read_metrics(run / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 41))
+    assert all({"lr", "grad_norm", "codes_per_s", "images_per_s", "global_positions_per_s"} <= set(r) for r in train)
+    # ln(32) = 3.47 at initialisation (zero output head); half the codes repeat their predecessor, so it learns.
+    assert train[0]["loss"] == pytest.approx(math.log(32), abs=0.05)
+    assert np.mean([r["loss"] for r in train[-5:]]) < train[0]["loss"] - 0.5
+    assert any("val_loss" in r for r in records) and result["val_loss"] < math.log(32)
+    saved = load_config(run / "config.yaml")
+    assert saved.model.dim == 32 and saved.model.n_heads == 2
+    model, cfg2 = load_model_for_inference(result["checkpoint"])
+    assert cfg2.model.kind == kind
+    if kind == "dpar":
+        lengths = [r["mean_patch_length"] for r in train]
+        assert all(1.0 < m <= 4.0 for m in lengths)
+
+
+def test_training_is_deterministic(tmp_path, code_dataset):
+    a = make_cfg(tmp_path / "a", code_dataset, "dpar", "model.class_dropout=0.1", "model.dropout=0.1")
+    b = make_cfg(tmp_path / "b", code_dataset, "dpar", "model.class_dropout=0.1", "model.dropout=0.1")
+    Trainer(a).fit()
+    Trainer(b).fit()
+    assert losses(tmp_path / "a" / "dpar") == losses(tmp_path / "b" / "dpar")
+
+
+@pytest.mark.parametrize("kind", ["gpt", "dpar"])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, code_dataset, kind):
+    one = make_cfg(tmp_path / "one", code_dataset, kind, "train.log_every=1")
+    two = make_cfg(tmp_path / "two", code_dataset, kind, "train.grad_accum=2", "train.log_every=1")
+    Trainer(one).fit()
+    Trainer(two).fit()
+    np.testing.assert_allclose(losses(tmp_path / "one" / kind), losses(tmp_path / "two" / kind), rtol=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path, code_dataset):
+    straight = make_cfg(tmp_path / "straight", code_dataset, "dpar", "train.log_every=1", "train.ema=0.9",
+                        "data.log_sample_ids=true", "model.class_dropout=0.1")
+    Trainer(straight).fit()
+    first = make_cfg(tmp_path / "split", code_dataset, "dpar", "train.log_every=1", "train.ema=0.9",
+                     "data.log_sample_ids=true", "model.class_dropout=0.1", "train.steps=5")
+    Trainer(first).fit()
+    second = make_cfg(tmp_path / "split", code_dataset, "dpar", "train.log_every=1", "train.ema=0.9",
+                      "data.log_sample_ids=true", "model.class_dropout=0.1", "checkpoint.resume=auto")
+    trainer = Trainer(second)
+    assert trainer.state.step == 5 and trainer.state.samples_seen == 40
+    trainer.fit()
+    a = read_metrics(tmp_path / "straight" / "dpar" / "metrics.jsonl")
+    b = read_metrics(tmp_path / "split" / "dpar" / "metrics.jsonl")
+    step_a = {r["step"]: r for r in a if "loss" in r}
+    step_b = {r["step"]: r for r in b if "loss" in r}
+    for step in range(1, 13):
+        assert step_a[step]["loss"] == step_b[step]["loss"], step
+        assert step_a[step]["sample_ids"] == step_b[step]["sample_ids"]
+
+
+def test_sample_order_is_a_pure_function_of_seed_and_position():
+    ids = np.arange(10, 30)
+    order = GlobalOrder(ids, seed=3)
+    epoch0 = order.ids(0, 20)
+    assert sorted(epoch0.tolist()) == ids.tolist()  # one epoch is a permutation of the split
+    assert order.ids(5, 20).tolist() == GlobalOrder(ids, seed=3).ids(5, 20).tolist()
+    assert order.ids(5, 20)[:15].tolist() == epoch0[5:].tolist()
+    assert order.ids(0, 20).tolist() != GlobalOrder(ids, seed=4).ids(0, 20).tolist()
+
+
+def test_keep_last_retention(tmp_path, code_dataset):
+    cfg = make_cfg(tmp_path, code_dataset, "gpt", "checkpoint.interval=2", "checkpoint.keep_last=2")
+    Trainer(cfg).fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "gpt")] == ["step-000010", "step-000012"]
+
+
+def test_nonfinite_loss_names_step_and_samples_and_keeps_checkpoint(tmp_path, code_dataset):
+    cfg = make_cfg(tmp_path, code_dataset, "gpt", "checkpoint.interval=2", "data.log_sample_ids=true")
+    trainer = Trainer(cfg)
+    forward = trainer.model.forward
+
+    def poisoned(codes, labels=None, layout=None):
+        out = forward(codes, labels, layout)
+        return out * float("nan") if trainer.state.step == 4 else out
+
+    trainer.model.forward = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5; batch sample ids \[") as err:
+        trainer.fit()
+    assert "step-000004" in str(err.value)
+    assert [p.name for p in list_checkpoints(tmp_path / "gpt")] == ["step-000002", "step-000004"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.vocab_size=64", "model.vocab_size=32"),
+    ("model.grid=[8,2]", r"model.grid=\[4, 4\]"),
+    ("model.num_classes=2", "model.num_classes=3"),
+])
+def test_config_that_does_not_fit_the_data(tmp_path, code_dataset, override, message):
+    with pytest.raises(ConfigError, match=message):
+        Trainer(make_cfg(tmp_path, code_dataset, "gpt", override))
+
+
+def test_missing_data_and_entropies_are_clear_errors(tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        Trainer(make_cfg(tmp_path, tmp_path / "nowhere", "gpt"))
+    codes = write_code_dataset(tmp_path / "noent", entropy=False)
+    with pytest.raises(FileNotFoundError, match="compute_entropy"):
+        Trainer(make_cfg(tmp_path, codes, "dpar"))
+    # a static layout needs no entropies
+    Trainer(make_cfg(tmp_path, codes, "dpar", "model.patch.mode=static", "train.steps=1"))
+
+
+def test_bf16_autocast_trains(tmp_path, code_dataset):
+    result = Trainer(make_cfg(tmp_path, code_dataset, "dpar", "train.precision=bf16", "train.steps=3")).fit()
+    assert math.isfinite(result["loss"])
+
+
+def test_train_py_entry_point(tmp_path, code_dataset):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "train.py", f"run.output_dir={tmp_path / 'cli'}", f"data.codes_dir={code_dataset}",
+           "model.kind=gpt", "model.preset=gpt-tiny", "model.dim=32", "model.n_heads=2", "model.n_layers=1",
+           "model.vocab_size=32", "model.num_classes=3", "model.grid=[4,4]", "train.steps=2", "data.batch_size=4",
+           "wandb.enabled=false", "train.progress_bar=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 2
+    bad = subprocess.run(cmd + ["model.vocab_size=33"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "model.vocab_size=32" in bad.stderr
+    typo = subprocess.run(cmd + ["train.stepz=3"], capture_output=True, text=True)
+    assert typo.returncode == 2 and "train.stepz" in typo.stderr
