@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Find the entropy threshold θ that gives a target mean patch length on a set of precomputed entropies.
+
+  python tools/calibrate_threshold.py --entropy runs/demo/data/codes/entropy --target-mean-length 1.81 \
+      --max-patch-length 4 [--mode global] [--alignment reference] [--json theta.json]
+
+Prints θ, the achieved mean patch length (codes / patches over the whole set: the reduction in global
+positions) and the histogram of patch lengths.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dpar_scale.data.shards import open_side_array  # noqa: E402
+from dpar_scale.patching import calibrate_threshold  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--entropy", required=True, help="entropy folder written by tools/compute_entropy.py")
+    p.add_argument("--target-mean-length", type=float, required=True)
+    p.add_argument("--max-patch-length", type=int, default=4)
+    p.add_argument("--mode", default="global", choices=["global", "monotonic"])
+    p.add_argument("--alignment", default="reference", choices=["reference", "blt"])
+    p.add_argument("--max-images", type=int, default=20000, help="calibrate on at most this many rows")
+    p.add_argument("--json", help="write the result here")
+    args = p.parse_args(argv)
+
+    entropy = open_side_array(args.entropy)
+    meta = json.loads((Path(args.entropy) / "manifest.json").read_text())
+    width = int(meta["grid"][1])
+    rows = np.linspace(0, len(entropy) - 1, num=min(len(entropy), args.max_images)).astype(np.int64)
+    e = torch.from_numpy(np.asarray(entropy[np.unique(rows)]).astype(np.float32))
+    try:
+        cal = calibrate_threshold(e, width=width, target_mean_length=args.target_mean_length,
+                                  max_patch_length=args.max_patch_length, mode=args.mode, alignment=args.alignment)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    total = sum(cal.histogram.values())
+    print(f"θ = {cal.threshold:.4f} nats  ->  mean patch length {cal.mean_patch_length:.4f} "
+          f"(target {cal.target}) over {cal.num_images} images, grid width {width}, P_max {args.max_patch_length}")
+    print("patch length histogram:")
+    for length, count in cal.histogram.items():
+        print(f"  {length:>3}: {count:>9}  {100 * count / total:5.1f}%  {'#' * int(50 * count / total)}")
+    print(f"entropy: mean {e.mean():.3f}, median {e.median():.3f}, max {e.max():.3f} nats")
+    if args.json:
+        result = {"threshold": cal.threshold, "mean_patch_length": cal.mean_patch_length, "target": cal.target,
+                  "max_patch_length": args.max_patch_length, "mode": args.mode, "alignment": args.alignment,
+                  "num_images": cal.num_images, "histogram": {str(k): v for k, v in cal.histogram.items()}}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
