@@ -1,0 +1,114 @@
+"""tools/compute_entropy.py and tools/calibrate_threshold.py on a trained tiny entropy model."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpar_scale.checkpoint import load_model_for_inference
+from dpar_scale.data.shards import CodeShards, open_side_array
+from dpar_scale.entropy import code_entropies
+from dpar_scale.trainer import Trainer
+
+from conftest import write_code_dataset
+from test_trainer import make_cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ent")
+    codes = write_code_dataset(tmp / "codes", n_images=60, shard_size=16, entropy=False)
+    result = Trainer(make_cfg(tmp, codes, "entropy", "train.steps=15")).fit()
+    return codes, Path(result["checkpoint"])
+
+
+def test_entropies_match_the_model_and_are_aligned(trained):
+    codes_dir, ckpt = trained
+    assert tool("compute_entropy").main(["--checkpoint", str(ckpt), "--codes", str(codes_dir),
+                                         "--batch-size", "7"]) == 0
+    shards = CodeShards(str(codes_dir))
+    stored = open_side_array(str(codes_dir / "entropy"), shards)
+    assert stored.manifest["entropy_checkpoint"] == str(ckpt.resolve())
+    model, _ = load_model_for_inference(ckpt)
+    codes = torch.from_numpy(shards.codes(slice(0, len(shards))).astype(np.int64))
+    expected = code_entropies(model, codes).numpy()
+    np.testing.assert_allclose(stored[np.arange(len(shards))].astype(np.float32), expected, rtol=1e-3, atol=1e-3)
+    assert expected.max() <= np.log(32) + 1e-4
+    # entry k is the entropy of the prediction of code k from codes < k: changing code k moves no entry <= k
+    k = 7
+    changed = codes.clone()
+    changed[:, k] = (changed[:, k] + 1) % 32
+    again = code_entropies(model, changed).numpy()
+    np.testing.assert_array_equal(again[:, : k + 1], expected[:, : k + 1])
+    assert not np.allclose(again[:, k + 1:], expected[:, k + 1:])
+
+
+def test_entropy_is_resumable(trained, tmp_path):
+    codes_dir, ckpt = trained
+    out = tmp_path / "ent"
+    run = ["--checkpoint", str(ckpt), "--codes", str(codes_dir), "--out", str(out)]
+    assert tool("compute_entropy").main(run) == 0
+    files = sorted(out.glob("shard_*.entropy.npy"))
+    assert len(files) == 4
+    before = {f.name: (os.stat(f).st_mtime_ns, f.read_bytes()) for f in files}
+    files[2].unlink()
+    (out / "manifest.json").unlink()
+    assert tool("compute_entropy").main(run) == 0
+    after = {f.name: (os.stat(f).st_mtime_ns, f.read_bytes()) for f in sorted(out.glob("shard_*.entropy.npy"))}
+    assert after.keys() == before.keys()
+    for name in before:
+        if name == files[2].name:
+            assert after[name][1] == before[name][1]  # rebuilt, identical
+        else:
+            assert after[name] == before[name]  # untouched
+
+
+def test_entropy_rejects_a_model_that_is_not_an_entropy_model(trained, tmp_path):
+    codes_dir, _ = trained
+    gpt = Trainer(make_cfg(tmp_path, codes_dir, "gpt", "train.steps=1")).fit()
+    with pytest.raises(SystemExit, match="kind=entropy"):
+        tool("compute_entropy").main(["--checkpoint", gpt["checkpoint"], "--codes", str(codes_dir),
+                                      "--out", str(tmp_path / "x")])
+
+
+def test_two_process_entropy_equals_one_process(trained, tmp_path):
+    codes_dir, ckpt = trained
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "tools" / "compute_entropy.py"), "--checkpoint", str(ckpt), "--codes", str(codes_dir),
+           "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert tool("compute_entropy").main(["--checkpoint", str(ckpt), "--codes", str(codes_dir),
+                                         "--out", str(tmp_path / "one")]) == 0
+    shards = CodeShards(str(codes_dir))
+    one = open_side_array(str(tmp_path / "one"), shards)
+    two = open_side_array(str(tmp_path / "two"), shards)
+    np.testing.assert_array_equal(one[np.arange(len(shards))], two[np.arange(len(shards))])
+
+
+def test_calibration_tool(trained, tmp_path):
+    codes_dir, ckpt = trained
+    out = tmp_path / "ent"
+    assert tool("compute_entropy").main(["--checkpoint", str(ckpt), "--codes", str(codes_dir),
+                                         "--out", str(out)]) == 0
+    assert tool("calibrate_threshold").main(["--entropy", str(out), "--target-mean-length", "1.5",
+                                             "--max-patch-length", "4", "--json", str(tmp_path / "t.json")]) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert abs(result["mean_patch_length"] - 1.5) < 0.1
+    assert sum(int(k) * v for k, v in result["histogram"].items()) == 60 * 16
+    assert tool("calibrate_threshold").main(["--entropy", str(out), "--target-mean-length", "9",
+                                             "--max-patch-length", "4"]) == 2
