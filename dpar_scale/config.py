@@ -48,7 +48,7 @@ class PatchConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "dpar"  # gpt | entropy | dpar
+    kind: str = ""  # gpt | entropy | dpar; "" = the preset's kind
     preset: str = ""  # e.g. gpt-b, dpar-xl, dpar-tiny; explicit fields below override the preset
     dim: int = 0
     n_heads: int = 0
@@ -278,7 +278,7 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
-    _choice("model.kind", cfg.model.kind, ("gpt", "entropy", "dpar"))
+    _choice("model.kind", cfg.model.kind, ("", "gpt", "entropy", "dpar"))
     _choice("model.global_rope", cfg.model.global_rope, ("dynamic", "1d"))
     _choice("model.attention_backend", cfg.model.attention_backend, ("sdpa", "flex"))
     _choice("model.patch.mode", cfg.model.patch.mode, ("global", "monotonic", "global+monotonic", "static"))

@@ -48,3 +48,15 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_model_kind_comes_from_the_preset():
+    from dpar_scale.models import resolve_model_config
+
+    assert resolve_model_config(load_config(None, ["model.preset=gpt-b"]).model).kind == "gpt"
+    resolved = resolve_model_config(load_config(None, ["model.preset=dpar-xl"]).model)
+    assert (resolved.kind, resolved.dim, resolved.n_global_layers) == ("dpar", 1280, 30)
+    with pytest.raises(ConfigError, match="model.kind is not set"):
+        resolve_model_config(load_config(None, []).model)
+    with pytest.raises(ConfigError, match="does not fit"):
+        resolve_model_config(load_config(None, ["model.preset=gpt-b", "model.kind=dpar"]).model)

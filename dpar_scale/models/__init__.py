@@ -30,10 +30,15 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     entropy model). A gpt-shaped preset serves kind gpt or entropy (entropy-b == gpt-b unconditional); a dpar
     preset only kind dpar."""
     values = {}
+    if not cfg.kind and not cfg.preset:
+        raise ConfigError("model.kind is not set and there is no model.preset to take it from: set model.kind "
+                          "(gpt | entropy | dpar) or model.preset (e.g. dpar-b)")
     if cfg.preset:
         if cfg.preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {cfg.preset!r} (known: {', '.join(sorted(PRESETS))})")
         preset = PRESETS[cfg.preset]
+        if not cfg.kind:
+            cfg = dataclasses.replace(cfg, kind=preset["kind"])
         same_family = (preset["kind"] == cfg.kind) or (preset["kind"] in _TOKEN_KINDS and cfg.kind in _TOKEN_KINDS)
         if not same_family:
             raise ConfigError(f"model.kind={cfg.kind!r} does not fit model.preset={cfg.preset!r} (a "
