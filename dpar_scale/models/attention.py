@@ -156,3 +156,97 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     if backend == "flex":
         return _attend_flex(q, k, v, mask)
     raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+
+
+# --------------------------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Keys and values of one stack of attention layers, kept between incremental-decoding steps.
+
+    Per layer, k/v [B, H, max_len, Dh] are allocated once (on the first write, taking the dtype and device of the
+    projected keys, so a model under autocast or on a GPU needs no extra arguments) and written in place; nothing
+    is concatenated per step. `lengths[b]` counts the positions row b holds.
+
+    Two ways to advance:
+    * lockstep (`rows=None`): every row takes the same L new positions (token models, DPAR's encoder and
+      decoder, the class position of DPAR's global model). The queries see all cached keys plus the new ones
+      causally (`q_offset` = positions already cached).
+    * ragged (`rows` = a LongTensor of row indices, one new position each): only those rows advance, each at its
+      own position (DPAR's global model, where every image completes its patches at its own pace). The query of
+      row r sees its keys 0..lengths[r].
+
+    `positions` counts the (row, position) pairs pushed through the stack: the work done, for cost checks.
+    Steps always use the SDPA backend: one query per row leaves no blocks to skip and the mask changes each step.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int):
+        if n_layers < 0 or batch < 1 or max_len < 1:
+            raise ValueError(f"KVCache needs n_layers >= 0, batch >= 1, max_len >= 1 (got {n_layers}, {batch}, "
+                             f"{max_len})")
+        self.n_layers, self.batch, self.max_len = n_layers, batch, max_len
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.lengths = torch.zeros(batch, dtype=torch.long)  # CPU: read by the host to build masks
+        self._uniform: int | None = 0  # the common length while all rows are equal, else None
+        self.positions = 0
+        self.tables: dict = {}  # memoised RoPE tables of the model that owns the cache
+
+    @property
+    def length(self) -> int:
+        """The common length of all rows (lockstep caches)."""
+        if self._uniform is None:
+            raise RuntimeError("KVCache rows have different lengths; use `lengths`")
+        return self._uniform
+
+    def _alloc(self, layer: int, like: torch.Tensor) -> None:
+        if self.k[layer] is None:
+            shape = (self.batch, like.shape[1], self.max_len, like.shape[3])
+            self.k[layer] = like.new_zeros(shape)
+            self.v[layer] = like.new_zeros(shape)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
+        """Writes the new k/v [R, H, L, Dh] of `layer`; returns (keys, values, mask) for the new queries."""
+        self._alloc(layer, k)
+        if rows is None:
+            start, new = self.length, k.shape[2]
+            if k.shape[0] != self.batch:
+                raise ValueError(f"lockstep update of {k.shape[0]} rows into a cache of {self.batch}")
+            if start + new > self.max_len:
+                raise ValueError(f"KVCache overflow: {start} + {new} positions > max_len {self.max_len}")
+            self.k[layer][:, :, start:start + new] = k
+            self.v[layer][:, :, start:start + new] = v
+            keys, values = self.k[layer][:, :, :start + new], self.v[layer][:, :, :start + new]
+            # One new query sees every key: no mask at all (SDPA's fastest path).
+            mask = AttentionMask() if new == 1 else AttentionMask(causal=True, q_offset=start)
+            return keys, values, mask
+        if k.shape[2] != 1:
+            raise ValueError("ragged KVCache updates take exactly one new position per row")
+        rows_cpu = rows.cpu()
+        starts = self.lengths[rows_cpu]
+        if int(starts.max()) >= self.max_len:
+            raise ValueError(f"KVCache overflow: a row already holds max_len={self.max_len} positions")
+        rows_dev, starts_dev = rows_cpu.to(k.device), starts.to(k.device)
+        self.k[layer][rows_dev, :, starts_dev] = k[:, :, 0]
+        self.v[layer][rows_dev, :, starts_dev] = v[:, :, 0]
+        span = int(starts.max()) + 1
+        if len(rows_cpu) == self.batch and bool((rows_cpu == torch.arange(self.batch)).all()):
+            keys, values = self.k[layer][:, :, :span], self.v[layer][:, :, :span]  # every row: views, no gather
+        else:
+            keys, values = self.k[layer][rows_dev, :, :span], self.v[layer][rows_dev, :, :span]
+        if bool((starts == starts[0]).all()):
+            return keys, values, AttentionMask()
+        visible = (torch.arange(span)[None, :] <= starts[:, None]).long()  # 1 = key j is row r's
+        mask = AttentionMask(q_ids=torch.ones(len(rows_cpu), 1, dtype=torch.long), kv_ids=visible)
+        return keys, values, mask
+
+    def advance(self, new: int, rows: torch.Tensor | None = None) -> None:
+        """Marks `new` positions written (after every layer took its update)."""
+        if rows is None:
+            self.lengths += new
+            self.positions += new * self.batch
+            if self._uniform is not None:
+                self._uniform += new
+            return
+        rows_cpu = rows.cpu()
+        self.lengths[rows_cpu] += new
+        self.positions += new * len(rows_cpu)
+        self._uniform = int(self.lengths[0]) if bool((self.lengths == self.lengths[0]).all()) else None

@@ -12,17 +12,49 @@ Alignment (what makes it causal; each line is checked by tests/test_models_leak.
   Every input at positions <= t depends on codes < t only, so logits[:, t] does too.
 
 A static-patch DPAR is the same model with a fixed-length layout; P_max = 1 gives one patch per code.
+
+Incremental decoding (generation) runs the same three stages one code at a time on a `DPARCache`: `start` (class
+position of the global model, then decoder position 0), then per code `step`: `step_encode` (encoder position of
+the code just sampled), `step_patches` for the images whose open patch that code completed (max-pool +
+cross-attention over the patch's cached encoder states, then one global position), `step_decode` (decoder position
+of the next code). Which patches close is the caller's decision (dpar_scale.generate applies the patch rule).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dpar_scale.layout import PatchLayout
 
-from .attention import AttentionMask
+from .attention import AttentionMask, KVCache
 from .layers import CrossAttentionBlock, RMSNorm, TransformerBlock, drop_labels, init_llamagen_
 from .rope import rope_1d, rope_2d, rope_dynamic
+
+
+@dataclass(eq=False)
+class DPARCache:
+    """Incremental-decoding state of one batch of B rows (images, or the two CFG halves of them).
+
+    The encoder and decoder caches advance in lockstep (one code per step for every row); the global cache is
+    ragged: row b holds its class position and the patches it has closed so far (`num_patches[b]`).
+    """
+
+    encoder: KVCache
+    glob: KVCache
+    decoder: KVCache
+    patch_start: torch.Tensor  # [B] long (CPU): first code of each row's open (not yet summarised) patch
+    num_patches: torch.Tensor  # [B] long (CPU): patches each row has sent through the global model
+    enc_states: torch.Tensor | None = None  # [B, N, D] encoder outputs of the codes encoded so far
+    global_state: torch.Tensor | None = None  # [B, D] global output feeding the codes of each row's open patch
+    n_encoded: int = 0  # codes through the encoder
+    n_decoded: int = 0  # decoder positions done (= logits produced per row)
+    tables: dict = field(default_factory=dict)  # memoised code RoPE table
+
+    @property
+    def batch(self) -> int:
+        return self.encoder.batch
 
 
 class DPAR(nn.Module):
@@ -141,3 +173,118 @@ class DPAR(nn.Module):
         patches = self.patch_embeddings(enc, layout)
         global_out = self.run_global(patches, labels, layout)
         return self.decode(enc, global_out, layout)
+
+    # ------------------------------------------------------------------------------- incremental decoding
+    def new_cache(self, batch: int) -> DPARCache:
+        n = self.grid[0] * self.grid[1]
+        return DPARCache(encoder=KVCache(len(self.encoder_layers), batch, n),
+                         glob=KVCache(len(self.global_layers), batch, n + 1),
+                         decoder=KVCache(len(self.decoder_layers), batch, n),
+                         patch_start=torch.zeros(batch, dtype=torch.long),
+                         num_patches=torch.zeros(batch, dtype=torch.long))
+
+    def _code_rope_at(self, cache: DPARCache, t: int, device) -> torch.Tensor:
+        key = ("code", str(device))
+        if key not in cache.tables:
+            cache.tables[key] = self.code_rope(self.grid[0] * self.grid[1], device)
+        return cache.tables[key][t:t + 1]
+
+    def _global_rope_rows(self, row, col_start, col_end, pos, device) -> torch.Tensor:
+        """[R, 1, head_dim/2, 2]: the table `global_rope_table` gives these packed positions in training."""
+        if self.global_rope == "1d":
+            return rope_1d(pos.to(device)[:, None], self.head_dim, self.rope_base)
+        return rope_dynamic(row.to(device)[:, None], col_start.to(device)[:, None], col_end.to(device)[:, None],
+                            self.head_dim, self.rope_base)
+
+    def step_class(self, cache: DPARCache, labels: torch.Tensor | None = None) -> None:
+        """Global position 0 (the class; null class when labels is None) for every row."""
+        if cache.global_state is not None:
+            raise RuntimeError("DPAR.step_class: the cache already holds the class position")
+        b, device = cache.batch, self.class_embedding.weight.device
+        if labels is None:
+            labels = torch.full((b,), self.num_classes, dtype=torch.long, device=device)
+        labels = drop_labels(labels, self.num_classes, self.class_dropout, self.training)
+        x = self.global_dropout(self.class_embedding(labels))[:, None]
+        zero = torch.zeros(b, dtype=torch.long)
+        rope = self._global_rope_rows(zero, zero, zero, zero, x.device)
+        for i, layer in enumerate(self.global_layers):
+            x = layer.step(x, cache.glob, i, rope)
+        cache.glob.advance(1)
+        cache.global_state = x[:, 0]
+
+    def step_encode(self, cache: DPARCache, codes: torch.Tensor) -> None:
+        """Encoder position of the next code: codes [B] (code number `cache.n_encoded` of every row)."""
+        t = cache.n_encoded
+        h = self.tok_dropout(self.tok_embeddings(codes.reshape(-1, 1)))
+        rope = self._code_rope_at(cache, t, h.device)
+        for i, layer in enumerate(self.encoder_layers):
+            h = layer.step(h, cache.encoder, i, rope)
+        cache.encoder.advance(1)
+        if cache.enc_states is None:
+            cache.enc_states = h.new_zeros(cache.batch, self.grid[0] * self.grid[1], h.shape[-1])
+        cache.enc_states[:, t] = h[:, 0]
+        cache.n_encoded = t + 1
+
+    def step_patches(self, cache: DPARCache, rows: torch.Tensor) -> None:
+        """Closes the open patch of each row in `rows` (codes patch_start..n_encoded-1, all encoded): max-pool +
+        cross-attention over its cached encoder states, then one global position for those rows only."""
+        rows = torch.as_tensor(rows, dtype=torch.long).cpu().reshape(-1)
+        if rows.numel() == 0:
+            return
+        if cache.global_state is None:
+            raise RuntimeError("DPAR.step_patches: call step_class first")
+        end = cache.n_encoded  # exclusive
+        starts = cache.patch_start[rows]
+        if bool((starts >= end).any()):
+            raise RuntimeError("DPAR.step_patches: a row's open patch holds no encoded code")
+        device = cache.enc_states.device
+        lo = int(starts.min())
+        rows_dev = rows.to(device)
+        window = cache.enc_states[rows_dev, lo:end]  # [R, W, D]
+        own = torch.arange(lo, end)[None, :] >= starts[:, None]  # [R, W]: code belongs to the row's patch
+        pooled = window.masked_fill(~own.to(device)[..., None], float("-inf")).amax(1, keepdim=True)
+        mask = AttentionMask(q_ids=torch.ones(len(rows), 1, dtype=torch.long), kv_ids=own.long())
+        x = self.global_dropout(self.patch_cross_attn(pooled, window, mask))
+        w = self.grid[1]
+        rope = self._global_rope_rows(starts // w, starts % w, torch.full_like(starts, (end - 1) % w),
+                                      cache.num_patches[rows] + 1, device)
+        for i, layer in enumerate(self.global_layers):
+            x = layer.step(x, cache.glob, i, rope, rows=rows)
+        cache.glob.advance(1, rows)
+        cache.global_state[rows_dev] = x[:, 0]
+        cache.num_patches[rows] += 1
+        cache.patch_start[rows] = end
+
+    def step_decode(self, cache: DPARCache) -> torch.Tensor:
+        """Logits [B, vocab] of the next code t = n_decoded: decoder input e_{t-1} (start vector at t = 0) plus
+        the current global state. Patches that end at code t-1 must have been closed first."""
+        t = cache.n_decoded
+        if cache.global_state is None:
+            raise RuntimeError("DPAR.step_decode: call step_class first")
+        if t > cache.n_encoded or t >= self.grid[0] * self.grid[1]:
+            raise RuntimeError(f"DPAR.step_decode: position {t} needs codes < {t} encoded "
+                               f"({cache.n_encoded} are) and must lie in the grid")
+        g = cache.global_state
+        if t == 0:
+            h = self.dec_start.to(g.dtype)[None, None].expand(cache.batch, 1, g.shape[-1])
+        else:
+            h = cache.enc_states[:, t - 1:t]
+        h = h + self.global_to_local(self.global_to_local_norm(g[:, None]))
+        rope = self._code_rope_at(cache, t, h.device)
+        for i, layer in enumerate(self.decoder_layers):
+            h = layer.step(h, cache.decoder, i, rope)
+        cache.decoder.advance(1)
+        cache.n_decoded = t + 1
+        return self.output(self.norm(h)).float()[:, 0]
+
+    def start(self, cache: DPARCache, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Class position, then the logits [B, vocab] of code 0."""
+        self.step_class(cache, labels)
+        return self.step_decode(cache)
+
+    def step(self, cache: DPARCache, codes: torch.Tensor, close: torch.Tensor) -> torch.Tensor:
+        """Feeds code t (codes [B]); `close` [B] bool says for which rows code t ends its patch (i.e. code t+1
+        starts one). Returns the logits [B, vocab] of code t+1."""
+        self.step_encode(cache, codes)
+        self.step_patches(cache, torch.nonzero(torch.as_tensor(close).cpu(), as_tuple=False).flatten())
+        return self.step_decode(cache)

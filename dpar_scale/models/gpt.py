@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import AttentionMask
+from .attention import AttentionMask, KVCache
 from .layers import RMSNorm, TransformerBlock, drop_labels, init_llamagen_
 from .rope import rope_2d, rope_identity
 
@@ -82,4 +82,41 @@ class GPT(nn.Module):
         mask = AttentionMask(causal=True)
         for layer in self.layers:
             x = layer(x, mask, rope)
+        return self.output(self.norm(x)).float()
+
+    # ------------------------------------------------------------------------------- incremental decoding
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty KV cache for `batch` rows: room for the condition and codes 0..N-2 (N input positions)."""
+        return KVCache(len(self.layers), batch, self.grid[0] * self.grid[1])
+
+    def step(self, cache: KVCache, codes: torch.Tensor | None = None,
+             labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` one step at a time: logits [B, L, vocab] of the L input positions this call adds.
+
+        Input position p holds the condition (p = 0) or code p-1 and predicts code p. On an empty cache the
+        condition (from `labels`; null class when None; the start vector for the entropy model) is prepended, so
+        `step(cache, None, labels)` gives the logits of code 0 and each later `step(cache, codes[:, [k]])` those
+        of code k+1. Equals `forward(codes)` at the same positions (up to float rounding).
+        """
+        start = cache.length
+        parts = []
+        if start == 0:
+            device = self.tok_embeddings.weight.device if codes is None else codes.device
+            parts.append(self.condition(labels, cache.batch, device)[:, None].to(self.tok_embeddings.weight.dtype))
+        if codes is not None and codes.shape[1] > 0:
+            parts.append(self.tok_embeddings(codes))
+        if not parts:
+            raise ValueError("GPT.step: nothing to add (the cache already holds the condition and codes is empty)")
+        x = self.tok_dropout(torch.cat(parts, dim=1))
+        new = x.shape[1]
+        if start + new > cache.max_len:
+            raise ValueError(f"GPT.step: {start + new} input positions exceed the {self.grid} grid's "
+                             f"{cache.max_len}")
+        key = ("rope", str(x.device))
+        if key not in cache.tables:
+            cache.tables[key] = self.rope_table(cache.max_len, x.device)
+        rope = cache.tables[key][start:start + new]
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, cache, i, rope)
+        cache.advance(new)
         return self.output(self.norm(x)).float()

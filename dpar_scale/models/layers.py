@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMask, attend
+from .attention import AttentionMask, KVCache, attend
 from .rope import apply_rope
 
 
@@ -96,6 +96,14 @@ class Attention(nn.Module):
         q, k, v = self.project(x, kv_input, rope, kv_rope)
         return self.merge(attend(q, k, v, mask, self.backend))
 
+    def step(self, x: torch.Tensor, cache: KVCache, layer: int, rope: torch.Tensor | None = None,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Incremental self-attention: x [R, L, D] are the new positions; their k/v join `cache` (layer `layer`)
+        and the queries attend to everything cached before them (see KVCache for `rows`)."""
+        q, k, v = self.project(x, rope=rope)
+        keys, values, mask = cache.update(layer, k, v, rows)
+        return self.merge(attend(q, keys, values, mask, "sdpa"))
+
 
 class TransformerBlock(nn.Module):
     """Pre-norm LLaMA block: x + drop(attn(norm x)); x + drop(ffn(norm x))."""
@@ -112,6 +120,12 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: AttentionMask, rope: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.resid_dropout(self.attention(self.attention_norm(x), mask, rope))
+        return x + self.ffn_dropout(self.feed_forward(self.ffn_norm(x)))
+
+    def step(self, x: torch.Tensor, cache: KVCache, layer: int, rope: torch.Tensor | None = None,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` for new positions only, with the keys/values of earlier ones taken from `cache`."""
+        x = x + self.resid_dropout(self.attention.step(self.attention_norm(x), cache, layer, rope, rows))
         return x + self.ffn_dropout(self.feed_forward(self.ffn_norm(x)))
 
 

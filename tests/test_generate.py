@@ -1,0 +1,332 @@
+"""Generation: the KV-cached samplers equal the uncached reference (the training forward on the whole prefix),
+DPAR's on-the-fly patch boundaries equal the patcher's on the final codes, and the cache does linear work.
+
+Tiny random-init float32 models in eval mode; every comparison is exact on codes and boundaries (the sampler
+draws one uniform per image per code, so float rounding between the two paths cannot move a draw unless it lands
+within ~1e-6 of a CDF step, which the fixed seeds here do not).
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from dpar_scale.config import PatchConfig
+from dpar_scale.entropy import code_entropies
+from dpar_scale.generate import (GenerationStats, dpar_logits_cached, entropies_cached, generate_dpar,
+                                 generate_gpt, gpt_logits_cached, sample_logits)
+from dpar_scale.layout import PatchLayout, static_lengths
+from dpar_scale.models import DPAR, GPT
+from dpar_scale.models.attention import KVCache
+from dpar_scale.patching import patch_lengths
+
+GRID = (6, 6)
+N = GRID[0] * GRID[1]
+VOCAB, CLASSES = 48, 5
+COMMON = dict(dim=64, n_heads=4, vocab_size=VOCAB, grid=GRID, multiple_of=32, dropout=0.1, class_dropout=0.1)
+LABELS = torch.tensor([0, 3, 4])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads (and a 2-vCPU VM's OpenMP barriers can stall them).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize(model, seed: int, scale: float = 0.1):
+    # LlamaGen's init zeroes the output head (uniform predictions): use weights that give every path a say, at a
+    # scale that keeps logits O(3) so that float32 rounding (~1e-6 relative) stays well inside atol 1e-5.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise * scale if p.dim() > 1 else 1.0 + 0.2 * noise)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    gpt = randomize(GPT(n_layers=2, num_classes=CLASSES, **COMMON), 0)
+    entropy = randomize(GPT(n_layers=2, num_classes=0, **COMMON), 1, scale=0.15)
+    dpar = {rope: randomize(DPAR(n_encoder_layers=1, n_global_layers=2, n_decoder_layers=1, num_classes=CLASSES,
+                                 global_rope=rope, **COMMON), 2)
+            for rope in ("dynamic", "1d")}
+    # θ at the median entropy of random codes: boundaries both fire and stay quiet.
+    codes = torch.randint(0, VOCAB, (16, N), generator=torch.Generator().manual_seed(3))
+    theta = float(code_entropies(entropy, codes).median())
+    return dict(gpt=gpt, entropy=entropy, dpar=dpar, theta=theta)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------ cached == full forward
+def test_gpt_cached_logits_equal_forward(models):
+    codes = torch.randint(0, VOCAB, (3, N), generator=gen(5))
+    for model, labels in ((models["gpt"], LABELS), (models["gpt"], None), (models["entropy"], None)):
+        with torch.no_grad():
+            full = model(codes, labels)
+        torch.testing.assert_close(gpt_logits_cached(model, codes, labels), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropies_cached(models["entropy"], codes), code_entropies(models["entropy"], codes),
+                               atol=1e-5, rtol=0)
+
+
+def test_gpt_multi_position_prefill(models):
+    # Several positions in one step (causal inside the new block) == one at a time == forward.
+    model, codes = models["gpt"], torch.randint(0, VOCAB, (2, N), generator=gen(6))
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        first = model.step(cache, codes[:, :10], LABELS[:2])  # condition + codes 0..9 -> logits of codes 0..10
+        rest = model.step(cache, codes[:, 10:N - 1])
+        full = model(codes, LABELS[:2])
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-5, rtol=0)
+    assert cache.length == N and cache.positions == 2 * N
+
+
+def dpar_layouts():
+    gen_ = torch.Generator().manual_seed(7)
+    e = torch.rand(3, N, generator=gen_) * 4
+    return {
+        "pmax1": [[1] * N] * 3,
+        "static2": [static_lengths(GRID, 2)] * 3,
+        "patcher": patch_lengths(e, width=GRID[1], threshold=2.0, max_patch_length=4),
+        "ragged": [[1] * N, static_lengths(GRID, 6), [1, 5] + static_lengths(GRID, 3)[2:]],
+        "cross-rows": [[1, 11, 24], [2, 34], [36]],  # patches spanning rows (not produced by the patcher)
+    }
+
+
+@pytest.mark.parametrize("rope", ["dynamic", "1d"])
+@pytest.mark.parametrize("name", ["pmax1", "static2", "patcher", "ragged", "cross-rows"])
+def test_dpar_cached_logits_equal_forward(models, rope, name):
+    model = models["dpar"][rope]
+    lengths = dpar_layouts()[name]
+    layout = PatchLayout.from_lengths(lengths, GRID, pad_to_multiple=4)
+    codes = torch.randint(0, VOCAB, (3, N), generator=gen(8))
+    with torch.no_grad():
+        full = model(codes, LABELS, layout)
+    cached, cache = dpar_logits_cached(model, codes, LABELS, layout)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0, msg=f"{rope}/{name}")
+    # The global model saw each image's class and its patches but the last (whose output nothing reads), once.
+    assert cache.glob.positions == sum(len(x) for x in lengths)
+    assert cache.num_patches.tolist() == [len(x) - 1 for x in lengths]
+    assert cache.encoder.positions == 3 * (N - 1) and cache.decoder.positions == 3 * N
+
+
+def test_kv_cache_guards():
+    cache = KVCache(1, 2, 3)
+    k = torch.zeros(2, 1, 4, 8)
+    with pytest.raises(ValueError, match="overflow"):
+        cache.update(0, k, k)
+    cache = KVCache(1, 2, 3)
+    with pytest.raises(ValueError, match="exactly one"):
+        cache.update(0, k[:1], k[:1], rows=torch.tensor([0]))
+
+
+# -------------------------------------------------------------------------------------- sampler semantics
+def test_sample_logits_filters():
+    logits = torch.randn(64, VOCAB, generator=gen(9)) * 3
+    top = logits.argmax(-1)
+    assert torch.equal(sample_logits(logits, top_k=1, generator=gen(0)), top)
+    assert torch.equal(sample_logits(logits, top_p=1e-6, generator=gen(0)), top)
+    assert torch.equal(sample_logits(logits, temperature=0, generator=gen(0)), top)
+    k5 = sample_logits(logits.repeat(50, 1), top_k=5, generator=gen(1)).view(50, 64)
+    allowed = torch.topk(logits, 5, -1).indices
+    assert (k5[..., None] == allowed[None]).any(-1).all(), "top-k drew outside the k best"
+    # top-p: the kept set is the smallest prefix (by probability) whose mass reaches p.
+    probs = torch.softmax(logits, -1)
+    sp, order = probs.sort(-1, descending=True)
+    keep = (sp.cumsum(-1) - sp) <= 0.7
+    p7 = sample_logits(logits.repeat(50, 1), top_p=0.7, generator=gen(2)).view(50, 64)
+    rank = (order[None] == p7[..., None]).float().argmax(-1)
+    assert torch.gather(keep[None].expand(50, -1, -1), 2, rank[..., None]).all(), "top-p drew a dropped code"
+
+
+def test_sample_logits_matches_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
+    draws = sample_logits(logits.expand(40000, -1), generator=gen(3))
+    freq = torch.bincount(draws, minlength=4).float() / 40000
+    torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.01, rtol=0)
+    hot = sample_logits(logits.expand(40000, -1), temperature=0.25, generator=gen(3))
+    assert (hot == 2).float().mean() > 0.97
+
+
+# ---------------------------------------------------------------------------------- GPT cached == uncached
+GPT_CASES = [dict(cfg_scale=1.0), dict(cfg_scale=3.0), dict(cfg_scale=2.0, top_k=8, top_p=0.9, temperature=0.9)]
+
+
+@pytest.mark.parametrize("kw", GPT_CASES, ids=["no-cfg", "cfg", "cfg-topk-topp"])
+def test_gpt_cached_equals_uncached(models, kw):
+    stats = [GenerationStats(), GenerationStats()]
+    out = [generate_gpt(models["gpt"], LABELS, generator=gen(11), use_cache=c, stats=s, **kw)
+           for c, s in zip((True, False), stats)]
+    assert torch.equal(out[0], out[1])
+    assert out[0].shape == (3, N) and out[0].min() >= 0 and out[0].max() < VOCAB
+    rows = 3 * (2 if kw["cfg_scale"] != 1.0 else 1)
+    assert stats[0].token_positions == rows * N  # cached: each input position once
+    assert stats[1].token_positions == rows * N * (N + 1) // 2  # uncached: the prefix again at every code
+
+
+def test_gpt_guidance_and_seed(models):
+    a = generate_gpt(models["gpt"], LABELS, cfg_scale=4.0, generator=gen(1))
+    assert torch.equal(a, generate_gpt(models["gpt"], LABELS, cfg_scale=4.0, generator=gen(1)))
+    assert not torch.equal(a, generate_gpt(models["gpt"], LABELS, cfg_scale=1.0, generator=gen(1)))
+    assert not torch.equal(a, generate_gpt(models["gpt"], LABELS, cfg_scale=4.0, generator=gen(2)))
+    with pytest.raises(ValueError, match="labels must lie"):
+        generate_gpt(models["gpt"], torch.tensor([CLASSES]), generator=gen(0))  # the null class is no label
+
+
+# --------------------------------------------------------------------------------- DPAR cached == uncached
+DPAR_CASES = [
+    ("reference", "global", 4, dict(cfg_scale=1.0)),
+    ("reference", "global", 4, dict(cfg_scale=2.5)),
+    ("reference", "global", 1, dict(cfg_scale=2.5)),
+    ("blt", "global", 4, dict(cfg_scale=2.5, top_k=10, top_p=0.9)),
+    ("blt", "global", 1, dict(cfg_scale=1.0, top_p=0.8)),
+    ("reference", "static", 4, dict(cfg_scale=2.0)),
+    ("reference", "monotonic", 4, dict(cfg_scale=2.0, temperature=1.3)),
+]
+
+
+@pytest.mark.parametrize("alignment,mode,pmax,kw", DPAR_CASES,
+                         ids=[f"{a}-{m}-pmax{p}-{'cfg' if k['cfg_scale'] != 1 else 'nocfg'}"
+                              + ("-filters" if "top_p" in k else "") for a, m, p, k in DPAR_CASES])
+def test_dpar_cached_equals_uncached(models, alignment, mode, pmax, kw):
+    rope = "1d" if mode == "monotonic" else "dynamic"
+    theta = models["theta"] if mode != "monotonic" else 0.05
+    rule = PatchConfig(mode=mode, alignment=alignment, threshold=theta, max_patch_length=pmax, static_length=3)
+    entropy = models["entropy"] if mode != "static" else None
+    stats = [GenerationStats(), GenerationStats()]
+    runs = [generate_dpar(models["dpar"][rope], entropy, LABELS, patch_cfg=rule, generator=gen(21), use_cache=c,
+                          stats=s, **kw) for c, s in zip((True, False), stats)]
+    (codes, lengths), (ref_codes, ref_lengths) = runs
+    assert torch.equal(codes, ref_codes)
+    assert lengths == ref_lengths
+    assert all(sum(x) == N for x in lengths)
+
+    # The boundaries chosen on the fly are the patcher's on the final codes (training's rule).
+    source = code_entropies(models["entropy"], codes) if mode != "static" else torch.zeros(3, N)
+    expect = patch_lengths(source, width=GRID[1], threshold=rule.threshold, max_patch_length=pmax, mode=mode,
+                           alignment=alignment, static_length=3)
+    assert lengths == expect
+    if pmax == 1:
+        assert all(x == [1] * N for x in lengths)
+    elif mode == "global":  # a real mix: some patches merged, some entropy-fired starts off the forced ones
+        flat = [v for x in lengths for v in x]
+        assert max(flat) > 1 and len(flat) > 3 * (GRID[0] * -(-GRID[1] // pmax) + 1)
+
+    # Cost: with the cache the global model sees every image's class + its patches but the last, once per CFG half;
+    # the uncached path pays the whole packed prefix at every code.
+    halves = 2 if kw["cfg_scale"] != 1.0 else 1
+    assert stats[0].global_positions == halves * sum(len(x) for x in lengths)
+    prefix_cost = sum(halves * (len(PatchLayout.from_lengths(lengths, GRID).prefix(k).lengths[i]) + 1)
+                      for k in range(1, N + 1) for i in range(3))
+    assert stats[1].global_positions == prefix_cost
+    assert stats[0].decoder_positions == halves * 3 * N and stats[0].encoder_positions == halves * 3 * (N - 1)
+    assert stats[0].entropy_positions == (3 * N if mode != "static" else 0)
+
+
+def test_dpar_float16_entropies_match_training_storage(models):
+    # Training reads entropies stored as float16: entropy_dtype=float16 reproduces the patcher on those.
+    rule = PatchConfig(threshold=models["theta"], max_patch_length=4)
+    codes, lengths = generate_dpar(models["dpar"]["dynamic"], models["entropy"], LABELS, patch_cfg=rule,
+                                   cfg_scale=2.0, generator=gen(4), entropy_dtype=torch.float16)
+    stored = code_entropies(models["entropy"], codes).half().float()
+    assert lengths == patch_lengths(stored, width=GRID[1], threshold=rule.threshold, max_patch_length=4)
+
+
+def test_dpar_cached_generation_logits(models):
+    # The logits the cached sampler used at each code are the training forward's on the final codes and layout.
+    model, rule = models["dpar"]["dynamic"], PatchConfig(threshold=models["theta"], max_patch_length=4)
+    codes, lengths = generate_dpar(model, models["entropy"], LABELS, patch_cfg=rule, generator=gen(5))
+    layout = PatchLayout.from_lengths(lengths, GRID)
+    cached, _ = dpar_logits_cached(model, codes, LABELS, layout)
+    with torch.no_grad():
+        torch.testing.assert_close(cached, model(codes, LABELS, layout), atol=1e-5, rtol=0)
+
+
+def test_dpar_needs_entropy_model(models):
+    with pytest.raises(ValueError, match="needs the entropy model"):
+        generate_dpar(models["dpar"]["dynamic"], None, LABELS, patch_cfg=PatchConfig(), generator=gen(0))
+    static = dataclasses.replace(PatchConfig(), mode="static")  # needs no entropy model
+    codes, lengths = generate_dpar(models["dpar"]["dynamic"], None, LABELS[:1], patch_cfg=static, generator=gen(0))
+    assert lengths == [static_lengths(GRID, 2)]
+
+
+# ---------------------------------------------------------------------------------------- tools/sample.py
+def _write_checkpoint(folder, model, overrides):
+    from safetensors.torch import save_file
+
+    from dpar_scale.config import load_config, save_config
+
+    folder.mkdir(parents=True)
+    save_config(load_config(None, overrides), folder / "config.yaml")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+
+
+def test_sample_tool(models, tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from dpar_scale.tokenizer.kmeans import KMeansTokenizer
+
+    spec = importlib.util.spec_from_file_location(
+        "sample_tool", Path(__file__).resolve().parent.parent / "tools" / "sample.py")
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+
+    codes_dir = tmp_path / "codes"
+    (codes_dir / "entropy").mkdir(parents=True)
+    KMeansTokenizer(torch.rand(VOCAB, 3 * 2 * 2) * 2 - 1, block_size=2).save(str(tmp_path / "tok.safetensors"))
+    (codes_dir / "manifest.json").write_text(json.dumps({
+        "tokenizer": {"name": "kmeans", "path": str(tmp_path / "tok.safetensors")},
+        "classes": [f"class{i}" for i in range(CLASSES)]}))
+    shape = ["model.dim=64", "model.n_heads=4", f"model.vocab_size={VOCAB}", f"model.grid=[{GRID[0]},{GRID[1]}]",
+             "model.ffn_multiple_of=32", f"data.codes_dir={codes_dir}"]
+    _write_checkpoint(tmp_path / "entropy", models["entropy"], shape + ["model.kind=entropy", "model.n_layers=2"])
+    (codes_dir / "entropy" / "manifest.json").write_text(json.dumps({
+        "entropy_checkpoint": str(tmp_path / "entropy"), "dtype": "float16"}))
+    _write_checkpoint(tmp_path / "dpar", models["dpar"]["dynamic"], shape + [
+        "model.kind=dpar", f"model.num_classes={CLASSES}", "model.n_encoder_layers=1", "model.n_global_layers=2",
+        "model.n_decoder_layers=1", f"model.patch.threshold={models['theta']}"])
+    _write_checkpoint(tmp_path / "gpt", models["gpt"], shape + ["model.kind=gpt", f"model.num_classes={CLASSES}",
+                                                                 "model.n_layers=2"])
+
+    out = tmp_path / "dpar-samples"
+    assert sample.main(["--checkpoint", str(tmp_path / "dpar"), "--classes", "0,2", "--num-per-class", "3",
+                        "--cfg-scale", "2.0", "--seed", "0", "--out", str(out), "--top-k", "20"]) == 0
+    codes = np.load(out / "codes.npy")
+    assert codes.shape == (6, *GRID) and codes.dtype == np.int64
+    assert np.load(out / "labels.npy").tolist() == [0, 0, 0, 2, 2, 2]
+    lengths = json.loads((out / "patch_lengths.json").read_text())
+    stored = code_entropies(models["entropy"], torch.from_numpy(codes).view(6, N)).half().float()
+    assert lengths["patch_lengths"] == patch_lengths(stored, width=GRID[1], threshold=models["theta"],
+                                                     max_patch_length=4)
+    from PIL import Image
+
+    grid = Image.open(out / "grid.png")
+    assert grid.height >= 2 * GRID[0] * 2 and grid.width > 3 * GRID[1] * 2
+    assert "mean patch length" in capsys.readouterr().out
+
+    # Same seed, uncached reference path: the same codes.
+    ref = tmp_path / "dpar-ref"
+    assert sample.main(["--checkpoint", str(tmp_path / "dpar"), "--classes", "0,2", "--num-per-class", "3",
+                        "--cfg-scale", "2.0", "--seed", "0", "--out", str(ref), "--top-k", "20", "--no-cache"]) == 0
+    assert np.array_equal(np.load(ref / "codes.npy"), codes)
+
+    gpt_out = tmp_path / "gpt-samples"
+    assert sample.main(["--checkpoint", str(tmp_path / "gpt"), "--classes", "1", "--num-per-class", "2",
+                        "--seed", "1", "--out", str(gpt_out)]) == 0
+    assert np.load(gpt_out / "codes.npy").shape == (2, *GRID) and not (gpt_out / "patch_lengths.json").exists()
+
+    # Clear errors: no entropy manifest, unknown class.
+    (codes_dir / "entropy" / "manifest.json").unlink()
+    assert sample.main(["--checkpoint", str(tmp_path / "dpar"), "--classes", "0", "--out", str(out)]) == 2
+    assert "--entropy-checkpoint" in capsys.readouterr().err
+    assert sample.main(["--checkpoint", str(tmp_path / "gpt"), "--classes", "7", "--out", str(out)]) == 2
+    assert "outside the model's classes" in capsys.readouterr().err
