@@ -1,0 +1,266 @@
+"""FLOP accounting: fvcore, FlopCounterMode and the analytic formula agree; the probe (one layer per stack) equals
+a full count; training = 3 x forward; layouts of a given mean length are valid; the paper's saving is reproduced."""
+import dataclasses
+import importlib.util
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dpar_scale import flops as F
+from dpar_scale.config import ModelConfig
+from dpar_scale.layout import PatchLayout
+from dpar_scale.models.attention import AttentionMask
+from dpar_scale.patching import patch_lengths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRID = (4, 6)  # N = 24 codes, rows of 6
+# Three images with unequal patch counts (9, 24 and 8 patches): packed global lengths 10, 25, 9.
+LENGTHS = [[1, 2, 3, 4, 2, 4, 2, 4, 2], [1] * 24, [1, 4, 1, 4, 4, 4, 3, 3]]
+
+
+def small_cfg(kind="dpar", **kw):
+    depth = dict(n_encoder_layers=2, n_global_layers=3, n_decoder_layers=2) if kind == "dpar" else dict(n_layers=3)
+    base = dict(kind=kind, dim=64, n_heads=4, grid=GRID, vocab_size=96, num_classes=10, dropout=0.0,
+                class_dropout=0.0, **depth)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def batch(cfg, lengths=LENGTHS, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    codes = torch.randint(0, cfg.vocab_size, (b, GRID[0] * GRID[1]), generator=gen)
+    labels = torch.randint(0, cfg.num_classes, (b,), generator=gen)
+    layout = PatchLayout.from_lengths(lengths, GRID) if cfg.kind == "dpar" else None
+    return codes, labels, layout
+
+
+# ----------------------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("case", ["plain", "offset", "packed", "cross"])
+def test_attention_pairs_match_the_dense_mask(case):
+    gen = torch.Generator().manual_seed(1)
+    if case == "plain":
+        mask, b, lq, lk = AttentionMask(causal=True), 2, 7, 7
+    elif case == "offset":
+        mask, b, lq, lk = AttentionMask(causal=True, q_offset=5), 3, 2, 7
+    elif case == "packed":  # three images of 4, 1 and 6 positions + 2 padding positions
+        ids = torch.tensor([[0] * 4 + [1] + [2] * 6 + [-1] * 2])
+        mask, b, lq, lk = AttentionMask(causal=True, q_ids=ids, kv_ids=ids), 1, 13, 13
+    else:  # patch queries (-1 = padding patch) against their codes
+        q_ids = torch.tensor([[0, 1, 2, -1], [0, 1, 2, 3]])
+        kv_ids = torch.sort(torch.randint(0, 4, (2, 9), generator=gen)).values
+        mask, b, lq, lk = AttentionMask(q_ids=q_ids, kv_ids=kv_ids), 2, 4, 9
+    dense = mask.dense(lq, lk, "cpu").expand(b, 1, lq, lk)
+    assert F.attention_pairs(mask, b, lq, lk, "exact") == int(dense.sum())
+    full = dataclasses.replace(mask, causal=False, q_offset=0, _cache={})
+    assert F.attention_pairs(mask, b, lq, lk, "full") == int(full.dense(lq, lk, "cpu").expand(b, 1, lq, lk).sum())
+    if case == "packed":  # Σ L_i², not the padded T²
+        assert F.attention_pairs(mask, b, lq, lk, "full") == 4 ** 2 + 1 ** 2 + 6 ** 2
+
+
+# --------------------------------------------------------------------------------- the three counts agree
+@pytest.mark.parametrize("kind", ["dpar", "gpt"])
+@pytest.mark.parametrize("attention", ["full", "exact"])
+def test_fvcore_equals_analytic_and_flop_counter(kind, attention):
+    cfg = small_cfg(kind)
+    model, scale = F.counting_model(cfg, probe=False)
+    codes, labels, layout = batch(cfg)
+    counts = F.count_ops(model, codes, labels, layout, attention=attention, scale=scale)
+    analytic = F.analytic_breakdown(cfg, batch_images=3, layout=layout, attention=attention, include_padding=True)
+    for name in ("fvcore", "FlopCounterMode"):
+        assert F.max_disagreement(counts[name], analytic) < 0.01, (name, counts[name].groups(), analytic.groups())
+        assert counts[name].total == pytest.approx(analytic.total, rel=1e-9)  # in fact exact
+        assert counts[name].attention == pytest.approx(analytic.attention, rel=1e-9)
+    assert sum(analytic.attention.values()) > 0
+    if kind == "dpar":  # the global stack's attention is Σ (M_i + 1)² pairs (full) of 4·d FLOPs, not T²
+        lengths = [len(x) + 1 for x in LENGTHS]
+        pairs = sum(L * L if attention == "full" else L * (L + 1) // 2 for L in lengths)
+        assert counts["fvcore"].attention["global"] == 3 * pairs * 4 * cfg.dim
+        assert counts["fvcore"].attention["global"] < 3 * sum(lengths) ** 2 * 4 * cfg.dim
+
+
+@pytest.mark.parametrize("kind", ["dpar", "gpt"])
+def test_probe_count_equals_the_full_count(kind):
+    cfg = small_cfg(kind)
+    codes, labels, layout = batch(cfg)
+    full_model, full_scale = F.counting_model(cfg, probe=False)
+    probe_model, probe_scale = F.counting_model(cfg, probe=True)
+    assert all(len(getattr(probe_model, c)) == 1 for c in probe_scale)
+    full = F.count_ops(full_model, codes, labels, layout, scale=full_scale)
+    probe = F.count_ops(probe_model, codes, labels, layout, scale=probe_scale)
+    for name in full:
+        assert probe[name].groups() == pytest.approx(full[name].groups(), rel=1e-12)
+
+
+def test_per_image_forwards_count_no_padding():
+    """measure() counts each image alone (model FLOPs); one batched forward also runs the padding patch queries."""
+    cfg = small_cfg("dpar")
+    alone = F.measure(cfg, patch_lengths=LENGTHS, probe=True)
+    batched = F.measure(cfg, patch_lengths=LENGTHS, probe=True, per_image=False)
+    assert alone.disagreement < 1e-9 and batched.disagreement < 1e-9
+    assert alone.fvcore.total == pytest.approx(F.forward_flops(cfg, batch_images=3, patch_lengths=LENGTHS))
+    assert batched.fvcore.total > alone.fvcore.total  # 3 x 24 patch-query rows instead of 9 + 24 + 8
+
+
+def test_training_is_three_forwards():
+    """Backward matmul FLOPs (FlopCounterMode on a real backward) are exactly twice the forward's."""
+    cfg = small_cfg("dpar")
+    model, _ = F.counting_model(cfg, probe=False)
+    codes, labels, layout = batch(cfg)
+    counts = F.count_ops(model, codes, labels, layout, fvcore=False, backward=True)
+    fwd, bwd = counts["FlopCounterMode"], counts["backward"]
+    assert sum(bwd.matmul.values()) == 2 * sum(fwd.matmul.values())
+    assert sum(bwd.attention.values()) == 2 * sum(fwd.attention.values())
+    assert F.train_flops(cfg, batch_images=3, patch_lengths=LENGTHS) == pytest.approx(
+        3 * F.forward_flops(cfg, batch_images=3, patch_lengths=LENGTHS))
+
+
+def test_no_merging_gives_one_global_position_per_code():
+    """P_max = 1: every code is a patch, so DPAR's global stack runs over N patches (+ the class token) and costs
+    more than the GPT; the patch cross-attention then has the encoder's shapes (ordered recording is needed)."""
+    lengths = F.lengths_with_mean(GRID, 1.0, 1, batch_images=2)
+    assert lengths == [[1] * 24] * 2
+    dpar = F.measure(small_cfg("dpar"), patch_lengths=lengths)
+    gpt = F.measure(small_cfg("gpt", n_layers=7), batch_images=2)
+    assert dpar.global_positions_per_image == 24 + 1 and dpar.mean_patch_length == 1.0
+    assert gpt.global_positions_per_image == 24
+    assert dpar.disagreement < 1e-9 and gpt.disagreement < 1e-9
+    assert dpar.fvcore.train_per_image() > gpt.fvcore.train_per_image()
+
+
+def test_reduction_grows_with_mean_patch_length():
+    grid = (16, 16)
+    dpar, gpt = (ModelConfig(kind=k, preset=f"{k}-b", grid=grid) for k in ("dpar", "gpt"))
+    base = F.train_flops(gpt, batch_images=1)
+    reductions = []
+    for mean in (1.0, 1.25, 1.5, 1.81, 2.0, 2.5, 3.0, 3.5):
+        lengths = F.lengths_with_mean(grid, mean, 4, batch_images=4)
+        reductions.append(1 - F.train_flops(dpar, batch_images=4, patch_lengths=lengths) / 4 / base)
+    assert all(b > a for a, b in zip(reductions, reductions[1:])), reductions
+    assert reductions[0] < 0 < reductions[-1]
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (24, 24), (4, 6)])
+def test_layout_of_a_given_mean_length_is_valid(grid):
+    h, w = grid
+    n = h * w
+    for p_max in (1, 2, 4):
+        for mean in (1.0, 1.3, 1.81, 2.06, 2.5, 3.2):
+            try:
+                lengths = F.lengths_with_mean(grid, mean, p_max, batch_images=3)
+            except ValueError as err:  # only when the mean is out of reach of row resets + P_max
+                fewest = 1 + -(-(w - 1) // p_max) + (h - 1) * -(-w // p_max)  # patches per image, at least
+                assert "not reachable" in str(err) and round(3 * n / mean) < 3 * fewest
+                continue
+            total = sum(map(len, lengths))
+            assert abs(total - 3 * n / mean) <= 0.5  # the closest patch count
+            for per_image in lengths:
+                assert sum(per_image) == n and per_image[0] == 1 and max(per_image) <= p_max
+                # the patch rule reproduces it: a start at k fires through e[k-1] > θ
+                starts = torch.zeros(n, dtype=torch.bool)
+                starts[np.cumsum([0] + per_image[:-1])] = True
+                e = torch.zeros(1, n)
+                e[0, :-1] = starts[1:].float() * 10
+                assert patch_lengths(e, width=w, threshold=5.0, max_patch_length=p_max) == [per_image]
+
+
+def test_paper_statistics_xl_384():
+    """XL at 384 px, mean patch length 2.06, P_max 4: the paper reports 40.4% fewer training FLOPs."""
+    grid = (24, 24)
+    t0 = time.time()
+    lengths = F.lengths_with_mean(grid, 2.06, 4)
+    dpar = F.measure(ModelConfig(kind="dpar", preset="dpar-xl", grid=grid), patch_lengths=lengths)
+    gpt = F.measure(ModelConfig(kind="gpt", preset="gpt-xl", grid=grid))
+    dpar.check(0.02)
+    gpt.check(0.02)
+    reduction = 1 - dpar.fvcore.train_per_image() / gpt.fvcore.train_per_image()
+    exact = 1 - (F.analytic_breakdown(ModelConfig(kind="dpar", preset="dpar-xl", grid=grid), patch_lengths=lengths,
+                                      attention="exact").total
+                 / F.analytic_breakdown(ModelConfig(kind="gpt", preset="gpt-xl", grid=grid), attention="exact").total)
+    print(f"\nDPAR-XL vs LlamaGen-XL, 384 px, mean patch length {dpar.mean_patch_length:.4f}: training FLOPs "
+          f"{gpt.fvcore.train_per_image() / 1e9:.1f} -> {dpar.fvcore.train_per_image() / 1e9:.1f} GFLOP/image = "
+          f"{100 * reduction:.2f}% fewer (causal attention as L²; {100 * exact:.2f}% counting L(L+1)/2); "
+          f"paper 40.4%; counted in {time.time() - t0:.1f}s")
+    assert 0.37 <= reduction <= 0.45 and 0.37 <= exact <= 0.45
+    assert dpar.global_positions_per_image == 280 + 1  # round(576 / 2.06) patches + the class token
+
+
+# ---------------------------------------------------------------------------------------------- trainer API
+def test_train_flops_api():
+    cfg = small_cfg("dpar")
+    counts = [len(x) for x in LENGTHS]
+    by_lengths = F.train_flops(cfg, batch_images=3, patch_lengths=LENGTHS)
+    assert F.train_flops(cfg, batch_images=3, num_patches=counts) == by_lengths
+    assert F.train_flops(cfg, batch_images=3, num_patches=torch.tensor(counts)) == by_lengths
+    layout = PatchLayout.from_lengths(LENGTHS, GRID, pad_to_multiple=4)
+    assert F.train_flops(cfg, batch_images=3, layout=layout) == by_lengths  # useful work by default
+    assert F.train_flops(cfg, batch_images=3, layout=layout, include_padding=True) > by_lengths
+    with pytest.raises(ValueError, match="patch"):
+        F.train_flops(cfg, batch_images=3)
+    with pytest.raises(ValueError, match="batch_images"):
+        F.train_flops(cfg, batch_images=2, patch_lengths=LENGTHS)
+    gpt = small_cfg("gpt")
+    assert F.train_flops(gpt, batch_images=4) == 4 * F.train_flops(gpt, batch_images=1)
+    assert F.train_flops(ModelConfig(kind="entropy", preset="entropy-tiny", grid=GRID), batch_images=1) > 0
+    tp = F.throughput(2e12, 2.0, peak=1e12)
+    assert tp["tflops"] == pytest.approx(1.0) and tp["mfu"] == pytest.approx(1.0)
+    assert "mfu" not in F.throughput(2e12, 2.0, peak=None)
+
+
+def test_peak_flops_table():
+    assert F.peak_flops_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert F.peak_flops_for_name("NVIDIA H100 PCIe") == 756e12
+    assert F.peak_flops_for_name("NVIDIA H100 NVL") == 835e12
+    assert F.peak_flops_for_name("NVIDIA H200") == 989e12
+    assert F.peak_flops_for_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert F.peak_flops_for_name("NVIDIA L40S") == 362e12
+    assert F.peak_flops_for_name("NVIDIA L4") == 121e12
+    assert F.peak_flops_for_name("AMD Instinct MI300X") == 1307e12
+    assert F.peak_flops_for_name("NVIDIA GeForce GTX 1080") is None
+    assert F.peak_flops("cpu") is None
+    assert F.peak_flops("cpu", override=5e12) == 5e12
+
+
+# -------------------------------------------------------------------------------------------------- the tool
+def _tool():
+    spec = importlib.util.spec_from_file_location("tool_count_flops", os.path.join(ROOT, "tools", "count_flops.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_count_flops_tool(tmp_path, capsys):
+    tool = _tool()
+    common = ["--model", "dpar-tiny", "--baseline", "gpt-tiny", "--image-size", "64", "--vocab", "96",
+              "--classes", "10"]
+    out = tmp_path / "flops.json"
+    assert tool.main(common + ["--mean-patch-length", "1.8", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    for name in ("dpar-tiny", "gpt-tiny"):
+        m = rec["models"][name]
+        assert {"train_flops_per_image", "forward_flops_per_image", "global_positions_per_image", "params"} <= set(m)
+        assert m["train_flops_per_image"] == pytest.approx(3 * m["forward_flops_per_image"])
+    assert rec["reduction"] == pytest.approx(1 - rec["models"]["dpar-tiny"]["train_flops_per_image"]
+                                             / rec["models"]["gpt-tiny"]["train_flops_per_image"])
+    assert abs(rec["layout"]["mean_patch_length"] - 1.8) < 0.1
+    ent = np.random.default_rng(0).gamma(4.0, 2.0, size=(20, 16)).astype(np.float16)
+    np.save(tmp_path / "ent.npy", ent)
+    assert tool.main(common + ["--entropies", str(tmp_path / "ent.npy"), "--threshold", "8", "--batch-images", "3",
+                               "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["layout"]["batch_images"] == 3 and rec["dataset"]["images"] == 20
+    assert "fewer" in capsys.readouterr().out
+
+
+def test_disagreement_fails_loudly():
+    cfg = small_cfg("gpt")
+    m = F.measure(cfg, batch_images=1)
+    m.check(0.02)
+    bad = dataclasses.replace(m, fvcore=dataclasses.replace(m.fvcore, matmul={"global": 2 * m.fvcore.total}))
+    bad.disagreement = max(F.max_disagreement(bad.analytic, bad.fvcore), m.disagreement)
+    with pytest.raises(AssertionError, match="disagree"):
+        bad.check(0.02)

@@ -1,0 +1,296 @@
+#!/usr/bin/env python
+"""Training FLOPs of DPAR against its LlamaGen baseline, counted on the real modules (fvcore and torch's
+FlopCounterMode) and cross-checked against an analytic formula.
+
+    python tools/count_flops.py --model dpar-xl --baseline gpt-xl --image-size 384 --mean-patch-length 2.06
+    python tools/count_flops.py --model dpar-b --baseline gpt-b --image-size 256 \\
+        --entropies runs/demo/data/codes/entropy --threshold 7.8 --max-patch-length 4 --json flops.json
+    python tools/count_flops.py --all [--json grid.json]     # B/L/XL/XXL x 256/384 px at the paper's statistics
+
+Layout: `--mean-patch-length ℓ` builds a valid layout (codes 0 and 1 start patches, row resets, P_max) with
+round(N/ℓ) patches per image spread evenly (FLOPs depend on a layout only through its patch counts); the default
+ℓ is the paper's (1.81 at 256 px, 2.06 at 384 px). `--entropies PATH` (a folder from tools/compute_entropy.py, or
+an .npy [n, H*W]) cuts real patches with the patch rule; `--batch-images` of them are counted op by op (each image
+in a forward of its own, so no padding is counted) and all of them (up to --max-images) analytically, which gives
+the data set's mean.
+
+Conventions: FLOPs = 2 x multiply-adds (fvcore counts one per multiply-add: its counts are doubled); training =
+3 x forward (backward = 2 x forward: each matmul's input and weight gradients); weight matmuls + attention's QKᵀ
+and PV only; attention counts the (query, key) pairs of the real sequences (Σ L_i² of the packed sequence, not the
+padded T², a patch query only its own codes), causal counted as the full L² (`--attention exact`: L(L+1)/2).
+Big models are counted on a probe with one layer per stack and the real widths, scaled by depth (exact: see
+dpar_scale/flops.py); `--full-depth` counts the whole model instead (needs its memory). The three counts must
+agree within --tolerance (default 2%) or the tool exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dpar_scale.config import ModelConfig  # noqa: E402
+from dpar_scale.flops import TRAIN_FACTOR, analytic_breakdown, lengths_with_mean, measure  # noqa: E402
+from dpar_scale.models import PRESETS  # noqa: E402
+from dpar_scale.patching import patch_lengths  # noqa: E402
+
+PAPER_MEAN_LENGTH = {256: 1.81, 384: 2.06}  # mean patch length of the paper's θ (7.8 @256, 7.9 @384), P_max 4
+PAPER_THRESHOLD = {256: 7.8, 384: 7.9}
+SIZES = ("b", "l", "xl", "xxl")
+GROUP_COLUMNS = ("encoder", "global", "decoder", "head", "attention")
+
+
+def conventions(attention: str, probe: bool) -> dict:
+    return {
+        "flops": "2 x multiply-adds (fvcore's counts, one per multiply-add, are doubled)",
+        "train_factor": TRAIN_FACTOR,
+        "train": "forward + backward; backward = 2 x forward (input and weight gradient of every matmul); "
+                 "no activation recomputation",
+        "counted": "weight matmuls (nn.Linear, head included) and attention QK^T + PV; elementwise ops, norms, "
+                   "softmax, RoPE, pooling and embedding lookups are not",
+        "attention": attention,
+        "attention_rule": "pairs of the real sequences: packed Σ L_i² (not the padded T²), cross-attention Σ patch "
+                          "lengths; causal as full L²" if attention == "full" else
+                          "pairs the mask allows: causal L(L+1)/2, packed per image, cross-attention Σ patch lengths",
+        "method": "probe: one layer per stack at full width, counts of layer 0 x depth (exact)" if probe
+                  else "full-depth model",
+    }
+
+
+def model_config(name: str, grid: tuple[int, int], vocab: int, classes: int) -> ModelConfig:
+    if name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return ModelConfig(kind=PRESETS[name]["kind"], preset=name, grid=tuple(grid), vocab_size=vocab,
+                       num_classes=classes)
+
+
+def load_entropies(path: str, max_images: int) -> tuple[torch.Tensor, tuple[int, int] | None, int | None]:
+    """([n, H*W] float32 entropies, rows evenly spaced; the grid and vocabulary of their codes when known) from a
+    tools/compute_entropy.py folder (grid and vocabulary from its manifests) or an .npy file."""
+    p = Path(path)
+    grid = vocab = None
+    if p.is_dir():
+        from dpar_scale.data.shards import open_side_array
+
+        array = open_side_array(str(p))
+        manifest = json.loads((p / "manifest.json").read_text())
+        codes_manifest = Path(manifest.get("codes_dir") or p.parent) / "manifest.json"
+        codes = json.loads(codes_manifest.read_text()) if codes_manifest.exists() else {}
+        grid = manifest.get("grid") or codes.get("grid")
+        grid, vocab = (tuple(int(x) for x in grid) if grid else None), codes.get("vocab_size")
+    else:
+        array = np.load(p, mmap_mode="r")
+    rows = np.unique(np.linspace(0, len(array) - 1, num=min(len(array), max_images)).astype(np.int64))
+    return torch.from_numpy(np.asarray(array[rows]).astype(np.float32)), grid, vocab
+
+
+def describe(name: str, m) -> dict:
+    per_image = {k: b.groups() for k, b in m.counters().items()}
+    return {
+        "kind": PRESETS[name]["kind"], "params": m.params,
+        "forward_flops_per_image": m.fvcore.forward_per_image(),
+        "train_flops_per_image": m.fvcore.train_per_image(),
+        "global_positions_per_image": m.global_positions_per_image,
+        "mean_patch_length": m.mean_patch_length,
+        "forward_flops_per_image_by_group": {k: per_image["fvcore"][k] for k in GROUP_COLUMNS},
+        "forward_flops_per_image_by_counter": {k: g["total"] for k, g in per_image.items()},
+        "max_disagreement": m.disagreement,
+    }
+
+
+def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple[int, int],
+            mean_length: float | None = None, entropies: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Counts both models on one layout; returns (the JSON record, the Measurement of each model).
+    `image_size` is None when the grid is not a VQ-16 grid of a known image size (then no paper defaults)."""
+    cfgs = {name: model_config(name, grid, args.vocab, args.classes) for name in (baseline, model)}
+    layout_info: dict = {"max_patch_length": args.max_patch_length}
+    dataset = None
+    if entropies is not None:
+        theta = args.threshold if args.threshold is not None else PAPER_THRESHOLD.get(image_size)
+        if theta is None and args.mode != "static":
+            raise SystemExit(f"no paper threshold for a {grid[0]}x{grid[1]} grid: give --threshold")
+        all_lengths = patch_lengths(entropies, width=grid[1], threshold=theta or 0.0,
+                                    max_patch_length=args.max_patch_length,
+                                    mode=args.mode, alignment=args.alignment, static_length=args.static_length)
+        pick = np.unique(np.linspace(0, len(all_lengths) - 1, num=min(args.batch_images or 8, len(all_lengths)))
+                         .astype(np.int64))
+        lengths = [all_lengths[i] for i in pick]
+        layout_info.update(source="entropies", path=str(args.entropies), threshold=theta, mode=args.mode,
+                           alignment=args.alignment, images=len(all_lengths))
+        dataset = {"images": len(all_lengths),
+                   "mean_patch_length": sum(map(sum, all_lengths)) / sum(map(len, all_lengths))}
+    else:
+        target = mean_length or PAPER_MEAN_LENGTH.get(image_size)
+        if target is None:
+            raise SystemExit(f"no paper statistics for a {grid[0]}x{grid[1]} grid: give --mean-patch-length")
+        lengths = lengths_with_mean(grid, target, args.max_patch_length, args.batch_images or 1)
+        layout_info.update(source="even layout of the given mean length", target_mean_patch_length=target)
+    results = {name: measure(cfg, patch_lengths=lengths, batch_images=len(lengths), attention=args.attention,
+                             probe=not args.full_depth) for name, cfg in cfgs.items()}
+    layout_info.update(batch_images=len(lengths), mean_patch_length=results[model].mean_patch_length
+                       if PRESETS[model]["kind"] == "dpar" else 1.0)
+    record = {"model": model, "baseline": baseline, "image_size": image_size, "grid": list(grid),
+              "codes_per_image": grid[0] * grid[1], "layout": layout_info,
+              "models": {name: describe(name, m) for name, m in results.items()}}
+    base, ours = results[baseline], results[model]
+    record["reduction"] = 1 - ours.fvcore.train_per_image() / base.fvcore.train_per_image()
+    record["global_position_ratio"] = base.global_positions_per_image / ours.global_positions_per_image
+    if dataset is not None:  # the analytic count over every image read: the data set's mean saving
+        per = {}
+        for name, cfg in cfgs.items():
+            b = analytic_breakdown(cfg, batch_images=len(all_lengths), patch_lengths=all_lengths,
+                                   attention=args.attention)
+            per[name] = TRAIN_FACTOR * b.total / len(all_lengths)
+        dataset.update(train_flops_per_image=per, reduction=1 - per[model] / per[baseline])
+        record["dataset"] = dataset
+    return record, results
+
+
+def fmt_g(x: float) -> str:
+    return f"{x / 1e9:,.1f}" if abs(x) >= 1e10 else f"{x / 1e9:.4f}"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(line(r))
+
+
+def print_compare(record: dict, tolerance: float) -> None:
+    lay = record["layout"]
+    where = f"{record['image_size']} px (" if record["image_size"] else "a "
+    print(f"{record['model']} vs {record['baseline']} at {where}{record['grid'][0]}x{record['grid'][1]} grid = "
+          f"{record['codes_per_image']} codes per image{')' if record['image_size'] else ''}")
+    src = lay["source"]
+    extra = (f"target {lay['target_mean_patch_length']}" if "target_mean_patch_length" in lay else
+             f"θ {lay['threshold']}, {lay['mode']}/{lay['alignment']}, "
+             f"{lay['batch_images']} of {lay['images']} images")
+    print(f"DPAR layout ({src}): mean patch length {lay['mean_patch_length']:.4f} ({extra}; P_max "
+          f"{lay['max_patch_length']}), {lay['batch_images']} image(s) counted\n")
+    print("GFLOP per image (FLOPs = 2 x multiply-adds), counted by fvcore; groups are the forward's weight matmuls, "
+          "attention apart")
+    rows = []
+    for name, m in record["models"].items():
+        g = m["forward_flops_per_image_by_group"]
+        rows.append([name, f"{m['params'] / 1e6:,.1f}M", f"{m['global_positions_per_image']:.1f}"]
+                    + [fmt_g(g[k]) for k in GROUP_COLUMNS]
+                    + [fmt_g(m["forward_flops_per_image"]), fmt_g(m["train_flops_per_image"])])
+    print_table(["model", "params", "global pos", *GROUP_COLUMNS, "forward", f"train (x{TRAIN_FACTOR})"], rows)
+    print("\ncross-check, forward GFLOP per image (must agree within "
+          f"{100 * tolerance:g}%)")
+    rows = []
+    for name, m in record["models"].items():
+        c = m["forward_flops_per_image_by_counter"]
+        rows.append([name, fmt_g(c["fvcore"]), fmt_g(c["FlopCounterMode"]), fmt_g(c["analytic"]),
+                     f"{100 * m['max_disagreement']:.4f}%"])
+    print_table(["model", "fvcore (x2)", "FlopCounterMode", "analytic", "max diff"], rows)
+    base, ours = record["models"][record["baseline"]], record["models"][record["model"]]
+    print(f"\ntraining FLOPs per image: {record['baseline']} {fmt_g(base['train_flops_per_image'])} GFLOP -> "
+          f"{record['model']} {fmt_g(ours['train_flops_per_image'])} GFLOP = {100 * record['reduction']:.2f}% fewer")
+    print(f"global positions per image: {base['global_positions_per_image']:.1f} -> "
+          f"{ours['global_positions_per_image']:.1f} ({record['global_position_ratio']:.3f}x fewer)")
+    if "dataset" in record:
+        d = record["dataset"]
+        print(f"whole entropy set (analytic, {d['images']} images, mean patch length {d['mean_patch_length']:.4f}): "
+              f"{100 * d['reduction']:.2f}% fewer training FLOPs")
+
+
+def print_grid(records: list[dict]) -> None:
+    rows = []
+    for r in records:
+        base, ours = r["models"][r["baseline"]], r["models"][r["model"]]
+        rows.append([r["model"].split("-", 1)[1].upper(), str(r["image_size"]),
+                     f"{r['layout']['mean_patch_length']:.3f}",
+                     f"{base['params'] / 1e6:,.1f}M", f"{ours['params'] / 1e6:,.1f}M",
+                     fmt_g(base["train_flops_per_image"]), fmt_g(ours["train_flops_per_image"]),
+                     f"{100 * r['reduction']:.1f}%",
+                     f"{base['global_positions_per_image']:.0f} -> {ours['global_positions_per_image']:.1f}",
+                     f"{max(base['max_disagreement'], ours['max_disagreement']) * 100:.3f}%"])
+    print("Training GFLOP per image (fvcore, FLOPs = 2 x multiply-adds, train = 3 x forward), LlamaGen GPT vs DPAR")
+    print_table(["size", "px", "mean len", "GPT params", "DPAR params", "GPT train", "DPAR train", "reduction",
+                 "global positions", "max diff"], rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dpar-xl")
+    ap.add_argument("--baseline", default="gpt-xl")
+    ap.add_argument("--image-size", type=int, default=384,
+                    help="pixels; the VQ-16 grid is image-size / 16 (a --entropies folder's own grid wins)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--mean-patch-length", type=float, help="default: the paper's (1.81 @256, 2.06 @384)")
+    src.add_argument("--entropies", help="entropy folder (tools/compute_entropy.py) or .npy [n, H*W]")
+    ap.add_argument("--threshold", type=float, help="θ in nats (default: the paper's, 7.8 @256, 7.9 @384)")
+    ap.add_argument("--max-patch-length", type=int, default=4)
+    ap.add_argument("--mode", default="global", choices=["global", "monotonic", "static"])
+    ap.add_argument("--alignment", default="reference", choices=["reference", "blt"])
+    ap.add_argument("--static-length", type=int, default=2)
+    ap.add_argument("--batch-images", type=int, default=0,
+                    help="images in the counted forward (default 1 with --mean-patch-length, 8 with --entropies)")
+    ap.add_argument("--max-images", type=int, default=20000, help="entropy rows read for the data-set mean")
+    ap.add_argument("--attention", default="full", choices=["full", "exact"],
+                    help="causal attention as the full L² (default) or the L(L+1)/2 pairs the mask allows")
+    ap.add_argument("--full-depth", action="store_true", help="count the full-depth model, not the probe")
+    ap.add_argument("--vocab", type=int, help="codebook size (default: the entropies' codes, else 16384)")
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--tolerance", type=float, default=0.02, help="largest allowed disagreement of the counters")
+    ap.add_argument("--all", action="store_true", help="the B/L/XL/XXL x 256/384 px grid at the paper's statistics")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    out = {"conventions": conventions(args.attention, not args.full_depth)}
+    failures = []
+    if args.all:
+        args.vocab = args.vocab or 16384
+        counted = [compare(args, f"dpar-{size}", f"gpt-{size}", px, (px // 16, px // 16),
+                           args.mean_patch_length or PAPER_MEAN_LENGTH[px])
+                   for size in SIZES for px in sorted(PAPER_MEAN_LENGTH)]
+        records = [r for r, _ in counted]
+        print_grid(records)
+        out["grid"] = records
+    else:
+        grid, image_size, entropies = (args.image_size // 16,) * 2, args.image_size, None
+        if args.entropies:
+            entropies, data_grid, data_vocab = load_entropies(args.entropies, args.max_images)
+            args.vocab = args.vocab or data_vocab
+            if data_grid and data_grid != grid:
+                print(f"note: the entropies are on a {data_grid[0]}x{data_grid[1]} grid; counting on it")
+                grid, image_size = data_grid, None
+            if entropies.shape[1] != grid[0] * grid[1]:
+                raise SystemExit(f"{args.entropies}: rows of {entropies.shape[1]} entropies, a {grid[0]}x{grid[1]} "
+                                 f"grid has {grid[0] * grid[1]} codes (set --image-size)")
+        args.vocab = args.vocab or 16384
+        counted = [compare(args, args.model, args.baseline, image_size, grid, args.mean_patch_length, entropies)]
+        records = [counted[0][0]]
+        print_compare(records[0], args.tolerance)
+        out.update(records[0])
+    print("\nconventions:\n" + "\n".join(f"  {k}: {v}" for k, v in out["conventions"].items()))
+    for r, measurements in counted:
+        for name, m in measurements.items():
+            try:
+                m.check(args.tolerance)
+            except AssertionError as err:
+                failures.append(f"{name} on the {r['grid'][0]}x{r['grid'][1]} grid: {err}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    if failures:
+        print("\nERROR: the FLOP counters disagree:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
