@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""Training step time of DPAR vs the token-level baseline of equal total depth, on the same batches.
+
+  python tools/bench_train.py [--dpar dpar-tiny --gpt gpt-tiny] [--dim 128] [--batch 32] [--grid 16]
+      [--mean-patch-length 1.81 | --codes DIR --threshold θ] [--steps 10] [--json out.json]
+
+Both models see the same codes and labels; DPAR's patch layout comes from the given entropies (a codes folder
+with an entropy/ side array) or from synthetic entropies calibrated to the given mean patch length. Steps of the
+two models are interleaved so that drift in machine load hits both alike. Reports the median step time
+(forward + backward + AdamW step), images/s, and beside it the analytic training-FLOP ratio
+(dpar_scale.flops), so the measured speed-up can be read against the FLOP saving.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dpar_scale.config import load_config  # noqa: E402
+from dpar_scale.flops import train_flops  # noqa: E402
+from dpar_scale.layout import PatchLayout  # noqa: E402
+from dpar_scale.models import build_model, resolve_model_config  # noqa: E402
+from dpar_scale.patching import calibrate_threshold, patch_starts, starts_to_lengths  # noqa: E402
+from dpar_scale.trainer import code_loss  # noqa: E402
+
+
+def batch_layouts(args, n_codes: int, width: int):
+    """(codes, labels, patch lengths) for `args.batch` images."""
+    g = torch.Generator().manual_seed(args.seed)
+    if args.codes:
+        from dpar_scale.data.loader import CodeData
+
+        data = CodeData.open(args.codes, need_entropy=True)
+        ids = np.arange(min(args.batch, len(data.train_ids)))
+        codes, labels, entropy = data.gather(ids)
+        threshold = args.threshold
+    else:
+        codes = torch.randint(0, args.vocab, (args.batch, n_codes), generator=g)
+        labels = torch.randint(0, args.classes, (args.batch,), generator=g)
+        # Entropies with spatial structure (smooth regions and busy ones), calibrated to the target length.
+        entropy = torch.rand(args.batch, n_codes, generator=g) * np.log(args.vocab)
+        threshold = calibrate_threshold(entropy, width=width, target_mean_length=args.mean_patch_length,
+                                        max_patch_length=args.max_patch_length).threshold
+    starts = patch_starts(entropy, width=width, threshold=threshold, max_patch_length=args.max_patch_length)
+    return codes, labels, starts_to_lengths(starts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dpar", default="dpar-tiny")
+    p.add_argument("--gpt", default="gpt-tiny")
+    p.add_argument("--dim", type=int, default=0, help="override both presets' width")
+    p.add_argument("--heads", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--grid", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--mean-patch-length", type=float, default=1.81)
+    p.add_argument("--max-patch-length", type=int, default=4)
+    p.add_argument("--codes", default="", help="take codes, labels and entropies from an extracted folder")
+    p.add_argument("--threshold", type=float, default=7.8, help="θ with --codes")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+
+    n_codes, width = args.grid * args.grid, args.grid
+    shape = [f"model.vocab_size={args.vocab}", f"model.num_classes={args.classes}",
+             f"model.grid=[{args.grid},{args.grid}]", "model.dropout=0.0"]
+    if args.dim:
+        shape.append(f"model.dim={args.dim}")
+    if args.heads:
+        shape.append(f"model.n_heads={args.heads}")
+    codes, labels, lengths = batch_layouts(args, n_codes, width)
+    if args.codes:
+        args.vocab, args.grid = int(codes.max()) + 1, width
+    layout = PatchLayout.from_lengths(lengths, grid=(args.grid, args.grid))
+    runs = {}
+    for name, preset in (("gpt", args.gpt), ("dpar", args.dpar)):
+        cfg = resolve_model_config(load_config(None, [f"model.preset={preset}", *shape]).model)
+        torch.manual_seed(args.seed)
+        model = build_model(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        inputs = {"codes": codes, "labels": labels, "layout": layout if cfg.kind == "dpar" else None}
+        runs[name] = {"cfg": cfg, "model": model, "opt": opt, "inputs": inputs, "times": []}
+
+    def step(run) -> float:
+        t0 = time.perf_counter()
+        loss = code_loss(run["model"](**run["inputs"]), codes)
+        loss.backward()
+        run["opt"].step()
+        run["opt"].zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for i in range(args.warmup + args.steps):
+        for run in runs.values():
+            seconds = step(run)
+            if i >= args.warmup:
+                run["times"].append(seconds)
+
+    num_patches = sum(len(x) for x in lengths)
+    result = {"batch": len(codes), "grid": [args.grid, args.grid], "mean_patch_length": n_codes * len(codes) / num_patches,
+              "threads": torch.get_num_threads(), "models": {}}
+    for name, run in runs.items():
+        median = statistics.median(run["times"])
+        cfg = run["cfg"]
+        flops = train_flops(cfg, batch_images=len(codes), patch_lengths=lengths if cfg.kind == "dpar" else None)
+        result["models"][name] = {
+            "preset": cfg.preset, "dim": cfg.dim, "params": sum(p.numel() for p in run["model"].parameters()),
+            "step_time_s": median, "images_per_s": len(codes) / median, "train_flops_per_step": flops,
+            "global_positions_per_image": (num_patches + len(codes)) / len(codes) if cfg.kind == "dpar" else n_codes,
+        }
+    g, d = result["models"]["gpt"], result["models"]["dpar"]
+    result["step_time_ratio"] = d["step_time_s"] / g["step_time_s"]
+    result["flop_ratio"] = d["train_flops_per_step"] / g["train_flops_per_step"]
+
+    print(f"batch {result['batch']} images, grid {args.grid}x{args.grid}, mean patch length "
+          f"{result['mean_patch_length']:.3f}, {result['threads']} threads, median of {args.steps} steps")
+    print(f"{'model':<6} {'preset':<10} {'params':>10} {'global pos/img':>15} {'step s':>8} {'img/s':>8} "
+          f"{'train GFLOP':>12}")
+    for name, r in result["models"].items():
+        print(f"{name:<6} {r['preset']:<10} {r['params']:>10,} {r['global_positions_per_image']:>15.1f} "
+              f"{r['step_time_s']:>8.3f} {r['images_per_s']:>8.1f} {r['train_flops_per_step'] / 1e9:>12.2f}")
+    print(f"DPAR / GPT: step time {result['step_time_ratio']:.3f}, training FLOPs {result['flop_ratio']:.3f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
