@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpar_scale import flop_counting as C
 from dpar_scale import flops as F
 from dpar_scale.config import ModelConfig
 from dpar_scale.layout import PatchLayout
@@ -55,11 +56,11 @@ def test_attention_pairs_match_the_dense_mask(case):
         kv_ids = torch.sort(torch.randint(0, 4, (2, 9), generator=gen)).values
         mask, b, lq, lk = AttentionMask(q_ids=q_ids, kv_ids=kv_ids), 2, 4, 9
     dense = mask.dense(lq, lk, "cpu").expand(b, 1, lq, lk)
-    assert F.attention_pairs(mask, b, lq, lk, "exact") == int(dense.sum())
+    assert C.attention_pairs(mask, b, lq, lk, "exact") == int(dense.sum())
     full = dataclasses.replace(mask, causal=False, q_offset=0, _cache={})
-    assert F.attention_pairs(mask, b, lq, lk, "full") == int(full.dense(lq, lk, "cpu").expand(b, 1, lq, lk).sum())
+    assert C.attention_pairs(mask, b, lq, lk, "full") == int(full.dense(lq, lk, "cpu").expand(b, 1, lq, lk).sum())
     if case == "packed":  # Σ L_i², not the padded T²
-        assert F.attention_pairs(mask, b, lq, lk, "full") == 4 ** 2 + 1 ** 2 + 6 ** 2
+        assert C.attention_pairs(mask, b, lq, lk, "full") == 4 ** 2 + 1 ** 2 + 6 ** 2
 
 
 # --------------------------------------------------------------------------------- the three counts agree
@@ -67,9 +68,9 @@ def test_attention_pairs_match_the_dense_mask(case):
 @pytest.mark.parametrize("attention", ["full", "exact"])
 def test_fvcore_equals_analytic_and_flop_counter(kind, attention):
     cfg = small_cfg(kind)
-    model, scale = F.counting_model(cfg, probe=False)
+    model, scale = C.counting_model(cfg, probe=False)
     codes, labels, layout = batch(cfg)
-    counts = F.count_ops(model, codes, labels, layout, attention=attention, scale=scale)
+    counts = C.count_ops(model, codes, labels, layout, attention=attention, scale=scale)
     analytic = F.analytic_breakdown(cfg, batch_images=3, layout=layout, attention=attention, include_padding=True)
     for name in ("fvcore", "FlopCounterMode"):
         assert F.max_disagreement(counts[name], analytic) < 0.01, (name, counts[name].groups(), analytic.groups())
@@ -87,11 +88,11 @@ def test_fvcore_equals_analytic_and_flop_counter(kind, attention):
 def test_probe_count_equals_the_full_count(kind):
     cfg = small_cfg(kind)
     codes, labels, layout = batch(cfg)
-    full_model, full_scale = F.counting_model(cfg, probe=False)
-    probe_model, probe_scale = F.counting_model(cfg, probe=True)
+    full_model, full_scale = C.counting_model(cfg, probe=False)
+    probe_model, probe_scale = C.counting_model(cfg, probe=True)
     assert all(len(getattr(probe_model, c)) == 1 for c in probe_scale)
-    full = F.count_ops(full_model, codes, labels, layout, scale=full_scale)
-    probe = F.count_ops(probe_model, codes, labels, layout, scale=probe_scale)
+    full = C.count_ops(full_model, codes, labels, layout, scale=full_scale)
+    probe = C.count_ops(probe_model, codes, labels, layout, scale=probe_scale)
     for name in full:
         assert probe[name].groups() == pytest.approx(full[name].groups(), rel=1e-12)
 
@@ -99,8 +100,8 @@ def test_probe_count_equals_the_full_count(kind):
 def test_per_image_forwards_count_no_padding():
     """measure() counts each image alone (model FLOPs); one batched forward also runs the padding patch queries."""
     cfg = small_cfg("dpar")
-    alone = F.measure(cfg, patch_lengths=LENGTHS, probe=True)
-    batched = F.measure(cfg, patch_lengths=LENGTHS, probe=True, per_image=False)
+    alone = C.measure(cfg, patch_lengths=LENGTHS, probe=True)
+    batched = C.measure(cfg, patch_lengths=LENGTHS, probe=True, per_image=False)
     assert alone.disagreement < 1e-9 and batched.disagreement < 1e-9
     assert alone.fvcore.total == pytest.approx(F.forward_flops(cfg, batch_images=3, patch_lengths=LENGTHS))
     assert batched.fvcore.total > alone.fvcore.total  # 3 x 24 patch-query rows instead of 9 + 24 + 8
@@ -109,9 +110,9 @@ def test_per_image_forwards_count_no_padding():
 def test_training_is_three_forwards():
     """Backward matmul FLOPs (FlopCounterMode on a real backward) are exactly twice the forward's."""
     cfg = small_cfg("dpar")
-    model, _ = F.counting_model(cfg, probe=False)
+    model, _ = C.counting_model(cfg, probe=False)
     codes, labels, layout = batch(cfg)
-    counts = F.count_ops(model, codes, labels, layout, fvcore=False, backward=True)
+    counts = C.count_ops(model, codes, labels, layout, fvcore=False, backward=True)
     fwd, bwd = counts["FlopCounterMode"], counts["backward"]
     assert sum(bwd.matmul.values()) == 2 * sum(fwd.matmul.values())
     assert sum(bwd.attention.values()) == 2 * sum(fwd.attention.values())
@@ -124,8 +125,8 @@ def test_no_merging_gives_one_global_position_per_code():
     more than the GPT; the patch cross-attention then has the encoder's shapes (ordered recording is needed)."""
     lengths = F.lengths_with_mean(GRID, 1.0, 1, batch_images=2)
     assert lengths == [[1] * 24] * 2
-    dpar = F.measure(small_cfg("dpar"), patch_lengths=lengths)
-    gpt = F.measure(small_cfg("gpt", n_layers=7), batch_images=2)
+    dpar = C.measure(small_cfg("dpar"), patch_lengths=lengths)
+    gpt = C.measure(small_cfg("gpt", n_layers=7), batch_images=2)
     assert dpar.global_positions_per_image == 24 + 1 and dpar.mean_patch_length == 1.0
     assert gpt.global_positions_per_image == 24
     assert dpar.disagreement < 1e-9 and gpt.disagreement < 1e-9
@@ -173,8 +174,8 @@ def test_paper_statistics_xl_384():
     grid = (24, 24)
     t0 = time.time()
     lengths = F.lengths_with_mean(grid, 2.06, 4)
-    dpar = F.measure(ModelConfig(kind="dpar", preset="dpar-xl", grid=grid), patch_lengths=lengths)
-    gpt = F.measure(ModelConfig(kind="gpt", preset="gpt-xl", grid=grid))
+    dpar = C.measure(ModelConfig(kind="dpar", preset="dpar-xl", grid=grid), patch_lengths=lengths)
+    gpt = C.measure(ModelConfig(kind="gpt", preset="gpt-xl", grid=grid))
     dpar.check(0.02)
     gpt.check(0.02)
     reduction = 1 - dpar.fvcore.train_per_image() / gpt.fvcore.train_per_image()
@@ -258,7 +259,7 @@ def test_count_flops_tool(tmp_path, capsys):
 
 def test_disagreement_fails_loudly():
     cfg = small_cfg("gpt")
-    m = F.measure(cfg, batch_images=1)
+    m = C.measure(cfg, batch_images=1)
     m.check(0.02)
     bad = dataclasses.replace(m, fvcore=dataclasses.replace(m.fvcore, matmul={"global": 2 * m.fvcore.total}))
     bad.disagreement = max(F.max_disagreement(bad.analytic, bad.fvcore), m.disagreement)

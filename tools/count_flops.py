@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpar_scale.config import ModelConfig  # noqa: E402
-from dpar_scale.flops import TRAIN_FACTOR, analytic_breakdown, lengths_with_mean, measure  # noqa: E402
+from dpar_scale.flop_counting import measure  # noqa: E402
+from dpar_scale.flops import TRAIN_FACTOR, analytic_breakdown, lengths_with_mean  # noqa: E402
 from dpar_scale.models import PRESETS  # noqa: E402
 from dpar_scale.patching import patch_lengths  # noqa: E402
 
