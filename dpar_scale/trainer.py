@@ -2,10 +2,19 @@
 
 What differs between kinds is the model and the batch (DPAR batches carry patch lengths), not the loop. All
 progress lives in `TrainState` plus the optimizer/scheduler/RNG, so checkpointing only changes I/O.
+
+Set-up is one explicit sequence (`Trainer.__init__`): process group (torchrun / DeepSpeed launcher / Slurm) ->
+`ParallelDims` and the device mesh -> data -> model built on the meta device -> `parallelize` (TP/SP -> activation
+checkpointing -> compile -> FSDP2) -> materialise this rank's shards and initialise them layout-independently ->
+optimizer + LR schedule -> engine (native, or DeepSpeed with `deepspeed_config`) -> resume. The loop itself does
+not know the layout: each data-parallel rank reads its slice of the global batch, the loss is the global mean over
+real codes (per-micro-batch code sums divided by the step's global code count), the engine owns backward / clip /
+step, and rank 0 alone writes metrics and the run folder.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -17,8 +26,9 @@ from dpar_scale.checkpoint import (
     TrainState, find_resume_checkpoint, list_checkpoints, load_train_state, save_checkpoint,
 )
 from dpar_scale.config import Config, ConfigError, save_config, to_dict
-from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_slice
+from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share, rank_slice
 from dpar_scale.metrics import MetricsLogger, format_line
+from dpar_scale.parallel.dims import LaunchEnv, ParallelDims, all_reduce_sum, default_device, init_process_group
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,10 +82,19 @@ def lr_lambda(cfg: Config):
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     # Weight decay on matrices only (LlamaGen's choice): not on norms, biases or the start/class vectors.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, foreach=True)
+    # After TP + FSDP parameters live on different device meshes (or none), and one foreach op cannot mix them, so
+    # each (decay, mesh) pair is its own parameter group; one process has exactly the two groups it always had.
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        mesh = p.device_mesh if isinstance(p, DTensor) else None
+        groups.setdefault((p.dim() >= 2, mesh), []).append(p)
+    order = sorted(groups, key=lambda k: (not k[0], str(k[1])))
+    param_groups = [{"params": groups[k], "weight_decay": cfg.optim.weight_decay if k[0] else 0.0} for k in order]
+    return torch.optim.AdamW(param_groups, lr=cfg.optim.lr, betas=cfg.optim.betas, foreach=True)
 
 
 def check_model_fits_data(cfg: Config, data: CodeData) -> None:
@@ -96,42 +115,111 @@ def code_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
 
 
+def code_loss_per_image(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """[B] summed next-code cross-entropy of each image (sums, so ranks and micro-batches combine exactly)."""
+    per_code = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1), reduction="none")
+    return per_code.view(codes.shape).sum(1)
+
+
 class Trainer:
     def __init__(self, cfg: Config, model: torch.nn.Module | None = None, device: str | None = None,
-                 dp_rank: int = 0, dp_size: int = 1, is_main: bool = True):
-        from dpar_scale.models import build_model, resolve_model_config
+                 dp_rank: int = 0, dp_size: int = 1, is_main: bool = True, deepspeed_config: str | None = None):
+        """`model`: use this module instead of building one (single process: as is; multi-process: parallelized
+        as given). `dp_rank` / `dp_size` / `is_main` only matter for a single process that stands in for one rank
+        of a bigger run; under torchrun / deepspeed they come from the launcher. `deepspeed_config`: path of a
+        DeepSpeed JSON, selects the DeepSpeed engine."""
+        from dpar_scale.models import resolve_model_config
 
-        self.cfg, self.dp_rank, self.dp_size, self.is_main = cfg, dp_rank, dp_size, is_main
+        self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch.manual_seed(cfg.train.seed)
         cfg.model = resolve_model_config(cfg.model)
         kind = cfg.model.kind
+
+        # 1. processes and layout
+        self.env = LaunchEnv.detect()
+        self.device = torch.device(device) if device else default_device(self.env.local_rank)
+        ds_raw = None
+        if deepspeed_config:
+            from dpar_scale.engines.deepspeed import load_deepspeed_json
+
+            ds_raw = load_deepspeed_json(deepspeed_config)  # fail on a bad path before any process group exists
+        init_process_group(self.env, self.device, force=ds_raw is not None)  # DeepSpeed always wants a group
+        self.dims = ParallelDims.from_config(cfg.parallel, self.env.world_size)
+        if self.env.world_size > 1:
+            self.dims.build_mesh(self.device.type)
+            dp_rank, dp_size, is_main = self.dims.dp_rank, self.dims.dp, self.env.rank == 0
+        self.dp_rank, self.dp_size, self.is_main = dp_rank, dp_size, is_main
+        self.dp_group = self.dims.dp_group()
+        ds_cfg = None
+        if ds_raw is not None:
+            from dpar_scale.engines.deepspeed import resolve_deepspeed_config
+
+            ds_cfg = resolve_deepspeed_config(ds_raw, cfg, self.dp_size, source=str(deepspeed_config))
+        # TP ranks of one group share a seed (replicated regions must draw the same dropout / class-dropout).
+        torch.manual_seed(cfg.train.seed + self.dp_rank)
+
+        # 2. data
         needs_entropy = kind == "dpar" and cfg.model.patch.mode != "static"
         self.data = CodeData.open(cfg.data.codes_dir, cfg.data.entropy_dir, need_entropy=needs_entropy,
                                   val_fraction=cfg.data.val_fraction)
         check_model_fits_data(cfg, self.data)
-        micro_total = cfg.data.batch_size // cfg.train.grad_accum
-        if cfg.data.batch_size % (cfg.train.grad_accum * dp_size):
+        if cfg.data.batch_size % (cfg.train.grad_accum * self.dp_size):
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by train.grad_accum × "
-                              f"data-parallel ranks = {cfg.train.grad_accum} × {dp_size}")
-        self.micro_batch = micro_total // dp_size
+                              f"data-parallel ranks = {cfg.train.grad_accum} × {self.dp_size}")
+        self.global_micro_batch = cfg.data.batch_size // cfg.train.grad_accum
+        self.micro_batch = self.global_micro_batch // self.dp_size
         self.order = GlobalOrder(self.data.train_ids, seed=cfg.train.seed)
         self.source = BatchSource(self.data, cfg.model.patch if kind == "dpar" else None)
 
-        self.model = (model or build_model(cfg.model)).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
+        # 3. model: meta -> parallelize -> materialise shards -> layout-independent init
+        from dpar_scale.parallel.parallelize import (
+            apply_activation_checkpointing, build_parallel_model, parallelize,
+        )
+
+        native = ds_cfg is None
+        if model is None:
+            model = build_parallel_model(cfg.model, self.dims, cfg.parallel, cfg.train.precision, self.device,
+                                         seed=cfg.train.seed, apply_parallelism=native)
+        else:
+            model = model.to(self.device)
+            if native:
+                parallelize(model, self.dims, cfg.parallel, cfg.train.precision)
+        if not native:  # DeepSpeed shards (ZeRO) itself; activation checkpointing is still ours
+            apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
+
+        # 4. optimizer, schedule, engine
+        optimizer = build_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        if native:
+            from dpar_scale.engines.native import NativeEngine
+
+            self.engine = NativeEngine(model, optimizer, scheduler, cfg, self.dims, self.device)
+        else:
+            from dpar_scale.engines.deepspeed import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(model, optimizer, scheduler, cfg, self.dims, self.device, ds_cfg,
+                                          str(deepspeed_config))
+        self.model = self.engine.forward_module
+        self.optimizer, self.scheduler = self.engine.optimizer, self.engine.scheduler
+        self.ema = EMA(self.engine.model, cfg.train.ema) if cfg.train.ema > 0 else None
+
+        # 5. resume, run folder
         self.state = TrainState()
         self.resumed_from = find_resume_checkpoint(self.out, cfg.checkpoint.resume)
         if self.resumed_from is not None:
-            self.state = load_train_state(self.resumed_from, self.model, self.optimizer, self.scheduler, self.ema)
+            self.state = self._load(self.resumed_from)
         if is_main:
             save_config(cfg, self.out / "config.yaml")
+            if ds_cfg is not None:
+                (self.out / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
         self.metrics = MetricsLogger(self.out, enabled=is_main, wandb_cfg=cfg.wandb, run_name=cfg.run.name,
                                      config=to_dict(cfg), wandb_id=self.state.wandb_id or None)
         self.state.wandb_id = self.metrics.wandb_id or ""
+
+    @property
+    def distributed(self) -> bool:
+        """Checkpoints go through the multi-process path (sharded optimizer / DeepSpeed state)."""
+        return self.env.world_size > 1 or self.engine.name != "fsdp"
 
     # ------------------------------------------------------------------------------------------------ batches
     def model_inputs(self, batch: Batch) -> dict:
@@ -150,38 +238,48 @@ class Trainer:
         return [self.source.make(rank_slice(ids, self.dp_rank, self.dp_size)) for ids in micro_ids]
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+        return self.engine.autocast()
 
     # --------------------------------------------------------------------------------------------------- step
     def train_step(self) -> dict:
         self.model.train()
         batches = self.step_batches()
-        total_loss = 0.0
-        for batch in batches:
+        # The loss is the mean over every real code of the global batch, whatever the layout: each micro-batch
+        # contributes its code-loss *sum* divided by the step's global code count. Engines average gradients over
+        # the dp ranks, so the backward loss is multiplied by dp_size to undo that average.
+        # (A single process standing in for one rank of a bigger run, dp_size > 1 without a process group, has
+        # nothing to reduce with: it uses its own codes, as if alone.)
+        local_codes = sum(b.num_codes for b in batches)
+        reduced = self.env.world_size > 1 or self.dp_size == 1
+        total_codes = float(all_reduce_sum(torch.tensor([float(local_codes)], device=self.device), self.dp_group))
+        scale = (self.dp_size if reduced else 1) / total_codes
+        loss_sum = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
             with self.autocast():
                 logits = self.model(**self.model_inputs(batch))
-            loss = code_loss(logits, batch.codes.to(self.device))
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(self._nonfinite_message("loss", loss.item(), batches))
-            (loss / len(batches)).backward()
-            total_loss += loss.item() / len(batches)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(self._nonfinite_message("gradient norm", grad_norm.item(), batches))
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+            batch_sum = code_loss_per_image(logits, batch.codes.to(self.device)).sum()
+            self.engine.backward(batch_sum * scale, last_micro_batch=i == len(batches) - 1)
+            loss_sum += batch_sum.detach()
+        loss = float(all_reduce_sum(loss_sum, self.dp_group)) / total_codes
+        if not math.isfinite(loss):  # the same value on every rank, so all of them stop here together
+            raise NonFiniteLossError(self._nonfinite_message("loss", loss, batches))
+        lr = self.engine.lr
+
+        def check(norm: float) -> None:
+            if not math.isfinite(norm):
+                raise NonFiniteLossError(self._nonfinite_message("gradient norm", norm, batches))
+
+        grad_norm = self.engine.step(check)
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.engine.model)
         images = sum(len(b.codes) for b in batches)
         positions = sum(self.global_positions(b) for b in batches)
         self.state.step += 1
         self.state.samples_seen += self.cfg.data.batch_size
-        self.state.codes_seen += sum(b.num_codes for b in batches) * self.dp_size
+        self.state.codes_seen += int(total_codes)
         self.state.global_positions_seen += positions * self.dp_size
-        record = {"step": self.state.step, "loss": total_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "images": images, "codes": sum(b.num_codes for b in batches), "global_positions": positions}
+        record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "images": images, "codes": local_codes, "global_positions": positions}
         if self.cfg.data.log_sample_ids:
             record["sample_ids"] = torch.cat([b.sample_ids for b in batches]).tolist()
         return record
@@ -203,30 +301,52 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- validate
     @torch.no_grad()
     def validate(self) -> dict:
-        ids = self.data.val_ids[: self.cfg.train.val_batches * self.micro_batch]
+        # The same held-out images whatever the layout: val_batches global micro-batches, split over dp ranks.
+        ids = self.data.val_ids[: self.cfg.train.val_batches * self.global_micro_batch]
         if len(ids) == 0:
             return {}
         results = {"val_loss": self._val_loss(ids)}
         if self.ema is not None:
-            with self.ema.swapped_into(self.model):
+            with self.ema.swapped_into(self.engine.model):
                 results["val_loss_ema"] = self._val_loss(ids)
         return results
 
     def _val_loss(self, ids) -> float:
         self.model.eval()
-        total, count = 0.0, 0
-        for start in range(0, len(ids), self.micro_batch):
-            batch = self.source.make(ids[start:start + self.micro_batch])
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, code count
+        for start in range(0, len(ids), self.global_micro_batch):
+            local, weight = rank_share(ids[start:start + self.global_micro_batch], self.dp_rank, self.dp_size)
+            batch = self.source.make(local)
             with self.autocast():
                 logits = self.model(**self.model_inputs(batch))
-            total += code_loss(logits, batch.codes.to(self.device)).item() * batch.num_codes
-            count += batch.num_codes
-        return total / count
+            per_image = code_loss_per_image(logits, batch.codes.to(self.device)).double()
+            weight = weight.to(self.device, torch.float64)
+            sums += torch.stack([(per_image * weight).sum(), weight.sum() * batch.codes.shape[1]])
+        total = all_reduce_sum(sums, self.dp_group)
+        return float(total[0] / total[1])
 
     # ---------------------------------------------------------------------------------------------------- fit
     def save(self) -> Path:
-        return save_checkpoint(self.out, self.cfg, self.model, self.optimizer, self.scheduler, self.state,
-                               ema=self.ema, keep_last=self.cfg.checkpoint.keep_last, protect=self.resumed_from)
+        c = self.cfg.checkpoint
+        if self.distributed:
+            from dpar_scale.parallel.checkpoint import save_distributed_checkpoint
+
+            return save_distributed_checkpoint(self.out, self.cfg, self.engine, self.scheduler, self.state,
+                                               ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from)
+        return save_checkpoint(self.out, self.cfg, self.engine.model, self.optimizer, self.scheduler, self.state,
+                               ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from)
+
+    def _load(self, path: Path) -> TrainState:
+        if self.distributed:
+            from dpar_scale.parallel.checkpoint import load_distributed_checkpoint
+
+            return load_distributed_checkpoint(path, self.engine, self.scheduler, self.ema)
+        blob = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        if blob.get("optimizer") is None:
+            raise ConfigError(f"checkpoint {path} was written by a {blob.get('world_size', '?')}-process "
+                              f"{blob.get('engine', '?')} run; resume it with that engine under torchrun/deepspeed "
+                              f"(any world size for fsdp), or start a new run from its model.safetensors")
+        return load_train_state(path, self.engine.model, self.optimizer, self.scheduler, self.ema)
 
     def fit(self) -> dict:
         cfg = self.cfg

@@ -162,3 +162,19 @@ def rank_slice(global_ids: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray
         raise ValueError(f"global batch of {len(global_ids)} does not split over {dp_size} data-parallel ranks")
     per = len(global_ids) // dp_size
     return global_ids[dp_rank * per:(dp_rank + 1) * per]
+
+
+def rank_share(ids: np.ndarray, dp_rank: int, dp_size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Rank `dp_rank`'s part of a batch that need not split evenly (validation): (ids, weight per id).
+
+    Parts differ by at most one image; shorter parts are padded by repeating their first id (or the batch's
+    first id when empty) with weight 0, so every rank runs the same number of forwards of non-empty batches (FSDP
+    and TP need every rank in every collective) and the padding counts for nothing.
+    """
+    parts = np.array_split(np.asarray(ids), dp_size)
+    want = max(len(p) for p in parts)
+    mine = parts[dp_rank]
+    pad = want - len(mine)
+    filler = mine[:1] if len(mine) else np.asarray(ids)[:1]
+    weight = torch.cat([torch.ones(len(mine)), torch.zeros(pad)])
+    return np.concatenate([mine, np.repeat(filler, pad)]).astype(np.int64), weight

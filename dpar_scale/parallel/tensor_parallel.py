@@ -1,0 +1,136 @@
+"""Tensor + sequence parallelism (DTensor `parallelize_module` plans) for the GPT/entropy model and DPAR.
+
+Inside every self-attention transformer block (Megatron-style TP with sequence parallelism):
+
+    residual stream   [B, L/tp, D]  sharded on the sequence dim (local tensors)
+    attention_norm    SequenceParallel: runs on the shard            -> DTensor Shard(1)
+    attention         input all-gathered (Shard(1) -> Replicate): attention sees the *whole* sequence
+      wq, wk, wv      ColwiseParallel: each rank holds n_heads/tp heads
+      wo              RowwiseParallel -> reduce-scatter back to Shard(1)
+    ffn_norm          SequenceParallel
+    feed_forward      input all-gathered; w1, w3 ColwiseParallel (hidden/tp); w2 RowwiseParallel -> Shard(1)
+
+Because attention runs on the all-gathered sequence, masks and RoPE tables are built for the full sequence exactly
+as in one process: the block-causal mask of DPAR's *packed* global sequence (image ids, cu_seqlens) is unchanged
+by the shard. The packed length T is padded to a multiple of tp by `PatchLayout(pad_to_multiple=tp)`; code
+sequences (N = H·W) must be a multiple of tp.
+
+Stacks: the first block of each stack takes a replicated input and keeps only its sequence shard (no
+communication; the backward all-gathers). Stacks whose output is consumed whole (DPAR's local encoder feeds the
+patch pooling and the decoder; the global transformer feeds `gather_codes`) all-gather the last block's output.
+The last stack (GPT layers, DPAR decoder) stays sharded into the final norm (SequenceParallel) and the head
+(ColwiseParallel over the vocabulary, all-gathering the input sequence and the output logits).
+
+Embeddings: `tok_embeddings` RowwiseParallel (vocabulary rows sharded, output all-reduced, replicated). The class
+embedding, the entropy model's start vector, DPAR's decoder start vector and its global-to-local projection stay
+replicated (small). DPAR's patch cross-attention block runs TP without SP: its queries are the patches of each
+image ([B, M, D], M ragged), so it uses head-sharded attention and a column/row-sharded FFN on replicated
+activations, with its norms replicated.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel, PrepareModuleInput, PrepareModuleOutput, RowwiseParallel, SequenceParallel, parallelize_module,
+)
+
+from dpar_scale.config import ConfigError
+
+
+def check_tp_compatible(model_cfg, tp: int) -> None:
+    """Clear errors for shapes a TP degree cannot split (call before building anything)."""
+    if tp <= 1:
+        return
+    from dpar_scale.models.layers import ffn_hidden_dim
+
+    problems = []
+    if model_cfg.n_heads % tp:
+        problems.append(f"model.n_heads={model_cfg.n_heads} is not divisible by parallel.tp={tp} (each rank holds "
+                        f"n_heads/tp heads)")
+    if model_cfg.dim % tp:
+        problems.append(f"model.dim={model_cfg.dim} is not divisible by parallel.tp={tp}")
+    hidden = ffn_hidden_dim(model_cfg.dim, model_cfg.ffn_multiple_of, model_cfg.ffn_dim_multiplier or None)
+    if hidden % tp:
+        problems.append(f"the FFN hidden width {hidden} is not divisible by parallel.tp={tp} (adjust "
+                        f"model.ffn_multiple_of)")
+    if model_cfg.vocab_size % tp:
+        problems.append(f"model.vocab_size={model_cfg.vocab_size} is not divisible by parallel.tp={tp} (the "
+                        f"embedding and the head are split over the vocabulary)")
+    n_codes = model_cfg.grid[0] * model_cfg.grid[1]
+    if n_codes % tp:
+        problems.append(f"the {model_cfg.grid[0]}x{model_cfg.grid[1]} grid has {n_codes} codes, not a multiple of "
+                        f"parallel.tp={tp} (sequence parallelism shards the code sequence)")
+    if problems:
+        raise ConfigError("; ".join(problems) + ". Pick a parallel.tp that divides them (e.g. parallel.tp=1).")
+
+
+def block_plan(sequence_parallel: bool = True) -> dict:
+    """Plan for one `TransformerBlock` (self-attention + SwiGLU), relative to the block."""
+    if not sequence_parallel:
+        return {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
+                "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel()}
+    return {
+        "attention_norm": SequenceParallel(),
+        # Attention(x, mask, rope): gather the sequence of x, leave the mask object and the RoPE table alone.
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                        desired_input_layouts=(Replicate(), None, None)),
+        "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+    }
+
+
+def cross_attention_plan() -> dict:
+    """`CrossAttentionBlock` (DPAR's patch queries attend to their codes): TP on replicated activations."""
+    return block_plan(sequence_parallel=False)
+
+
+# A block's forward is (x, mask, rope): only x changes layout at the stack boundaries.
+def _shard_stack_input() -> PrepareModuleInput:
+    return PrepareModuleInput(input_layouts=(Replicate(), None, None), desired_input_layouts=(Shard(1), None, None),
+                              use_local_output=True)
+
+
+def _gather_stack_output() -> PrepareModuleOutput:
+    return PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True)
+
+
+def _parallelize_stack(stack: nn.ModuleList, mesh, gather_output: bool) -> None:
+    for block in stack:
+        parallelize_module(block, mesh, block_plan())
+    if len(stack):
+        parallelize_module(stack[0], mesh, _shard_stack_input())
+        if gather_output:
+            parallelize_module(stack[-1], mesh, _gather_stack_output())
+
+
+def _head_plan() -> dict:
+    return {"norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
+    """Applies TP+SP in place to a GPT / entropy GPT / DPAR (on the meta device or materialised)."""
+    from dpar_scale.models import DPAR, GPT
+
+    embed = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    if isinstance(model, GPT):
+        parallelize_module(model, tp_mesh, embed)
+        _parallelize_stack(model.layers, tp_mesh, gather_output=False)
+        parallelize_module(model, tp_mesh, _head_plan())
+    elif isinstance(model, DPAR):
+        parallelize_module(model, tp_mesh, embed)
+        _parallelize_stack(model.encoder_layers, tp_mesh, gather_output=True)
+        parallelize_module(model.patch_cross_attn, tp_mesh, cross_attention_plan())
+        _parallelize_stack(model.global_layers, tp_mesh, gather_output=True)
+        _parallelize_stack(model.decoder_layers, tp_mesh, gather_output=False)
+        parallelize_module(model, tp_mesh, _head_plan())
+    else:
+        raise TypeError(f"no tensor-parallel plan for {type(model).__name__}; known: GPT, DPAR")
+    return model

@@ -1,0 +1,61 @@
+"""Shared by the multi-process tests: launching torchrun, the tiny run config, comparing two runs."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+
+from dpar_scale.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = {"gpt": ["model.preset=gpt-tiny", "model.n_layers=2"],
+         "entropy": ["model.preset=entropy-tiny", "model.n_layers=2"],
+         "dpar": ["model.preset=dpar-tiny", "model.n_global_layers=2"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), *args]
+    return subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def overrides(out: Path, codes: Path, kind: str, *extra: str) -> list[str]:
+    return [f"run.output_dir={out}", f"data.codes_dir={codes}", f"model.kind={kind}", *SHAPE[kind],
+            "model.dim=32", "model.n_heads=4", "model.vocab_size=32", "model.num_classes=3", "model.grid=[4,4]",
+            "model.dropout=0.0", "model.class_dropout=0.0", "model.patch.threshold=2.0",
+            "model.patch.max_patch_length=4", "data.batch_size=8", "data.val_fraction=0.125", "optim.lr=3e-3",
+            "optim.grad_clip=0.5", "train.steps=4", "train.log_every=1", "train.val_batches=2",
+            "train.progress_bar=false", "wandb.enabled=false", *extra]
+
+
+def assert_same_run(single: Path, parallel: Path) -> None:
+    ref, got = read_metrics(single / "metrics.jsonl"), read_metrics(parallel / "metrics.jsonl")
+    ref_train, got_train = [r for r in ref if "loss" in r], [r for r in got if "loss" in r]
+    assert [r["step"] for r in got_train] == [1, 2, 3, 4]
+    assert [set(r) for r in got_train] == [set(r) for r in ref_train]  # same metrics.jsonl records
+    np.testing.assert_allclose([r["loss"] for r in got_train], [r["loss"] for r in ref_train], rtol=1e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in got_train], [r["grad_norm"] for r in ref_train], rtol=1e-4)
+    assert all(r["grad_norm"] > 0.5 for r in ref_train)  # clipping was active in every step
+    assert [r["lr"] for r in got_train] == [r["lr"] for r in ref_train]
+    ref_val = [r["val_loss"] for r in ref if "val_loss" in r]
+    np.testing.assert_allclose([r["val_loss"] for r in got if "val_loss" in r][-1:], ref_val[-1:], rtol=1e-5)
+    a = load_file(single / "checkpoints" / "step-000004" / "model.safetensors")
+    b = load_file(parallel / "checkpoints" / "step-000004" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 2e-5, f"parameters differ by up to {worst}"

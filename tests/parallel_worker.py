@@ -1,0 +1,98 @@
+"""Runs inside every process of a multi-process test (started by torchrun from tests/test_parallel.py).
+
+    python -m torch.distributed.run --nproc_per_node K tests/parallel_worker.py JOBS.json
+
+JOBS.json is a list of jobs run in order in the same process group:
+  {"job": "train", "overrides": [...]}          Trainer(load_config(None, overrides)).fit()  (like train.py)
+  {"job": "packed_sp", "out": "result.json"}     DPAR forward/backward over packed batches with different patch
+                                                 counts under TP=world (sequence parallel), against a one-process
+                                                 copy of the same model; rank 0 writes the comparison.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+torch.set_num_threads(1)
+
+
+def train(job: dict) -> None:
+    from dpar_scale.config import load_config
+    from dpar_scale.trainer import Trainer
+
+    Trainer(load_config(None, job["overrides"])).fit()
+
+
+def packed_sp(job: dict) -> None:
+    """Different patch counts per image; one packed length (Σ M_i + 1) that is odd, so the layout pads it."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+
+    from dpar_scale.config import load_config
+    from dpar_scale.layout import PatchLayout
+    from dpar_scale.models import resolve_model_config
+    from dpar_scale.parallel import LaunchEnv, ParallelDims, build_parallel_model
+
+    world = dist.get_world_size()
+    cfg = load_config(None, ["model.preset=dpar-tiny", "model.dim=32", "model.n_heads=4", "model.vocab_size=32",
+                             "model.num_classes=3", "model.grid=[4,4]", "model.dropout=0", "model.class_dropout=0",
+                             "model.n_global_layers=2", f"parallel.tp={world}"])
+    mcfg = resolve_model_config(cfg.model)
+    dims = ParallelDims.from_config(cfg.parallel, LaunchEnv.detect().world_size)
+    dims.build_mesh("cpu")
+    device = torch.device("cpu")
+    model = build_parallel_model(mcfg, dims, cfg.parallel, "fp32", device, seed=1)
+    ref = build_parallel_model(mcfg, ParallelDims(1, 1, 1, 1), cfg.parallel, "fp32", device, seed=1,
+                               apply_parallelism=False)
+    with torch.no_grad():  # a non-zero head, so every parameter gets a gradient
+        for m in (model, ref):
+            w = m.output.weight
+            local = w.to_local() if isinstance(w, DTensor) else w
+            local.copy_(torch.full_like(local, 0.01))
+    batches = [
+        [[1, 2, 3, 4, 1, 1, 4], [4, 4, 4, 4], [2] * 8, [8, 8]],  # 8+5+9+3 = 25 -> padded to a multiple of tp
+        [[1] * 16, [4] * 4],                                      # 17+5 = 22
+        [[3, 1, 4, 4, 4]],                                        # 6
+    ]
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for lengths in batches:
+        layout = PatchLayout.from_lengths(lengths, (4, 4), pad_to_multiple=world)
+        codes = torch.randint(0, 32, (len(lengths), 16), generator=g)
+        labels = torch.randint(0, 3, (len(lengths),), generator=g)
+        outs = []
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+            logits = m(codes, labels, layout)
+            F.cross_entropy(logits.reshape(-1, 32), codes.reshape(-1)).backward()
+            outs.append(logits.detach())
+        grads = {}
+        for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            gp = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            grads[name] = (gp - q.grad).abs().max().item()
+        results.append({"positions": layout.num_global_positions, "packed_length": layout.packed_length,
+                        "cu_seqlens": layout.cu_seqlens.tolist(),
+                        "logits_diff": (outs[0] - outs[1]).abs().max().item(),
+                        "max_grad_diff": max(grads.values()), "grads_checked": len(grads),
+                        "sharded_params": sum(isinstance(p, DTensor) for p in model.parameters())})
+    if dist.get_rank() == 0:
+        Path(job["out"]).write_text(json.dumps(results))
+
+
+def main() -> None:
+    from dpar_scale.parallel import LaunchEnv, init_process_group
+
+    init_process_group(LaunchEnv.detect(), torch.device("cpu"))
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    for job in jobs:
+        {"train": train, "packed_sp": packed_sp}[job["job"]](job)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Multi-process training on CPU (gloo, real processes) against a single-process reference.
+
+For every model kind, the same run (same seed, data, init, 4 optimizer steps with active gradient clipping) is
+trained in one process and under torchrun with dp_shard=2 (FSDP2), tp=2 (TP + sequence parallelism) and
+dp_shard=2 × tp=2 (4 processes); losses, gradient norms, validation losses and the final weights must agree to fp32
+precision. One torchrun launch per layout trains all kinds (plus the extras named in LAYOUTS) to keep the suite
+short; each (layout, kind) is still its own test.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dpar_scale.config import ConfigError, load_config
+from dpar_scale.metrics import read_metrics
+from dpar_scale.trainer import Trainer
+
+from conftest import write_code_dataset
+from parallel_helpers import REPO, assert_same_run, overrides, torchrun
+
+WORKER = REPO / "tests" / "parallel_worker.py"
+KINDS = ("gpt", "entropy", "dpar")
+
+# layout -> (processes, parallel overrides, extra overrides per kind, extra runs [(name, kind, overrides)])
+LAYOUTS = {
+    "dp2": (2, ["parallel.dp_shard=2"], {"gpt": ["parallel.activation_checkpoint=full"]},
+            [("entropy-hsdp", "entropy", ["parallel.dp_replicate=2", "parallel.dp_shard=1"])]),
+    "tp2": (2, ["parallel.dp_shard=1", "parallel.tp=2"], {"gpt": ["parallel.compile=true"]}, []),
+    "dp2tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"],
+               {"dpar": ["parallel.activation_checkpoint=selective"], "entropy": ["train.grad_accum=2"]}, []),
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    return root, write_code_dataset(root / "codes")
+
+
+@pytest.fixture(scope="module")
+def references(workdir):
+    """One-process runs of every kind (in this process: no process group)."""
+    root, codes = workdir
+    for kind in KINDS:
+        Trainer(load_config(None, overrides(root / "single" / kind, codes, kind))).fit()
+    return root / "single"
+
+
+@functools.cache
+def _launch(layout: str, root: Path, codes: Path) -> tuple[Path, str]:
+    nproc, parallel, extra, extra_runs = LAYOUTS[layout]
+    out = root / layout
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    if layout == "tp2":
+        jobs.append({"job": "packed_sp", "out": str(out / "packed_sp.json")})
+    for kind in KINDS:
+        jobs.append({"job": "train", "overrides": overrides(out / kind, codes, kind, *parallel, *extra.get(kind, []))})
+    for name, kind, more in extra_runs:
+        jobs.append({"job": "train", "overrides": overrides(out / name, codes, kind, *more)})
+    if layout == "dp2tp2":  # stop after 2 steps, resume to 4 (sharded optimizer state through DCP)
+        first = overrides(out / "gpt-resumed", codes, "gpt", *parallel, "train.steps=2")
+        jobs += [{"job": "train", "overrides": first},
+                 {"job": "train", "overrides": overrides(out / "gpt-resumed", codes, "gpt", *parallel,
+                                                         "checkpoint.resume=auto")}]
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    done = torchrun(nproc, [str(WORKER), str(out / "jobs.json")])
+    assert done.returncode == 0, f"torchrun {layout} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return out, done.stderr
+
+
+def launch(layout: str, workdir) -> Path:
+    return _launch(layout, *workdir)[0]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_layout_matches_single_process(workdir, references, layout, kind):
+    out = launch(layout, workdir)
+    assert_same_run(references / kind, out / kind)
+    assert (out / kind / "config.yaml").is_file()
+    ckpt = out / kind / "checkpoints" / "step-000004"
+    assert (ckpt / "optimizer").is_dir() and (ckpt / "train_state.pt").is_file()
+
+
+def test_hsdp_matches_single_process(workdir, references):
+    out = launch("dp2", workdir)
+    assert_same_run(references / "entropy", out / "entropy-hsdp")
+
+
+def test_resume_in_parallel_layout_matches_single_process(workdir, references):
+    out = launch("dp2tp2", workdir)
+    assert_same_run(references / "gpt", out / "gpt-resumed")
+    records = read_metrics(out / "gpt-resumed" / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_packed_sequence_parallel_with_ragged_patch_counts(workdir):
+    """TP=2 + SP over packed global sequences of different lengths, one of which needed padding."""
+    out = launch("tp2", workdir)
+    results = json.loads((out / "packed_sp.json").read_text())
+    assert [r["positions"] for r in results] == [25, 22, 6]
+    assert [r["packed_length"] for r in results] == [26, 22, 6]  # padded only to a multiple of tp
+    assert results[0]["cu_seqlens"] == [0, 8, 13, 22, 25]  # image boundaries are not moved by the padding
+    for r in results:
+        assert r["logits_diff"] < 1e-5 and r["max_grad_diff"] < 1e-5, r
+        assert r["sharded_params"] > 0
+
+
+# ------------------------------------------------------------------------------------------ clear errors
+def test_world_size_that_does_not_fit_the_layout_is_a_clear_error(workdir):
+    root, codes = workdir
+    done = torchrun(2, ["train.py", *overrides(root / "bad", codes, "gpt", "parallel.tp=4")], timeout=120)
+    assert done.returncode != 0
+    assert "world size 2 is not divisible by parallel.dp_replicate × parallel.tp = 1 × 4" in done.stderr
+
+
+def test_parallel_dims_errors():
+    from dpar_scale.parallel import ParallelDims
+
+    assert ParallelDims(1, -1, 2, world_size=8).dp_shard == 4
+    assert ParallelDims(2, -1, 1, world_size=8).dp_shard == 4
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by parallel.dp_replicate × parallel.tp"):
+        ParallelDims(1, -1, 4, world_size=6)
+    with pytest.raises(ConfigError, match=r"2 × 2 × 1 = 4, but 2 processes were launched"):
+        ParallelDims(2, 2, 1, world_size=2)
+
+
+def test_single_process_with_tp_is_a_clear_error(workdir, tmp_path):
+    _, codes = workdir
+    with pytest.raises(ConfigError, match="world size 1 is not divisible"):
+        Trainer(load_config(None, overrides(tmp_path, codes, "gpt", "parallel.tp=2")))
+
+
+@pytest.mark.parametrize("change, message", [
+    (["model.n_heads=3", "model.dim=48"], "model.n_heads=3 is not divisible by parallel.tp=2"),
+    (["model.vocab_size=33"], "model.vocab_size=33 is not divisible by parallel.tp=2"),
+    (["model.grid=[3,3]"], "grid has 9 codes, not a multiple of parallel.tp=2"),
+    (["model.ffn_multiple_of=3"], "FFN hidden width 87 is not divisible by parallel.tp=2"),
+])
+def test_tp_degree_that_does_not_divide_the_model_is_a_clear_error(change, message):
+    from dpar_scale.models import resolve_model_config
+    from dpar_scale.parallel import check_tp_compatible
+
+    cfg = load_config(None, ["model.preset=dpar-tiny", "model.dim=32", "model.n_heads=4", "model.vocab_size=32",
+                             "model.grid=[4,4]", *change])
+    with pytest.raises(ConfigError, match=message):
+        check_tp_compatible(resolve_model_config(cfg.model), 2)
+
+
+def test_launch_environment_from_torchrun_slurm_or_nothing(monkeypatch):
+    from dpar_scale.parallel import LaunchEnv
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR",
+                "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # recorded first, so teardown restores the original state (detect() writes
+        monkeypatch.delenv(key)      # RANK / WORLD_SIZE / LOCAL_RANK / MASTER_PORT under Slurm)
+    assert (LaunchEnv.detect().rank, LaunchEnv.detect().world_size) == (0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
+        LaunchEnv.detect()
+    monkeypatch.setenv("MASTER_ADDR", "node01")
+    env = LaunchEnv.detect()
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (3, 8, 1, "slurm")
+    assert os.environ["RANK"] == "3" and os.environ["WORLD_SIZE"] == "8"  # for torch's env:// rendezvous
+    monkeypatch.setenv("RANK", "5")  # torchrun / deepspeed launcher variables win
+    assert LaunchEnv.detect().rank == 5
+
+
+def test_uneven_validation_shares_weight_padding_zero():
+    import numpy as np
+
+    from dpar_scale.data.loader import rank_share
+
+    ids = np.arange(10, 15)
+    parts = [rank_share(ids, r, 2) for r in range(2)]
+    assert [p[0].tolist() for p in parts] == [[10, 11, 12], [13, 14, 13]]
+    assert [p[1].tolist() for p in parts] == [[1, 1, 1], [1, 1, 0]]
+    ids_small = np.arange(3)
+    assert rank_share(ids_small, 3, 4)[1].tolist() == [0.0]  # an empty share still runs one (weightless) image
