@@ -27,6 +27,7 @@ from dpar_scale.checkpoint import (
 )
 from dpar_scale.config import Config, ConfigError, save_config, to_dict
 from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share, rank_slice
+from dpar_scale.flops import peak_flops, throughput, train_flops
 from dpar_scale.metrics import MetricsLogger, format_line
 from dpar_scale.parallel.dims import LaunchEnv, ParallelDims, all_reduce_sum, default_device, init_process_group
 
@@ -278,8 +279,11 @@ class Trainer:
         self.state.samples_seen += self.cfg.data.batch_size
         self.state.codes_seen += int(total_codes)
         self.state.global_positions_seen += positions * self.dp_size
+        # Analytic training FLOPs of this rank's batches (actual patch counts; attention from the real lengths).
+        flops = sum(train_flops(self.cfg.model, batch_images=len(b.codes), patch_lengths=b.patch_lengths,
+                                n_codes=b.codes.shape[1]) for b in batches)
         record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "images": images, "codes": local_codes, "global_positions": positions}
+                  "images": images, "codes": local_codes, "global_positions": positions, "flops": flops}
         if self.cfg.data.log_sample_ids:
             record["sample_ids"] = torch.cat([b.sample_ids for b in batches]).tolist()
         return record
@@ -359,14 +363,15 @@ class Trainer:
         say = (bar.write if bar is not None else print) if self.is_main else (lambda *_: None)
         if self.resumed_from is not None:
             say(f"resumed from {self.resumed_from} at step {self.state.step} (sample {self.state.samples_seen})")
-        window = {"images": 0, "codes": 0, "global_positions": 0, "time": 0.0, "steps": 0}
+        peak = peak_flops(self.device, override=cfg.train.peak_tflops * 1e12 or None)
+        window = {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0}
         last: dict = {}
         while self.state.step < cfg.train.steps:
             t0 = time.perf_counter()
             record = self.train_step()
             window["time"] += time.perf_counter() - t0
             window["steps"] += 1
-            for key in ("images", "codes", "global_positions"):
+            for key in ("images", "codes", "global_positions", "flops"):
                 window[key] += record.pop(key)
             if bar is not None:
                 bar.update(1)
@@ -383,8 +388,10 @@ class Trainer:
                     "mean_patch_length": window["codes"] / max(1, window["global_positions"] - window["images"])
                     if cfg.model.kind == "dpar" else 1.0,
                     "step_time_s": seconds / window["steps"],
+                    # per device; MFU only where the device's bf16 dense peak is known (GPU table or train.peak_tflops)
+                    **throughput(window["flops"], seconds, peak=peak),
                 })
-                window = {"images": 0, "codes": 0, "global_positions": 0, "time": 0.0, "steps": 0}
+                window = {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0}
                 self.metrics.log(record)
                 say(format_line(record))
             elif cfg.data.log_sample_ids:

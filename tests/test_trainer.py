@@ -164,3 +164,20 @@ def test_train_py_entry_point(tmp_path, code_dataset):
     assert bad.returncode == 2 and "model.vocab_size=32" in bad.stderr
     typo = subprocess.run(cmd + ["train.stepz=3"], capture_output=True, text=True)
     assert typo.returncode == 2 and "train.stepz" in typo.stderr
+
+
+def test_logs_achieved_tflops_and_mfu_from_the_analytic_count(tmp_path, code_dataset):
+    from dpar_scale.data.loader import BatchSource, CodeData
+    from dpar_scale.flops import train_flops
+
+    cfg = make_cfg(tmp_path, code_dataset, "dpar", "train.log_every=1", "train.steps=2", "train.peak_tflops=0.5",
+                   "data.log_sample_ids=true")
+    trainer = Trainer(cfg)
+    trainer.fit()
+    record = [r for r in read_metrics(tmp_path / "dpar" / "metrics.jsonl") if "loss" in r][0]
+    # the FLOPs of the logged step's real batch (its sample ids), with its actual patch lengths
+    batch = BatchSource(CodeData.open(str(code_dataset), need_entropy=True), trainer.cfg.model.patch).make(
+        np.array(record["sample_ids"]))
+    flops = train_flops(trainer.cfg.model, batch_images=8, patch_lengths=batch.patch_lengths, n_codes=16)
+    assert record["tflops"] * 1e12 * record["step_time_s"] == pytest.approx(flops, rel=1e-6)
+    assert record["mfu"] == pytest.approx(record["tflops"] / 0.5, rel=1e-9)
