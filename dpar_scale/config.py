@@ -32,7 +32,9 @@ class DataConfig:
     entropy_dir: str = ""  # folder written by tools/compute_entropy.py; "" = <codes_dir>/entropy
     val_fraction: float = 0.02  # held-out images (by index) for the validation loss
     batch_size: int = 32  # images per optimizer step, summed over data-parallel ranks (global batch)
-    global_tokens_per_microbatch: int = 0  # DPAR packer budget (global positions); 0 = fixed image count
+    # DPAR: fill each micro-batch up to this many global positions Σ (M_i + 1) instead of a fixed image count
+    # (data.batch_size is then unused: a step is grad_accum x data-parallel micro-batches); 0 = off
+    global_tokens_per_microbatch: int = 0
     num_workers: int = 0
     log_sample_ids: bool = False
 

@@ -19,6 +19,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -171,6 +172,9 @@ class Trainer:
         self.micro_batch = self.global_micro_batch // self.dp_size
         self.order = GlobalOrder(self.data.train_ids, seed=cfg.train.seed)
         self.source = BatchSource(self.data, cfg.model.patch if kind == "dpar" else None)
+        if cfg.data.global_tokens_per_microbatch > 0 and kind != "dpar":
+            raise ConfigError("data.global_tokens_per_microbatch packs DPAR patch sequences; token-level models "
+                              "take a fixed data.batch_size (set data.global_tokens_per_microbatch=0)")
 
         # 3. model: meta -> parallelize -> materialise shards -> layout-independent init
         from dpar_scale.parallel.parallelize import (
@@ -232,11 +236,40 @@ class Trainer:
                                                         pad_to_multiple=self.cfg.parallel.tp).to(self.device)
         return inputs
 
-    def step_batches(self) -> list[Batch]:
-        """This rank's micro-batches for the next optimizer step (the cursor is advanced by the caller)."""
+    def step_batches(self) -> tuple[list[Batch], int]:
+        """This rank's micro-batches for the next optimizer step, and how many samples the step consumes from
+        the global order (the caller advances the cursor by it)."""
+        if self.cfg.data.global_tokens_per_microbatch > 0:
+            return self.packed_step_batches()
         global_ids = self.order.ids(self.state.samples_seen, self.cfg.data.batch_size)
         micro_ids = global_ids.reshape(self.cfg.train.grad_accum, -1)
-        return [self.source.make(rank_slice(ids, self.dp_rank, self.dp_size)) for ids in micro_ids]
+        return [self.source.make(rank_slice(ids, self.dp_rank, self.dp_size)) for ids in micro_ids], len(global_ids)
+
+    def packed_step_batches(self) -> tuple[list[Batch], int]:
+        """DPAR with a global-position budget: grad_accum x dp micro-batches, each filled from the stream until
+        Σ (M_i + 1) (padded to the TP degree) would exceed data.global_tokens_per_microbatch, so the number of
+        images per micro-batch follows their patch counts. Every rank packs the same global stream from the same
+        cursor (a pure function of it), then takes its own grad_accum micro-batches."""
+        from dpar_scale.data.packing import pack_microbatches
+
+        wanted = self.cfg.train.grad_accum * self.dp_size
+        cursor = self.state.samples_seen
+
+        def stream(chunk: int = 256):
+            position = cursor
+            while True:
+                ids = self.order.ids(position, chunk)
+                yield from zip(ids.tolist(), self.source.patch_lengths(ids))
+                position += chunk
+
+        micro = []
+        for mb in pack_microbatches(stream(), self.cfg.data.global_tokens_per_microbatch,
+                                    pad_to_multiple=self.cfg.parallel.tp):
+            micro.append(mb)
+            if len(micro) == wanted:
+                break
+        mine = micro[self.dp_rank * self.cfg.train.grad_accum:(self.dp_rank + 1) * self.cfg.train.grad_accum]
+        return [self.source.make(np.array(mb.sample_ids, dtype=np.int64)) for mb in mine], sum(map(len, micro))
 
     def autocast(self):
         return self.engine.autocast()
@@ -244,7 +277,7 @@ class Trainer:
     # --------------------------------------------------------------------------------------------------- step
     def train_step(self) -> dict:
         self.model.train()
-        batches = self.step_batches()
+        batches, consumed = self.step_batches()
         # The loss is the mean over every real code of the global batch, whatever the layout: each micro-batch
         # contributes its code-loss *sum* divided by the step's global code count. Engines average gradients over
         # the dp ranks, so the backward loss is multiplied by dp_size to undo that average.
@@ -276,7 +309,7 @@ class Trainer:
         images = sum(len(b.codes) for b in batches)
         positions = sum(self.global_positions(b) for b in batches)
         self.state.step += 1
-        self.state.samples_seen += self.cfg.data.batch_size
+        self.state.samples_seen += consumed
         self.state.codes_seen += int(total_codes)
         self.state.global_positions_seen += positions * self.dp_size
         # Analytic training FLOPs of this rank's batches (actual patch counts; attention from the real lengths).

@@ -181,3 +181,35 @@ def test_logs_achieved_tflops_and_mfu_from_the_analytic_count(tmp_path, code_dat
     flops = train_flops(trainer.cfg.model, batch_images=8, patch_lengths=batch.patch_lengths, n_codes=16)
     assert record["tflops"] * 1e12 * record["step_time_s"] == pytest.approx(flops, rel=1e-6)
     assert record["mfu"] == pytest.approx(record["tflops"] / 0.5, rel=1e-9)
+
+
+def test_position_budget_packing_varies_images_and_keeps_the_data_order(tmp_path, code_dataset):
+    from dpar_scale.data.packing import padded
+
+    extra = ["data.global_tokens_per_microbatch=40", "train.grad_accum=2", "train.log_every=1",
+             "data.log_sample_ids=true", "train.steps=6"]
+    trainer = Trainer(make_cfg(tmp_path / "straight", code_dataset, "dpar", *extra))
+    seen_sizes = []
+    cursor = 0
+    for _ in range(3):
+        batches, consumed = trainer.step_batches()
+        ids = np.concatenate([b.sample_ids.numpy() for b in batches])
+        assert ids.tolist() == trainer.order.ids(cursor, consumed).tolist()  # the stream, in order, no gaps
+        for b in batches:
+            assert padded(b.num_patches + len(b.codes), 1) <= 40
+            seen_sizes.append(len(b.codes))
+        cursor += consumed
+        trainer.state.samples_seen = cursor
+    assert len(set(seen_sizes)) > 1  # images per micro-batch follow the patch counts
+    trainer.state.samples_seen = 0
+    trainer.fit()
+    # resume from the cursor reproduces the same batches and losses
+    Trainer(make_cfg(tmp_path / "split", code_dataset, "dpar", *extra[:-1], "train.steps=3")).fit()
+    Trainer(make_cfg(tmp_path / "split", code_dataset, "dpar", *extra[:-1], "train.steps=6",
+                     "checkpoint.resume=auto")).fit()
+    a = [r for r in read_metrics(tmp_path / "straight" / "dpar" / "metrics.jsonl") if "loss" in r]
+    b = [r for r in read_metrics(tmp_path / "split" / "dpar" / "metrics.jsonl") if "loss" in r]
+    assert [r["sample_ids"] for r in a] == [r["sample_ids"] for r in b]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    with pytest.raises(ConfigError, match="global_tokens_per_microbatch"):
+        Trainer(make_cfg(tmp_path / "gpt", code_dataset, "gpt", "data.global_tokens_per_microbatch=40"))

@@ -230,7 +230,7 @@ def worker(args) -> None:
     bf16 = cfg.train.precision == "bf16"
     for _ in range(args.steps):
         micro = []
-        for batch in trainer.step_batches():  # the batches train_step is about to use (a pure function of state)
+        for batch in trainer.step_batches()[0]:  # the batches train_step is about to use (a pure function of state)
             b, n = batch.codes.shape
             mp = t = 0
             if batch.patch_lengths is not None:

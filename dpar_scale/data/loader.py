@@ -143,17 +143,28 @@ class BatchSource:
 
     def make(self, ids: np.ndarray) -> Batch:
         codes, labels, entropy = self.data.gather(ids)
-        lengths = None
-        if self.patch_cfg is not None:
-            p = self.patch_cfg
-            if p.mode != "static" and entropy is None:
-                raise ValueError("DPAR with an entropy patch rule needs entropies (data.entropy_dir)")
-            source = entropy if entropy is not None else torch.zeros(codes.shape)
-            starts = patch_starts(source, width=self.data.grid[1], threshold=p.threshold,
-                                  max_patch_length=p.max_patch_length, mode=p.mode, alignment=p.alignment,
-                                  static_length=p.static_length)
-            lengths = starts_to_lengths(starts)
+        lengths = self._lengths(entropy, codes.shape) if self.patch_cfg is not None else None
         return Batch(codes=codes, labels=labels, sample_ids=torch.from_numpy(ids), patch_lengths=lengths)
+
+    def patch_lengths(self, ids: np.ndarray) -> list[list[int]]:
+        """Patch lengths of the given samples, reading only their entropies (for the position-budget packer)."""
+        n = self.data.grid[0] * self.data.grid[1]
+        entropy = None
+        if self.data.entropy is not None:
+            order = np.argsort(ids, kind="stable")
+            rows = np.asarray(self.data.entropy[ids[order]]).astype(np.float32)
+            entropy = torch.from_numpy(rows[np.argsort(order, kind="stable")])
+        return self._lengths(entropy, (len(ids), n))
+
+    def _lengths(self, entropy: torch.Tensor | None, shape) -> list[list[int]]:
+        p = self.patch_cfg
+        if p.mode != "static" and entropy is None:
+            raise ValueError("DPAR with an entropy patch rule needs entropies (data.entropy_dir)")
+        source = entropy if entropy is not None else torch.zeros(shape)
+        starts = patch_starts(source, width=self.data.grid[1], threshold=p.threshold,
+                              max_patch_length=p.max_patch_length, mode=p.mode, alignment=p.alignment,
+                              static_length=p.static_length)
+        return starts_to_lengths(starts)
 
 
 def rank_slice(global_ids: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray:
