@@ -80,6 +80,13 @@ def save_checkpoint(output_dir, cfg: Config, model, optimizer, scheduler, state:
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "train_state": asdict(state), "rng": rng_state()}, tmp / "train_state.pt")
     save_config(cfg, tmp / "config.yaml")
+    publish_checkpoint(tmp, final, output_dir, keep_last, protect)
+    return final
+
+
+def publish_checkpoint(tmp: Path, final: Path, output_dir, keep_last: int = 0, protect: Path | None = None) -> None:
+    """Makes a fully written temporary folder the checkpoint `final` (one rename), then applies `keep_last`
+    retention, never deleting `protect` (the checkpoint the run resumed from)."""
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -87,7 +94,6 @@ def save_checkpoint(output_dir, cfg: Config, model, optimizer, scheduler, state:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             if protect is None or old.resolve() != protect.resolve():
                 shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def find_resume_checkpoint(output_dir, resume: str) -> Path | None:

@@ -26,13 +26,6 @@ COMMON = dict(dim=64, n_heads=4, vocab_size=VOCAB, grid=GRID, multiple_of=32, dr
 LABELS = torch.tensor([0, 3, 4])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads (and a 2-vCPU VM's OpenMP barriers can stall them).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def randomize(model, seed: int, scale: float = 0.1):

@@ -7,14 +7,6 @@ from dpar_scale.layout import PatchLayout
 from dpar_scale.models import DPAR, GPT, PRESETS, build_model, count_params, param_breakdown, resolve_model_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a 2-vCPU VM an OpenMP barrier waiting for a
-    # descheduled thread made single forwards 100x slower at times; restore the setting for other modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def meta_count(name: str) -> int:

@@ -22,14 +22,6 @@ VOCAB, CLASSES = 37, 5
 COMMON = dict(dim=32, n_heads=2, vocab_size=VOCAB, grid=GRID, multiple_of=16, dropout=0.1, class_dropout=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a 2-vCPU VM an OpenMP barrier waiting for a
-    # descheduled thread made single forwards 100x slower at times; restore the setting for other modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -17,14 +17,6 @@ LENGTHS = [[1] * N, [1, 2, 3] + [4, 2] * 2 + [6], static_lengths(GRID, 2)]
 FLEX_OK, FLEX_WHY = flex_available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a 2-vCPU VM an OpenMP barrier waiting for a
-    # descheduled thread made single forwards 100x slower at times; restore the setting for other modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def dpar(backend="sdpa", global_rope="dynamic"):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from dpar_scale.checkpoint import TrainState, checkpoint_root, list_checkpoints, rng_state, set_rng_state
+from dpar_scale.checkpoint import TrainState, checkpoint_root, publish_checkpoint, rng_state, set_rng_state
 from dpar_scale.config import save_config
 from dpar_scale.parallel.init import clean_name, copy_full_into
 
@@ -87,13 +87,7 @@ def save_distributed_checkpoint(output_dir, cfg, engine, scheduler, state: Train
                     "rng": rng_state(), "engine": engine.name,
                     "world_size": dist.get_world_size() if dist.is_initialized() else 1}, tmp / "train_state.pt")
         save_config(cfg, tmp / "config.yaml")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if keep_last > 0:
-            for old in list_checkpoints(output_dir)[:-keep_last]:
-                if protect is None or old.resolve() != protect.resolve():
-                    shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(tmp, final, output_dir, keep_last, protect)
     _barrier()
     return final
 
