@@ -220,6 +220,20 @@ class Trainer:
         self.metrics = MetricsLogger(self.out, enabled=is_main, wandb_cfg=cfg.wandb, run_name=cfg.run.name,
                                      config=to_dict(cfg), wandb_id=self.state.wandb_id or None)
         self.state.wandb_id = self.metrics.wandb_id or ""
+        self.stop_requested = False  # see request_stop
+
+    def request_stop(self) -> None:
+        """Asks `fit` to stop at the next step boundary: it saves a checkpoint and returns a result with
+        `preempted: True`. Safe to call from a signal handler (it only sets a flag). With several processes the
+        flag is agreed on at every step boundary, so all ranks stop after the same step even if only some of them
+        were signalled, or at different moments (one scalar all-reduce per step)."""
+        self.stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        if self.env.world_size <= 1:
+            return self.stop_requested
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        return float(all_reduce_sum(flag)) > 0
 
     @property
     def distributed(self) -> bool:
@@ -400,6 +414,13 @@ class Trainer:
         window = {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0}
         last: dict = {}
         while self.state.step < cfg.train.steps:
+            if self._stop_agreed():
+                path = self.save()
+                say(f"stop requested: saved {path} at step {self.state.step}")
+                if bar is not None:
+                    bar.close()
+                self.metrics.close()
+                return {**last, "step": self.state.step, "checkpoint": str(path), "preempted": True}
             t0 = time.perf_counter()
             record = self.train_step()
             window["time"] += time.perf_counter() - t0
