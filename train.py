@@ -31,12 +31,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from dpar_scale.checkpoint import CheckpointError
     from dpar_scale.distributed import destroy_distributed, is_main_process
     from dpar_scale.trainer import Trainer
 
     try:
         result = Trainer(cfg, deepspeed_config=args.deepspeed_config).fit()
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         destroy_distributed()
         return 2

@@ -102,6 +102,8 @@ class CheckpointConfig:
     interval: int = 0  # steps between checkpoints; 0 = only the final one
     resume: str = ""  # "" | auto | path to a checkpoint folder
     keep_last: int = 3
+    # resume on codes / entropies other than the ones the checkpoint was trained on (a warning instead of an error)
+    allow_data_change: bool = False
 
 
 @dataclass

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from dpar_scale.checkpoint import (
-    TrainState, find_resume_checkpoint, list_checkpoints, load_train_state, save_checkpoint,
+    TrainState, check_resume, find_resume_checkpoint, list_checkpoints, load_train_state, read_train_state,
+    save_checkpoint,
 )
 from dpar_scale.config import Config, ConfigError, save_config, to_dict
 from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share, rank_slice
@@ -165,6 +166,12 @@ class Trainer:
         self.data = CodeData.open(cfg.data.codes_dir, cfg.data.entropy_dir, need_entropy=needs_entropy,
                                   val_fraction=cfg.data.val_fraction)
         check_model_fits_data(cfg, self.data)
+        self.data_info = self.data.identity()
+        # A resume is checked before the model is built or anything is loaded: same model shape, same data
+        # (unless checkpoint.allow_data_change), readable files.
+        self.resumed_from = find_resume_checkpoint(self.out, cfg.checkpoint.resume)
+        if self.resumed_from is not None:
+            check_resume(self.resumed_from, cfg.model, self.data_info, cfg.checkpoint.allow_data_change)
         if cfg.data.batch_size % (cfg.train.grad_accum * self.dp_size):
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by train.grad_accum × "
                               f"data-parallel ranks = {cfg.train.grad_accum} × {self.dp_size}")
@@ -210,7 +217,6 @@ class Trainer:
 
         # 5. resume, run folder
         self.state = TrainState()
-        self.resumed_from = find_resume_checkpoint(self.out, cfg.checkpoint.resume)
         if self.resumed_from is not None:
             self.state = self._load(self.resumed_from)
         if is_main:
@@ -383,16 +389,18 @@ class Trainer:
             from dpar_scale.parallel.checkpoint import save_distributed_checkpoint
 
             return save_distributed_checkpoint(self.out, self.cfg, self.engine, self.scheduler, self.state,
-                                               ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from)
+                                               ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from,
+                                               data_info=self.data_info)
         return save_checkpoint(self.out, self.cfg, self.engine.model, self.optimizer, self.scheduler, self.state,
-                               ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from)
+                               ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from,
+                               data_info=self.data_info)
 
     def _load(self, path: Path) -> TrainState:
         if self.distributed:
             from dpar_scale.parallel.checkpoint import load_distributed_checkpoint
 
             return load_distributed_checkpoint(path, self.engine, self.scheduler, self.ema)
-        blob = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        blob = read_train_state(path)
         if blob.get("optimizer") is None:
             raise ConfigError(f"checkpoint {path} was written by a {blob.get('world_size', '?')}-process "
                               f"{blob.get('engine', '?')} run; resume it with that engine under torchrun/deepspeed "

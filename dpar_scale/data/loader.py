@@ -80,6 +80,8 @@ class CodeData:
         self.codes, self.labels, self.entropy = codes, labels, entropy
         self.grid, self.vocab_size, self.num_classes = tuple(grid), vocab_size, num_classes
         self.manifest = manifest or {}
+        # set by `open`: the exact data (CodeShards.fingerprint and the entropy side array's shard checksums)
+        self.codes_dir, self.codes_fingerprint, self.entropy_dir, self.entropy_fingerprint = "", "", "", ""
         n = len(labels)
         if n == 0:
             raise ValueError("the code dataset is empty: run tools/extract_codes.py on a folder with images first")
@@ -95,7 +97,7 @@ class CodeData:
 
     @classmethod
     def open(cls, codes_dir: str, entropy_dir: str = "", need_entropy: bool = False, val_fraction: float = 0.0):
-        from dpar_scale.data.shards import CodeShards, open_side_array
+        from dpar_scale.data.shards import CodeShards, open_side_array, side_fingerprint
 
         shards = CodeShards(codes_dir)
         codes = _Rows(shards.codes)
@@ -107,9 +109,19 @@ class CodeData:
                     f"no entropies at {path}: run tools/compute_entropy.py --codes {codes_dir} first "
                     f"(or set model.patch.mode=static, which needs none)")
             entropy = open_side_array(str(path), codes=shards)
-        return cls(codes, shards.labels, grid=shards.grid, vocab_size=shards.vocab_size,
+        data = cls(codes, shards.labels, grid=shards.grid, vocab_size=shards.vocab_size,
                    num_classes=shards.num_classes, entropy=entropy, copies_per_image=shards.copies_per_image,
                    val_fraction=val_fraction, manifest=shards.manifest)
+        data.codes_dir, data.codes_fingerprint = shards.folder, shards.fingerprint
+        if entropy is not None:
+            data.entropy_dir, data.entropy_fingerprint = str(path.resolve()), side_fingerprint(entropy.manifest)
+        return data
+
+    def identity(self) -> dict:
+        """Which exact data this is (folders and fingerprints); checkpoints record it to refuse a resume on other
+        data. Empty fingerprints when the data was not opened from shards."""
+        return {"codes_dir": self.codes_dir, "codes_fingerprint": self.codes_fingerprint,
+                "entropy_dir": self.entropy_dir, "entropy_fingerprint": self.entropy_fingerprint}
 
     def gather(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         order = np.argsort(ids, kind="stable")  # sorted reads are friendlier to memory-mapped shards

@@ -31,7 +31,7 @@ import numpy as np
 __all__ = [
     "CODES_DTYPE", "MANIFEST_NAME", "ShardError", "sha256_file", "save_npy_atomic", "write_json_atomic",
     "shard_stem", "code_shard_files", "write_code_shard", "read_shard_record", "check_shard_files",
-    "codes_fingerprint", "write_manifest", "CodeShards", "RowArray", "write_side_shard",
+    "codes_fingerprint", "side_fingerprint", "write_manifest", "CodeShards", "RowArray", "write_side_shard",
     "read_side_shard_record", "side_shard_complete", "write_side_manifest", "SideArray", "open_side_array",
 ]
 
@@ -223,6 +223,14 @@ def codes_fingerprint(shards: list[dict]) -> str:
     h = hashlib.sha256()
     for s in shards:
         h.update(f"{s['index']}:{s['count']}:{s['sha256']['codes']}:{s['sha256']['labels']};".encode())
+    return h.hexdigest()
+
+
+def side_fingerprint(manifest: dict) -> str:
+    """One hash naming a side array (e.g. entropies): its code fingerprint and each shard's count and checksum."""
+    h = hashlib.sha256(f"{manifest.get('name')}:{manifest.get('codes_fingerprint')};".encode())
+    for s in manifest.get("shards", []):
+        h.update(f"{s['index']}:{s['count']}:{s['sha256']};".encode())
     return h.hexdigest()
 
 

@@ -23,7 +23,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from dpar_scale.checkpoint import TrainState, checkpoint_root, publish_checkpoint, rng_state, set_rng_state
+from dpar_scale.checkpoint import (
+    TrainState, checkpoint_root, publish_checkpoint, read_checkpoint_file, read_train_state, rng_state,
+    set_rng_state, write_data_info,
+)
 from dpar_scale.config import save_config
 from dpar_scale.parallel.init import clean_name, copy_full_into
 
@@ -65,7 +68,8 @@ def load_full_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]
 
 
 def save_distributed_checkpoint(output_dir, cfg, engine, scheduler, state: TrainState, ema=None,
-                                keep_last: int = 0, protect: Path | None = None) -> Path:
+                                keep_last: int = 0, protect: Path | None = None,
+                                data_info: dict | None = None) -> Path:
     rank = _rank()
     final = checkpoint_root(output_dir) / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -87,13 +91,14 @@ def save_distributed_checkpoint(output_dir, cfg, engine, scheduler, state: Train
                     "rng": rng_state(), "engine": engine.name,
                     "world_size": dist.get_world_size() if dist.is_initialized() else 1}, tmp / "train_state.pt")
         save_config(cfg, tmp / "config.yaml")
+        write_data_info(tmp, data_info)
         publish_checkpoint(tmp, final, output_dir, keep_last, protect)
     _barrier()
     return final
 
 
 def load_distributed_checkpoint(path: Path, engine, scheduler, ema=None) -> TrainState:
-    blob = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+    blob = read_train_state(path)
     written_by = blob.get("engine", "single process")
     if blob.get("optimizer") is not None or written_by != engine.name:
         raise ValueError(f"checkpoint {path} was written by the {written_by!r} engine; this run uses "
@@ -101,7 +106,7 @@ def load_distributed_checkpoint(path: Path, engine, scheduler, ema=None) -> Trai
                          f"process), or start a new run from its model.safetensors")
     engine.load(path)
     if ema is not None and (path / "ema.safetensors").is_file():
-        full = load_file(path / "ema.safetensors")
+        full = read_checkpoint_file(path / "ema.safetensors", load_file)
         for k, v in ema.state_dict().items():
             copy_full_into(v, full[clean_name(k)])
     scheduler.load_state_dict(blob["scheduler"])
@@ -110,5 +115,5 @@ def load_distributed_checkpoint(path: Path, engine, scheduler, ema=None) -> Trai
     if rank == 0:
         set_rng_state(blob["rng"])
     elif own.is_file():
-        set_rng_state(torch.load(own, weights_only=True))
+        set_rng_state(read_checkpoint_file(own, lambda f: torch.load(f, weights_only=True)))
     return TrainState(**blob["train_state"])
