@@ -14,8 +14,28 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 EXTRAS=${EXTRAS:-dev}
 
 if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-  echo "[setup] reusing the installed torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+  found=$("$PYTHON" -c 'import torch; print(torch.__version__)')
+  # pyproject asks for torch>=2.6 (FSDP2 fully_shard, DTensor parallel plans); an older cluster torch would make pip
+  # replace it with a download, so stop and say so instead.
+  if ! "$PYTHON" -c 'import sys, torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(v < (2, 6))'; then
+    echo "[setup] error: dpar-scale needs torch >= 2.6, found $found at $PYTHON. Install a newer torch built for" \
+         "your CUDA first, or point PYTHON= at an interpreter that has one." >&2
+    exit 1
+  fi
+  echo "[setup] reusing the installed torch $found"
   "$PYTHON" -m venv --system-site-packages "$VENV"
+  # --system-site-packages exposes the *base* interpreter's packages. When torch lives in a virtual environment
+  # of its own (sys.prefix != sys.base_prefix), expose that environment's site-packages too, through a .pth file.
+  parent_site=$("$PYTHON" -c 'import site, sys; print("\n".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')
+  if [ -n "$parent_site" ]; then
+    own_site=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+    printf '%s\n' "$parent_site" > "$own_site/_dpar_parent_env.pth"
+  fi
+  if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__ != '$found')"; then
+    echo "[setup] error: the new venv $VENV does not see torch $found from $PYTHON; install dpar-scale into that" \
+         "environment directly: $PYTHON -m pip install -e '.[$EXTRAS]'" >&2
+    exit 1
+  fi
 else
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
