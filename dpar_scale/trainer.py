@@ -289,7 +289,8 @@ class Trainer:
             if len(micro) == wanted:
                 break
         mine = micro[self.dp_rank * self.cfg.train.grad_accum:(self.dp_rank + 1) * self.cfg.train.grad_accum]
-        return [self.source.make(np.array(mb.sample_ids, dtype=np.int64)) for mb in mine], sum(map(len, micro))
+        batches = [self.source.make(np.array(mb.sample_ids, dtype=np.int64), patch_lengths=mb.lengths) for mb in mine]
+        return batches, sum(map(len, micro))
 
     def autocast(self):
         return self.engine.autocast()

@@ -123,17 +123,24 @@ class CodeData:
         return {"codes_dir": self.codes_dir, "codes_fingerprint": self.codes_fingerprint,
                 "entropy_dir": self.entropy_dir, "entropy_fingerprint": self.entropy_fingerprint}
 
-    def gather(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        order = np.argsort(ids, kind="stable")  # sorted reads are friendlier to memory-mapped shards
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        sorted_ids = ids[order]
-        codes = torch.from_numpy(np.asarray(self.codes[sorted_ids]).astype(np.int64))[inverse]
-        labels = torch.from_numpy(np.asarray(self.labels[sorted_ids]).astype(np.int64))[inverse]
-        entropy = None
-        if self.entropy is not None:
-            entropy = torch.from_numpy(np.asarray(self.entropy[sorted_ids]).astype(np.float32))[inverse]
-        return codes, labels, entropy
+    def gather(self, ids: np.ndarray, with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        codes = torch.from_numpy(_read_rows(self.codes, ids).astype(np.int64))
+        labels = torch.from_numpy(_read_rows(self.labels, ids).astype(np.int64))
+        return codes, labels, self.read_entropy(ids) if with_entropy else None
+
+    def read_entropy(self, ids: np.ndarray) -> torch.Tensor | None:
+        """float32 [len(ids), H·W] entropies of the given rows (None when the data has none)."""
+        if self.entropy is None:
+            return None
+        return torch.from_numpy(_read_rows(self.entropy, ids).astype(np.float32))
+
+
+def _read_rows(rows, ids: np.ndarray) -> np.ndarray:
+    """rows[ids], read in sorted order (friendlier to memory-mapped shards) and returned in the order asked."""
+    order = np.argsort(ids, kind="stable")
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return np.asarray(rows[ids[order]])[inverse]
 
 
 class _Rows:
@@ -153,20 +160,18 @@ class BatchSource:
         self.data = data
         self.patch_cfg = patch_cfg  # PatchConfig for DPAR, None for token-level models
 
-    def make(self, ids: np.ndarray) -> Batch:
-        codes, labels, entropy = self.data.gather(ids)
-        lengths = self._lengths(entropy, codes.shape) if self.patch_cfg is not None else None
+    def make(self, ids: np.ndarray, patch_lengths: list[list[int]] | None = None) -> Batch:
+        """`patch_lengths`: already computed for these ids (the packer did), so they are not derived again."""
+        codes, labels, entropy = self.data.gather(ids, with_entropy=patch_lengths is None)
+        lengths = patch_lengths
+        if lengths is None and self.patch_cfg is not None:
+            lengths = self._lengths(entropy, codes.shape)
         return Batch(codes=codes, labels=labels, sample_ids=torch.from_numpy(ids), patch_lengths=lengths)
 
     def patch_lengths(self, ids: np.ndarray) -> list[list[int]]:
         """Patch lengths of the given samples, reading only their entropies (for the position-budget packer)."""
         n = self.data.grid[0] * self.data.grid[1]
-        entropy = None
-        if self.data.entropy is not None:
-            order = np.argsort(ids, kind="stable")
-            rows = np.asarray(self.data.entropy[ids[order]]).astype(np.float32)
-            entropy = torch.from_numpy(rows[np.argsort(order, kind="stable")])
-        return self._lengths(entropy, (len(ids), n))
+        return self._lengths(self.data.read_entropy(ids), (len(ids), n))
 
     def _lengths(self, entropy: torch.Tensor | None, shape) -> list[list[int]]:
         p = self.patch_cfg
