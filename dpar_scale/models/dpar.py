@@ -136,12 +136,13 @@ class DPAR(nn.Module):
         patches = self.patch_cross_attn(pooled, enc, mask)
         return patches * layout.patch_valid[..., None].to(patches.dtype)
 
-    def run_global(self, patches: torch.Tensor, labels: torch.Tensor | None, layout: PatchLayout) -> torch.Tensor:
+    def run_global(self, patches: torch.Tensor, labels: torch.Tensor | None, layout: PatchLayout,
+                   drop_class: torch.Tensor | None = None) -> torch.Tensor:
         """Global outputs [T, D] over the packed [class, patches...] sequence of every image (block-causal)."""
         b = patches.shape[0]
         if labels is None:  # unconditional (the CFG branch): every image gets the null class
             labels = torch.full((b,), self.num_classes, dtype=torch.long, device=patches.device)
-        labels = drop_labels(labels, self.num_classes, self.class_dropout, self.training)
+        labels = drop_labels(labels, self.num_classes, self.class_dropout, self.training, drop_class)
         x = self.global_dropout(layout.pack(self.class_embedding(labels), patches))[None]  # [1, T, D]
         ids = layout.packed_image_id[None]
         mask = AttentionMask(causal=True, q_ids=ids, kv_ids=ids)
@@ -162,8 +163,9 @@ class DPAR(nn.Module):
         return self.output(self.norm(h)).float()
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
-                layout: PatchLayout | None = None) -> torch.Tensor:
-        """codes [B, N] (full H·W grid) + layout -> logits [B, N, vocab], `logits[:, t]` predicts `codes[:, t]`."""
+                layout: PatchLayout | None = None, drop_class: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, N] (full H·W grid) + layout -> logits [B, N, vocab], `logits[:, t]` predicts `codes[:, t]`.
+        `drop_class` [B] bool: which labels class dropout replaces (see `drop_labels`)."""
         if layout is None:
             raise ValueError("DPAR needs a PatchLayout (PatchLayout.from_lengths(patch_lengths, grid)); "
                              "use PatchLayout.static(B, grid, 1) for one patch per code")
@@ -171,7 +173,7 @@ class DPAR(nn.Module):
             raise ValueError(f"layout covers {tuple(layout.patch_id.shape)} codes, batch has {tuple(codes.shape)}")
         enc = self.encode(codes)
         patches = self.patch_embeddings(enc, layout)
-        global_out = self.run_global(patches, labels, layout)
+        global_out = self.run_global(patches, labels, layout, drop_class)
         return self.decode(enc, global_out, layout)
 
     # ------------------------------------------------------------------------------- incremental decoding

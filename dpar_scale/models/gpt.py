@@ -56,13 +56,14 @@ class GPT(nn.Module):
             nn.init.normal_(self.start_token, std=0.02)
         nn.init.zeros_(self.output.weight)
 
-    def condition(self, labels: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    def condition(self, labels: torch.Tensor | None, batch: int, device,
+                  drop_class: torch.Tensor | None = None) -> torch.Tensor:
         """[B, D] condition vectors: class embeddings (null class when labels is None) or the start token."""
         if not self.conditional:
             return self.start_token[None].expand(batch, -1)
         if labels is None:
             labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        labels = drop_labels(labels, self.num_classes, self.class_dropout, self.training)
+        labels = drop_labels(labels, self.num_classes, self.class_dropout, self.training, drop_class)
         return self.class_embedding(labels)
 
     def rope_table(self, length: int, device) -> torch.Tensor:
@@ -70,12 +71,14 @@ class GPT(nn.Module):
         grid = rope_2d(*self.grid, self.head_dim, self.rope_base, device=device)
         return torch.cat([rope_identity(1, self.head_dim, device), grid[: length - 1]], dim=0)
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, layout=None) -> torch.Tensor:
-        """codes [B, N] -> logits [B, N, vocab] (fp32); `layout` is accepted and ignored."""
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, layout=None,
+                drop_class: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [B, N] -> logits [B, N, vocab] (fp32); `layout` is accepted and ignored; `drop_class` [B] bool:
+        which labels class dropout replaces (see `drop_labels`)."""
         b, n = codes.shape
         if n > self.grid[0] * self.grid[1]:
             raise ValueError(f"{n} codes do not fit the {self.grid} grid")
-        cond = self.condition(labels, b, codes.device)
+        cond = self.condition(labels, b, codes.device, drop_class)
         x = torch.cat([cond[:, None].to(self.tok_embeddings.weight.dtype), self.tok_embeddings(codes[:, :-1])], 1)
         x = self.tok_dropout(x)
         rope = self.rope_table(n, codes.device)

@@ -163,9 +163,29 @@ def init_llamagen_(model: nn.Module, std: float = 0.02) -> None:
             m.reset_parameters()
 
 
-def drop_labels(labels: torch.Tensor, null_class: int, prob: float, training: bool) -> torch.Tensor:
-    """Classifier-free-guidance training: each label becomes the null class with probability `prob`."""
+def drop_labels(labels: torch.Tensor, null_class: int, prob: float, training: bool,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier-free-guidance training: each label becomes the null class with probability `prob`.
+    `drop` ([B] bool) is the caller's decision (the trainer derives it from sample id and step with
+    `class_drop_mask`, so it does not depend on how the batch is split over ranks); without it the decision is
+    drawn from the global RNG."""
     if not training or prob <= 0:
         return labels
-    drop = torch.rand(labels.shape, device=labels.device) < prob
-    return torch.where(drop, torch.full_like(labels, null_class), labels)
+    if drop is None:
+        drop = torch.rand(labels.shape, device=labels.device) < prob
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
+
+
+def class_drop_mask(sample_ids: torch.Tensor, step: int, seed: int, prob: float) -> torch.Tensor:
+    """[B] bool: whether each sample's label is dropped at optimizer step `step`; a pure function of
+    (seed, step, sample id) — a splitmix64 hash mapped to [0, 1) — so every parallel layout, and a run resumed on
+    another one, drops exactly the same labels."""
+    mask64 = (1 << 64) - 1
+    out = []
+    for sid in sample_ids.tolist():
+        z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + sid * 0x94D049BB133111EB) & mask64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
+        z ^= z >> 31
+        out.append((z >> 11) / float(1 << 53) < prob)
+    return torch.tensor(out, dtype=torch.bool)
