@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         destroy_distributed()
         return 2
     if is_main_process():
-        print(f"done: step {result.get('step')} loss {result.get('loss'):.4f} "
+        print(f"done: step {result.get('step')} loss {result.get('loss', float('nan')):.4f} "
               f"val_loss {result.get('val_loss', float('nan')):.4f} checkpoint {result['checkpoint']}")
     destroy_distributed()
     return 0

@@ -1,14 +1,23 @@
-"""Single-process checkpoints: one folder per step, written atomically, loaded without unpickling objects.
+"""Checkpoints: one folder per step, sharded by torch.distributed.checkpoint (DCP), complete or invisible.
 
-Layout of `<run>/checkpoints/step-000123/`:
-  model.safetensors      weights (what sampling and export need)
-  ema.safetensors        EMA weights, when EMA is on
-  train_state.pt         optimizer, scheduler, TrainState, RNG states (tensors and plain Python values only,
-                         so `torch.load(weights_only=True)` reads it)
-  config.yaml            the resolved config of the run
-  data.json              which data trained it (codes / entropy folders and fingerprints), checked on resume
-The folder is written under a temporary name and renamed when complete, so a crash during a save leaves the
-previous checkpoint as the newest loadable one.
+Layout of `<run>/checkpoints/step-000123/` (the same for one process and for any parallel layout):
+  model/              DCP folder: the weights, each rank writing its own shards (no rank gathers the model)
+  ema/                DCP folder: the EMA weights, when train.ema > 0
+  optimizer/          DCP folder: the optimizer state, keyed by parameter name (loadable on another layout)
+  deepspeed/          instead of model/ and optimizer/ under the DeepSpeed engine: DeepSpeed's own checkpoint
+  rng/rank-00003.pt   each rank's python / numpy / torch RNG states
+  train_state.pt      LR scheduler, TrainState (step, samples seen = the global data cursor, codes seen, wandb run
+                      id) and the layout that wrote it (engine, world size, dp/tp degrees, batch size)
+  config.yaml         the resolved config of the run
+  data.json           which data trained it (folders and fingerprints), checked on resume
+  complete.json       written last: the size of every file above
+Every rank writes into `step-000123.tmp`; after a barrier rank 0 writes complete.json and renames the folder, so a
+crash or kill at any point of a save leaves the previous checkpoint as the newest loadable one, and
+`list_checkpoints` only lists folders that carry complete.json.
+
+Nothing here unpickles objects: train_state.pt and the RNG files hold tensors and plain Python values only
+(`torch.load(weights_only=True)`); DCP stores tensors and its own metadata.
+`tools/export.py` turns a checkpoint into one consolidated safetensors file (see dpar_scale/export.py).
 """
 from __future__ import annotations
 
@@ -16,19 +25,18 @@ import json
 import random
 import re
 import shutil
-import warnings
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
 
-from dpar_scale.config import Config, ConfigError, load_config, save_config
+from dpar_scale.config import Config, save_config
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 DATA_FILE = "data.json"
+MARKER = "complete.json"
 
 
 class CheckpointError(RuntimeError):
@@ -47,11 +55,26 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
+# ------------------------------------------------------------------------------------------------ processes
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict:
+    version, keys, gauss = random.getstate()
     np_state = np.random.get_state()
     return {
-        "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
+        "python": list(keys), "python_version": version, "python_gauss": gauss,
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
@@ -64,17 +87,50 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def reseed(seed: int, step: int, rank: int) -> None:
+    """RNG streams for a rank that has no saved state of its own (the layout changed on resume): a function of
+    (seed, step, rank), so two resumes of the same checkpoint on the same layout still agree."""
+    value = (seed * 1_000_003 + step * 7919 + rank) % (1 << 63)
+    random.seed(value)
+    np.random.seed(value % (1 << 32))
+    torch.manual_seed(value)
+
+
+# -------------------------------------------------------------------------------------------------- folders
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(Path(path).name).group(1))
+
+
+def is_complete(path: Path) -> bool:
+    return Path(path).is_dir() and STEP_DIR.match(Path(path).name) is not None and (Path(path) / MARKER).is_file()
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of interrupted saves are not listed)."""
+    """Complete checkpoints (they carry complete.json), oldest first. Temporary folders of interrupted saves
+    (`step-N.tmp`) are never listed."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "train_state.pt").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted((p for p in root.iterdir() if is_complete(p)), key=step_of)
+
+
+def find_resume_checkpoint(output_dir, resume: str) -> Path | None:
+    """`resume=auto`: the newest complete checkpoint of the run (None when there is none); else a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete checkpoint folder (no {MARKER}: "
+                                f"not a checkpoint, or its save was interrupted); use checkpoint.resume=auto to take "
+                                f"the newest complete one")
+    return path
 
 
 def write_data_info(folder: Path, data_info: dict | None) -> None:
@@ -82,21 +138,15 @@ def write_data_info(folder: Path, data_info: dict | None) -> None:
         (Path(folder) / DATA_FILE).write_text(json.dumps(data_info, indent=2) + "\n")
 
 
-def save_checkpoint(output_dir, cfg: Config, model, optimizer, scheduler, state: TrainState, ema=None,
-                    keep_last: int = 0, protect: Path | None = None, data_info: dict | None = None) -> Path:
-    final = checkpoint_root(output_dir) / f"step-{state.step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    if ema is not None:
-        save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "train_state": asdict(state), "rng": rng_state()}, tmp / "train_state.pt")
-    save_config(cfg, tmp / "config.yaml")
-    write_data_info(tmp, data_info)
-    publish_checkpoint(tmp, final, output_dir, keep_last, protect)
-    return final
+def write_marker(folder: Path, info: dict) -> None:
+    """complete.json, the last file of a save: the size of every other file (truncation check on resume)."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MARKER).write_text(json.dumps({**info, "files": files}, indent=1) + "\n")
+
+
+def read_marker(path: Path) -> dict:
+    return json.loads((Path(path) / MARKER).read_text())
 
 
 def publish_checkpoint(tmp: Path, final: Path, output_dir, keep_last: int = 0, protect: Path | None = None) -> None:
@@ -111,65 +161,37 @@ def publish_checkpoint(tmp: Path, final: Path, output_dir, keep_last: int = 0, p
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def find_resume_checkpoint(output_dir, resume: str) -> Path | None:
-    """`resume=auto`: the newest complete checkpoint of the run (None when there is none); else a path."""
-    if not resume:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "train_state.pt").is_file():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete checkpoint folder "
-                                f"(no train_state.pt); use checkpoint.resume=auto to take the newest one")
-    return path
+def _remove_interrupted_saves(output_dir) -> None:
+    root = checkpoint_root(output_dir)
+    for tmp in root.glob("step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_train_state(path: Path, model, optimizer, scheduler, ema=None) -> TrainState:
-    model.load_state_dict(read_checkpoint_file(path / "model.safetensors", load_file))
-    if ema is not None and (path / "ema.safetensors").is_file():
-        ema.load_state_dict(read_checkpoint_file(path / "ema.safetensors", load_file))
-    blob = read_train_state(path)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
-    return TrainState(**blob["train_state"])
-
-
-def load_model_for_inference(path: str | Path, use_ema: bool = True, device: str = "cpu"):
-    """(model in eval mode, its Config) from a checkpoint folder, preferring EMA weights when present."""
-    from dpar_scale.models import build_model
-
-    path = Path(path)
-    if not (path / "config.yaml").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} is not a dpar-scale checkpoint folder (needs config.yaml and "
-                                f"model.safetensors); pass e.g. runs/demo/dpar/checkpoints/step-000300")
-    cfg = load_config(path / "config.yaml")
-    model = build_model(cfg.model)
-    weights = path / ("ema.safetensors" if use_ema and (path / "ema.safetensors").is_file() else "model.safetensors")
-    model.load_state_dict(load_file(weights, device=device))
-    return model.to(device).eval(), cfg
-
-
-# ------------------------------------------------------------------------------------------ resume checks
-# Fields of the resolved model config that change parameter shapes or the meaning of the weights; a checkpoint
-# resumes only into a model that agrees on all of them.
-MODEL_SHAPE_KEYS = ("kind", "dim", "n_heads", "n_layers", "n_encoder_layers", "n_global_layers", "n_decoder_layers",
-                    "ffn_multiple_of", "ffn_dim_multiplier", "vocab_size", "num_classes", "grid", "global_rope")
-
-
-def _older_hint(path: Path) -> str:
-    """Names the complete checkpoints older than `path` in its run (what to resume from instead)."""
-    path = Path(path)
-    match = STEP_DIR.match(path.name)
-    older = []
-    if match:
-        older = [p for p in list_checkpoints(path.parent.parent)
-                 if int(STEP_DIR.match(p.name).group(1)) < int(match.group(1))]
-    if not older:
-        return "there is no older complete checkpoint in this run; start a new run (new run.output_dir)"
-    return (f"resume from an older one with checkpoint.resume={older[-1]} (complete older checkpoints: "
-            f"{', '.join(p.name for p in reversed(older))})")
+# ---------------------------------------------------------------------------------------------- save / load
+def save_checkpoint(output_dir, cfg: Config, engine, scheduler, state: TrainState, layout: dict, ema=None,
+                    keep_last: int = 0, protect: Path | None = None, data_info: dict | None = None) -> Path:
+    """Collective (every rank calls it): engine state as shards, then rank 0 writes the small files, complete.json
+    and renames. `layout` describes the process layout (recorded, compared on resume)."""
+    rank = _rank()
+    final = checkpoint_root(output_dir) / f"step-{state.step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        _remove_interrupted_saves(output_dir)
+        tmp.mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    _barrier()
+    engine.save_state(tmp, ema, client_state=asdict(state))
+    torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
+    _barrier()  # every rank's shards are on disk
+    if rank == 0:
+        torch.save({"scheduler": scheduler.state_dict(), "train_state": asdict(state), "engine": engine.name,
+                    "layout": layout}, tmp / "train_state.pt")
+        save_config(cfg, tmp / "config.yaml")
+        write_data_info(tmp, data_info)
+        write_marker(tmp, {"step": state.step, "engine": engine.name, "world_size": _world_size()})
+        publish_checkpoint(tmp, final, output_dir, keep_last, protect)
+    _barrier()
+    return final
 
 
 def read_checkpoint_file(file: Path, reader, what: str = "") -> object:
@@ -178,10 +200,23 @@ def read_checkpoint_file(file: Path, reader, what: str = "") -> object:
     file = Path(file)
     try:
         return reader(file)
-    except Exception as e:  # safetensors, zip and unpickling errors have no common base class
+    except Exception as e:  # safetensors, zip, DCP and unpickling errors have no common base class
+        folder = next((p for p in file.parents if STEP_DIR.match(p.name)), file.parent)
         raise CheckpointError(f"checkpoint file {file} cannot be read{what} ({type(e).__name__}: {e}); it is "
                               f"corrupt or truncated (e.g. an interrupted copy or a full disk). "
-                              f"{_older_hint(file.parent)}") from e
+                              f"{older_hint(folder)}") from e
+
+
+def older_hint(path: Path) -> str:
+    """Names the complete checkpoints older than `path` in its run (what to resume from instead)."""
+    path = Path(path)
+    older = []
+    if STEP_DIR.match(path.name):
+        older = [p for p in list_checkpoints(path.parent.parent) if step_of(p) < step_of(path)]
+    if not older:
+        return "there is no older complete checkpoint in this run; start a new run (new run.output_dir)"
+    return (f"resume from an older one with checkpoint.resume={older[-1]} (complete older checkpoints: "
+            f"{', '.join(p.name for p in reversed(older))})")
 
 
 def read_train_state(path: Path) -> dict:
@@ -189,85 +224,58 @@ def read_train_state(path: Path) -> dict:
                                 lambda f: torch.load(f, map_location="cpu", weights_only=True))
 
 
-def check_checkpoint_files(path: Path) -> None:
-    """Cheap integrity check of a checkpoint's files before anything is loaded: the safetensors headers must
-    match the file sizes and train_state.pt must be a complete zip archive (truncation breaks both)."""
-    from safetensors import safe_open
+def load_checkpoint(path: Path, engine, scheduler, layout: dict, ema=None, seed: int = 0,
+                    say=print) -> TrainState:
+    """Collective. Restores engine state (resharded onto this layout by DCP / DeepSpeed), scheduler, TrainState
+    and RNG (each rank its own when the layout is unchanged; re-derived otherwise, said in the log)."""
+    from dpar_scale.config import ConfigError
 
     path = Path(path)
-
-    def check_safetensors(f: Path) -> None:
-        with safe_open(str(f), framework="pt") as handle:
-            handle.keys()
-
-    def check_zip(f: Path) -> None:
-        with zipfile.ZipFile(f) as z:
-            z.namelist()
-
-    for name in ("model.safetensors", "ema.safetensors"):
-        if (path / name).is_file() or name == "model.safetensors":
-            read_checkpoint_file(path / name, check_safetensors)
-    read_checkpoint_file(path / "train_state.pt", check_zip)
-
-
-def check_model_matches(path: Path, model_cfg) -> None:
-    """Compares the checkpoint's saved (resolved) model config with `model_cfg` (resolved); raises ConfigError
-    naming every differing shape key with both values."""
-    import yaml
-
-    from dpar_scale.config import to_dict
-
-    saved_file = Path(path) / "config.yaml"
-    if not saved_file.is_file():
-        return  # nothing recorded to compare with; the weights' shapes are checked when loading
-    saved = read_checkpoint_file(saved_file, lambda f: yaml.safe_load(f.read_text()) or {})
-    saved_model = (saved.get("model") or {}) if isinstance(saved, dict) else {}
-    current = to_dict(model_cfg)
-    diffs = []
-    for key in MODEL_SHAPE_KEYS:
-        if key not in saved_model:
-            continue
-        a, b = saved_model[key], current.get(key)
-        if isinstance(a, (list, tuple)):
-            a = list(a)
-        if a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
-            diffs.append(f"model.{key}: checkpoint {a}, config {b}")
-    if diffs:
-        raise ConfigError(f"checkpoint {path} does not fit the configured model: {'; '.join(diffs)} — resume with "
-                          f"the checkpoint's model config (its config.yaml) or start a new run.output_dir")
+    blob = read_train_state(path)
+    written_by = blob.get("engine", "?")
+    if written_by != engine.name:
+        raise ConfigError(f"checkpoint {path} was written by the {written_by!r} engine; this run uses "
+                          f"{engine.name!r}. Resume it with the same engine, or export its weights "
+                          f"(python tools/export.py {path}) and start a new run from them")
+    saved_layout = blob.get("layout", {})
+    engine.load_state(path, ema, saved_layout)
+    restore_schedule(scheduler, blob["scheduler"]["last_epoch"])
+    state = TrainState(**blob["train_state"])
+    rank = _rank()
+    same_processes = {k: saved_layout.get(k) for k in PROCESS_KEYS} == {k: layout.get(k) for k in PROCESS_KEYS}
+    own = path / "rng" / f"rank-{rank:05d}.pt"
+    if same_processes and own.is_file():
+        set_rng_state(read_checkpoint_file(own, lambda f: torch.load(f, weights_only=True)))
+    else:
+        reseed(seed, state.step, rank)
+    if not same_processes:
+        say(f"resuming a checkpoint written by {describe_layout(saved_layout)} on {describe_layout(layout)}: "
+            f"weights and optimizer state resharded; per-rank RNG streams re-derived from (seed, step, rank)")
+    if saved_layout.get("batch_size") not in (None, layout.get("batch_size")) or \
+            saved_layout.get("tokens_per_microbatch") not in (None, layout.get("tokens_per_microbatch")):
+        say(f"global batch size changed on resume: {saved_layout.get('batch_size')} -> {layout.get('batch_size')} "
+            f"images per step (global_tokens_per_microbatch {saved_layout.get('tokens_per_microbatch')} -> "
+            f"{layout.get('tokens_per_microbatch')}); continuing from the same sample, "
+            f"{state.samples_seen} of the global order")
+    return state
 
 
-def check_data_matches(path: Path, data_info: dict, allow_change: bool = False) -> None:
-    """Compares the data a checkpoint was trained on (its data.json) with `data_info`; raises ConfigError on
-    different codes / entropies unless `allow_change` (then warns). Checkpoints without data.json pass."""
-    data_file = Path(path) / DATA_FILE
-    if not data_file.is_file() or not data_info:
-        return
-    saved = read_checkpoint_file(data_file, lambda f: json.loads(f.read_text()))
-    problems = []
-    if saved.get("codes_fingerprint") and saved["codes_fingerprint"] != data_info.get("codes_fingerprint"):
-        problems.append(f"the checkpoint was trained on codes {saved.get('codes_dir')} (fingerprint "
-                        f"{saved['codes_fingerprint'][:16]}…); data.codes_dir now points to different codes "
-                        f"{data_info.get('codes_dir')} (fingerprint {str(data_info.get('codes_fingerprint'))[:16]}…)")
-    if (saved.get("entropy_fingerprint") and data_info.get("entropy_fingerprint")
-            and saved["entropy_fingerprint"] != data_info["entropy_fingerprint"]):
-        problems.append(f"the checkpoint was trained with entropies {saved.get('entropy_dir')} (fingerprint "
-                        f"{saved['entropy_fingerprint'][:16]}…); the entropies now at {data_info.get('entropy_dir')} "
-                        f"differ (fingerprint {data_info['entropy_fingerprint'][:16]}…), so the patch layouts change")
-    if not problems:
-        return
-    text = "; ".join(problems)
-    if allow_change:
-        warnings.warn(f"checkpoint.allow_data_change=true: continuing {path} on different data: {text}",
-                      stacklevel=2)
-        return
-    raise ConfigError(f"{text}. Point data.codes_dir / data.entropy_dir back at the original data, or set "
-                      f"checkpoint.allow_data_change=true to continue on the new data deliberately (the sample "
-                      f"cursor then indexes the new data)")
+PROCESS_KEYS = ("world_size", "dp_replicate", "dp_shard", "tp")
 
 
-def check_resume(path: Path, model_cfg, data_info: dict | None, allow_data_change: bool = False) -> None:
-    """Everything checked before a resume loads anything: model shape, data identity, file integrity."""
-    check_model_matches(path, model_cfg)
-    check_data_matches(path, data_info or {}, allow_data_change)
-    check_checkpoint_files(path)
+def restore_schedule(scheduler, last_epoch: int) -> None:
+    """Puts a LambdaLR at `last_epoch` and sets every parameter group's learning rate the way its `step()` would.
+    Not `load_state_dict`: the saved `base_lrs` has one entry per parameter group of the layout that saved it,
+    and the number of groups depends on the layout."""
+    scheduler.last_epoch = last_epoch
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
+def describe_layout(layout: dict) -> str:
+    if not layout:
+        return "an unknown layout"
+    return (f"{layout.get('world_size', '?')} process(es) (dp_replicate={layout.get('dp_replicate', '?')}, "
+            f"dp_shard={layout.get('dp_shard', '?')}, tp={layout.get('tp', '?')})")

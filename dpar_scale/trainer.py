@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from dpar_scale.checkpoint import (
-    TrainState, check_resume, find_resume_checkpoint, list_checkpoints, load_train_state, read_train_state,
-    save_checkpoint,
+    TrainState, find_resume_checkpoint, list_checkpoints, load_checkpoint, read_train_state, save_checkpoint,
 )
+from dpar_scale.resume_checks import check_resume
 from dpar_scale.config import Config, ConfigError, save_config, to_dict
 from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share, rank_slice
 from dpar_scale.flops import peak_flops, throughput, train_flops
 from dpar_scale.metrics import MetricsLogger, format_line
+from dpar_scale.models.layers import class_drop_mask
 from dpar_scale.parallel.dims import LaunchEnv, ParallelDims, all_reduce_sum, default_device, init_process_group
 
 
@@ -209,8 +210,9 @@ class Trainer:
         else:
             from dpar_scale.engines.deepspeed import DeepSpeedEngine
 
+            resume_layout = read_train_state(self.resumed_from).get("layout", {}) if self.resumed_from else None
             self.engine = DeepSpeedEngine(model, optimizer, scheduler, cfg, self.dims, self.device, ds_cfg,
-                                          str(deepspeed_config))
+                                          str(deepspeed_config), resume_layout=resume_layout)
         self.model = self.engine.forward_module
         self.optimizer, self.scheduler = self.engine.optimizer, self.engine.scheduler
         self.ema = EMA(self.engine.model, cfg.train.ema) if cfg.train.ema > 0 else None
@@ -218,7 +220,8 @@ class Trainer:
         # 5. resume, run folder
         self.state = TrainState()
         if self.resumed_from is not None:
-            self.state = self._load(self.resumed_from)
+            self.state = load_checkpoint(self.resumed_from, self.engine, self.scheduler, self.layout(), ema=self.ema,
+                                         seed=cfg.train.seed, say=print if is_main else (lambda *_: None))
         if is_main:
             save_config(cfg, self.out / "config.yaml")
             if ds_cfg is not None:
@@ -241,14 +244,17 @@ class Trainer:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         return float(all_reduce_sum(flag)) > 0
 
-    @property
-    def distributed(self) -> bool:
-        """Checkpoints go through the multi-process path (sharded optimizer / DeepSpeed state)."""
-        return self.env.world_size > 1 or self.engine.name != "fsdp"
-
     # ------------------------------------------------------------------------------------------------ batches
+    @property
+    def model_conditional(self) -> bool:
+        return self.cfg.model.kind != "entropy"
+
     def model_inputs(self, batch: Batch) -> dict:
         inputs = {"codes": batch.codes.to(self.device), "labels": batch.labels.to(self.device)}
+        if self.model_conditional and self.cfg.model.class_dropout > 0:
+            # decided per (sample, step), not per rank: the same labels drop under every layout
+            inputs["drop_class"] = class_drop_mask(batch.sample_ids, self.state.step, self.cfg.train.seed,
+                                                   self.cfg.model.class_dropout).to(self.device)
         if batch.patch_lengths is not None:
             from dpar_scale.layout import PatchLayout
 
@@ -256,16 +262,16 @@ class Trainer:
                                                         pad_to_multiple=self.cfg.parallel.tp).to(self.device)
         return inputs
 
-    def step_batches(self) -> tuple[list[Batch], int]:
-        """This rank's micro-batches for the next optimizer step, and how many samples the step consumes from
-        the global order (the caller advances the cursor by it)."""
+    def step_batches(self) -> tuple[list[Batch], np.ndarray]:
+        """This rank's micro-batches for the next optimizer step, and the sample ids the whole step consumes from
+        the global order, all ranks together (the caller advances the cursor by their count)."""
         if self.cfg.data.global_tokens_per_microbatch > 0:
             return self.packed_step_batches()
         global_ids = self.order.ids(self.state.samples_seen, self.cfg.data.batch_size)
         micro_ids = global_ids.reshape(self.cfg.train.grad_accum, -1)
-        return [self.source.make(rank_slice(ids, self.dp_rank, self.dp_size)) for ids in micro_ids], len(global_ids)
+        return [self.source.make(rank_slice(ids, self.dp_rank, self.dp_size)) for ids in micro_ids], global_ids
 
-    def packed_step_batches(self) -> tuple[list[Batch], int]:
+    def packed_step_batches(self) -> tuple[list[Batch], np.ndarray]:
         """DPAR with a global-position budget: grad_accum x dp micro-batches, each filled from the stream until
         Σ (M_i + 1) (padded to the TP degree) would exceed data.global_tokens_per_microbatch, so the number of
         images per micro-batch follows their patch counts. Every rank packs the same global stream from the same
@@ -290,7 +296,7 @@ class Trainer:
                 break
         mine = micro[self.dp_rank * self.cfg.train.grad_accum:(self.dp_rank + 1) * self.cfg.train.grad_accum]
         batches = [self.source.make(np.array(mb.sample_ids, dtype=np.int64), patch_lengths=mb.lengths) for mb in mine]
-        return batches, sum(map(len, micro))
+        return batches, np.array([i for mb in micro for i in mb.sample_ids], dtype=np.int64)
 
     def autocast(self):
         return self.engine.autocast()
@@ -298,7 +304,7 @@ class Trainer:
     # --------------------------------------------------------------------------------------------------- step
     def train_step(self) -> dict:
         self.model.train()
-        batches, consumed = self.step_batches()
+        batches, step_ids = self.step_batches()
         # The loss is the mean over every real code of the global batch, whatever the layout: each micro-batch
         # contributes its code-loss *sum* divided by the step's global code count. Engines average gradients over
         # the dp ranks, so the backward loss is multiplied by dp_size to undo that average.
@@ -330,7 +336,7 @@ class Trainer:
         images = sum(len(b.codes) for b in batches)
         positions = sum(self.global_positions(b) for b in batches)
         self.state.step += 1
-        self.state.samples_seen += consumed
+        self.state.samples_seen += len(step_ids)
         self.state.codes_seen += int(total_codes)
         self.state.global_positions_seen += positions * self.dp_size
         # Analytic training FLOPs of this rank's batches (actual patch counts; attention from the real lengths).
@@ -339,7 +345,7 @@ class Trainer:
         record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "images": images, "codes": local_codes, "global_positions": positions, "flops": flops}
         if self.cfg.data.log_sample_ids:
-            record["sample_ids"] = torch.cat([b.sample_ids for b in batches]).tolist()
+            record["sample_ids"] = step_ids.tolist()  # the whole step's, every rank's micro-batches
         return record
 
     def global_positions(self, batch: Batch) -> int:
@@ -384,29 +390,21 @@ class Trainer:
         return float(total[0] / total[1])
 
     # ---------------------------------------------------------------------------------------------------- fit
+    def layout(self) -> dict:
+        """The process layout and batch shape recorded in checkpoints (compared on resume)."""
+        p = self.cfg.parallel
+        return {"world_size": self.env.world_size, "dp_replicate": self.dims.dp_replicate,
+                "dp_shard": self.dims.dp_shard, "tp": self.dims.tp, "engine": self.engine.name,
+                "batch_size": self.cfg.data.batch_size, "grad_accum": self.cfg.train.grad_accum,
+                "tokens_per_microbatch": self.cfg.data.global_tokens_per_microbatch,
+                "activation_checkpoint": p.activation_checkpoint,
+                "zero_stage": getattr(self.engine, "stage", None)}
+
     def save(self) -> Path:
         c = self.cfg.checkpoint
-        if self.distributed:
-            from dpar_scale.parallel.checkpoint import save_distributed_checkpoint
-
-            return save_distributed_checkpoint(self.out, self.cfg, self.engine, self.scheduler, self.state,
-                                               ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from,
-                                               data_info=self.data_info)
-        return save_checkpoint(self.out, self.cfg, self.engine.model, self.optimizer, self.scheduler, self.state,
+        return save_checkpoint(self.out, self.cfg, self.engine, self.scheduler, self.state, self.layout(),
                                ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from,
                                data_info=self.data_info)
-
-    def _load(self, path: Path) -> TrainState:
-        if self.distributed:
-            from dpar_scale.parallel.checkpoint import load_distributed_checkpoint
-
-            return load_distributed_checkpoint(path, self.engine, self.scheduler, self.ema)
-        blob = read_train_state(path)
-        if blob.get("optimizer") is None:
-            raise ConfigError(f"checkpoint {path} was written by a {blob.get('world_size', '?')}-process "
-                              f"{blob.get('engine', '?')} run; resume it with that engine under torchrun/deepspeed "
-                              f"(any world size for fsdp), or start a new run from its model.safetensors")
-        return load_train_state(path, self.engine.model, self.optimizer, self.scheduler, self.ema)
 
     def fit(self) -> dict:
         cfg = self.cfg

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file
 
+from dpar_scale.export import consolidated_weights
 from dpar_scale.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +54,71 @@ def assert_same_run(single: Path, parallel: Path) -> None:
     assert [r["lr"] for r in got_train] == [r["lr"] for r in ref_train]
     ref_val = [r["val_loss"] for r in ref if "val_loss" in r]
     np.testing.assert_allclose([r["val_loss"] for r in got if "val_loss" in r][-1:], ref_val[-1:], rtol=1e-5)
-    a = load_file(single / "checkpoints" / "step-000004" / "model.safetensors")
-    b = load_file(parallel / "checkpoints" / "step-000004" / "model.safetensors")
+    a = final_weights(single)
+    b = final_weights(parallel)
     assert sorted(a) == sorted(b)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 2e-5, f"parameters differ by up to {worst}"
+
+
+def final_weights(run: Path, step: int = 4) -> dict:
+    """The full weights of a run's checkpoint, consolidated from its shards in this process."""
+    return consolidated_weights(run / "checkpoints" / f"step-{step:06d}", use_ema=False)[0]
+
+
+def start_torchrun(nproc: int, args: list[str], log: Path, extra_env: dict | None = None) -> subprocess.Popen:
+    """torchrun in its own process group (so the whole group can be killed), output to `log`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), *args]
+    with open(log, "w") as handle:
+        return subprocess.Popen(cmd, cwd=REPO, env={**run_env(), **(extra_env or {})}, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop(0))
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def kill_hard(proc: subprocess.Popen) -> None:
+    """SIGKILL to torchrun and every worker. torchrun starts each worker in its own session, so killing
+    torchrun's process group alone would leave the workers training; this is what a node loss looks like."""
+    import signal
+
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def kill_at_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 300) -> int:
+    """SIGKILLs torchrun and its workers as soon as metrics.jsonl records `step` (no clean exit, no final save);
+    returns the last step recorded before the kill."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step} was reached")
+        complete_lines = metrics.read_text().split("\n")[:-1] if metrics.is_file() else []
+        steps = [json.loads(line)["step"] for line in complete_lines if line.strip()]
+        if steps and max(steps) >= step:
+            kill_hard(proc)
+            return max(steps)
+        time.sleep(0.005)
+    kill_hard(proc)
+    raise AssertionError(f"step {step} not reached within {timeout} s")

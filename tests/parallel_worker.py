@@ -4,6 +4,10 @@
 
 JOBS.json is a list of jobs run in order in the same process group:
   {"job": "train", "overrides": [...]}          Trainer(load_config(None, overrides)).fit()  (like train.py)
+  {"job": "die_in_save", "overrides": [...], "step": 4, "rank": 1}
+                                                 trains like "train", but rank `rank` kills itself (SIGKILL) in
+                                                 the save of step `step`, after its model shards were written
+                                                 and before its optimizer shards (a crash between shard writes)
   {"job": "packed_sp", "out": "result.json"}     DPAR forward/backward over packed batches with different patch
                                                  counts under TP=world (sequence parallel), against a one-process
                                                  copy of the same model; rank 0 writes the comparison.
@@ -25,6 +29,24 @@ def train(job: dict) -> None:
     from dpar_scale.trainer import Trainer
 
     Trainer(load_config(None, job["overrides"])).fit()
+
+
+def die_in_save(job: dict) -> None:
+    import os
+    import signal
+
+    from dpar_scale.engines import native
+
+    real_save = native.dcp_save
+
+    def dcp_save(state, folder):
+        if (folder.name == "optimizer" and folder.parent.name == f"step-{job['step']:06d}.tmp"
+                and dist.get_rank() == job["rank"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save(state, folder)
+
+    native.dcp_save = dcp_save
+    train(job)
 
 
 def packed_sp(job: dict) -> None:
@@ -89,7 +111,7 @@ def main() -> None:
     init_process_group(LaunchEnv.detect(), torch.device("cpu"))
     jobs = json.loads(Path(sys.argv[1]).read_text())
     for job in jobs:
-        {"train": train, "packed_sp": packed_sp}[job["job"]](job)
+        {"train": train, "packed_sp": packed_sp, "die_in_save": die_in_save}[job["job"]](job)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpar_scale.checkpoint import load_model_for_inference
+from dpar_scale.export import load_model_for_inference
 from dpar_scale.data.shards import CodeShards, open_side_array
 from dpar_scale.entropy import code_entropies
 from dpar_scale.trainer import Trainer

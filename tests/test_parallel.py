@@ -85,6 +85,11 @@ def test_layout_matches_single_process(workdir, references, layout, kind):
     assert (out / kind / "config.yaml").is_file()
     ckpt = out / kind / "checkpoints" / "step-000004"
     assert (ckpt / "optimizer").is_dir() and (ckpt / "train_state.pt").is_file()
+    # every rank wrote its own shard files; no full copy of the model anywhere in the checkpoint
+    nproc = LAYOUTS[layout][0]
+    for part in ("model", "optimizer"):
+        assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(nproc)]
+    assert not list(ckpt.rglob("*.safetensors"))
 
 
 def test_hsdp_matches_single_process(workdir, references):

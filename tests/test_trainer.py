@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpar_scale.checkpoint import list_checkpoints, load_model_for_inference
+from dpar_scale.checkpoint import list_checkpoints
+from dpar_scale.export import load_model_for_inference
 from dpar_scale.config import ConfigError, load_config
 from dpar_scale.data.loader import GlobalOrder
 from dpar_scale.metrics import read_metrics
@@ -192,9 +193,10 @@ def test_position_budget_packing_varies_images_and_keeps_the_data_order(tmp_path
     seen_sizes = []
     cursor = 0
     for _ in range(3):
-        batches, consumed = trainer.step_batches()
+        batches, step_ids = trainer.step_batches()
+        consumed = len(step_ids)
         ids = np.concatenate([b.sample_ids.numpy() for b in batches])
-        assert ids.tolist() == trainer.order.ids(cursor, consumed).tolist()  # the stream, in order, no gaps
+        assert ids.tolist() == step_ids.tolist() == trainer.order.ids(cursor, consumed).tolist()  # in order, no gaps
         for b in batches:
             assert padded(b.num_patches + len(b.codes), 1) <= 40
             seen_sizes.append(len(b.codes))
@@ -213,3 +215,30 @@ def test_position_budget_packing_varies_images_and_keeps_the_data_order(tmp_path
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     with pytest.raises(ConfigError, match="global_tokens_per_microbatch"):
         Trainer(make_cfg(tmp_path / "gpt", code_dataset, "gpt", "data.global_tokens_per_microbatch=40"))
+
+
+def test_class_dropout_is_a_function_of_sample_and_step():
+    import torch
+
+    from dpar_scale.config import ModelConfig
+    from dpar_scale.models import build_model, resolve_model_config
+    from dpar_scale.models.layers import class_drop_mask
+
+    ids = torch.arange(20000)
+    mask = class_drop_mask(ids, step=3, seed=0, prob=0.1)
+    assert abs(mask.float().mean().item() - 0.1) < 0.01
+    assert torch.equal(mask[7:11], class_drop_mask(ids[7:11], 3, 0, 0.1))  # however the batch is split
+    assert not torch.equal(mask, class_drop_mask(ids, 4, 0, 0.1))  # new decisions every step
+    assert not torch.equal(mask, class_drop_mask(ids, 3, 1, 0.1))  # and per seed
+    # the model replaces exactly the marked labels with the null class (training mode only)
+    model = build_model(resolve_model_config(ModelConfig(kind="gpt", preset="gpt-tiny", dim=32, n_heads=2,
+                                                         n_layers=1, vocab_size=32, num_classes=3, grid=(4, 4),
+                                                         dropout=0.0, class_dropout=0.5)))
+    torch.nn.init.normal_(model.output.weight)
+    codes, labels = torch.randint(0, 32, (2, 16)), torch.tensor([1, 2])
+    drop = torch.tensor([True, False])
+    with torch.no_grad():
+        got = model.train()(codes, labels, drop_class=drop)
+        want = model.eval()(codes, torch.tensor([3, 2]))
+        assert torch.equal(got, want)
+        assert torch.equal(model.eval()(codes, labels, drop_class=drop), model(codes, labels))  # eval: no drop

@@ -22,7 +22,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dpar_scale import distributed as dist  # noqa: E402
-from dpar_scale.checkpoint import load_model_for_inference  # noqa: E402
+from dpar_scale.export import load_model_for_inference  # noqa: E402
 from dpar_scale.data.shards import (  # noqa: E402
     CodeShards, side_shard_complete, write_side_manifest, write_side_shard,
 )

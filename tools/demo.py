@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dpar_scale.checkpoint import is_complete  # noqa: E402
 from dpar_scale.metrics import read_metrics  # noqa: E402
 
 TARGET_MEAN_PATCH_LENGTH = 1.81  # the paper's 256 px statistic (16x16 codes)
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
             overrides += quick
         cfg = load_config(ROOT / f"configs/demo/{name}.yaml", overrides)
         done = final_checkpoint(Path(cfg.run.output_dir), cfg.train.steps)
-        if not done.is_dir():
+        if not is_complete(done):  # (a checkpoint of an older format is retrained)
             run(["train.py", "--config", f"configs/demo/{name}.yaml", *overrides], log)
         return done
 

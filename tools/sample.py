@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sample class-conditional images from a GPT or DPAR checkpoint and decode them with the tokenizer.
+"""Sample class-conditional images from a GPT or DPAR checkpoint (or its export) and decode them with the tokenizer.
 
     python tools/sample.py --checkpoint RUN/checkpoints/step-000300 --classes 0,1,2 --num-per-class 4 \
         --cfg-scale 2.0 --seed 0 --out DIR [--temperature 1.0] [--top-k 0] [--top-p 1.0] \
@@ -9,7 +9,8 @@ Writes DIR/grid.png (one row per class, labelled in a left margin), DIR/codes.np
 DIR/labels.npy (int64 [images]) and, for DPAR, DIR/patch_lengths.json (the patches chosen while generating).
 
 Where things come from:
-* the model and its config: `load_model_for_inference(--checkpoint)` (EMA weights when the checkpoint has them);
+* the model and its config: `load_model_for_inference(--checkpoint)`: a training checkpoint folder (sharded DCP or
+  DeepSpeed; EMA weights when it has them) or what tools/export.py wrote (model.safetensors + config.json);
 * the tokenizer: --tokenizer-path, else the one recorded in `<data.codes_dir>/manifest.json` (its name too; with
   only a path and no manifest the name is --tokenizer, or guessed from the suffix: .safetensors = kmeans,
   .pt/.pth = llamagen-vq16);
@@ -32,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpar_scale.checkpoint import load_model_for_inference  # noqa: E402
+from dpar_scale.checkpoint import CheckpointError  # noqa: E402
+from dpar_scale.export import load_model_for_inference  # noqa: E402
 from dpar_scale.generate import GenerationStats, generate_dpar, generate_gpt  # noqa: E402
 
 SUFFIX_TOKENIZER = {".safetensors": "kmeans", ".pt": "llamagen-vq16", ".pth": "llamagen-vq16"}
@@ -44,7 +46,8 @@ class SampleError(Exception):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder of a gpt or dpar run")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder of a gpt or dpar run, or an export (folder or its model.safetensors)")
     p.add_argument("--classes", required=True, help="comma-separated class indices, e.g. 0,1,2")
     p.add_argument("--num-per-class", type=int, default=4)
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
@@ -124,7 +127,7 @@ def resolve_entropy(args, cfg, codes_dir: Path | None) -> tuple[str, torch.dtype
 def load_entropy_model(path: str, model, device: str):
     try:
         entropy_model, ecfg = load_model_for_inference(path, device=device)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise SampleError(f"entropy model: {e}") from None
     if getattr(entropy_model, "num_classes", 1) != 0:
         raise SampleError(f"{path} is a {ecfg.model.kind} checkpoint, not the unconditional entropy model")
@@ -176,7 +179,7 @@ def run(args) -> int:
         raise SampleError("--num-per-class and --batch-size must be >= 1")
     try:
         model, cfg = load_model_for_inference(args.checkpoint, device=args.device)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise SampleError(str(e)) from None
     kind = cfg.model.kind
     if kind not in ("gpt", "dpar"):

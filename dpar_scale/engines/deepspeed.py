@@ -136,15 +136,36 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg, dims, device,
-                 ds_config: dict, config_path: str):
+                 ds_config: dict, config_path: str, resume_layout: dict | None = None):
+        """`resume_layout`: the layout of the checkpoint this run will resume (None for a new run); another
+        process count means loading DeepSpeed's universal form of it (see `load_state`)."""
         import deepspeed
+        import torch.distributed as dist
+        from deepspeed.checkpoint import constants
 
         _quiet_deepspeed()
         _skip_cpu_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self.cfg, self.dims, self.device, self.config_path = cfg, dims, device, config_path
-        self.ds_config = ds_config
         self.stage = ds_config["zero_optimization"]["stage"]
+        self.universal = False
+        if resume_layout is not None and resume_layout.get("engine") == "deepspeed":
+            saved_stage = resume_layout.get("zero_stage", self.stage)
+            if saved_stage != self.stage:
+                raise ConfigError(f"the checkpoint was written with ZeRO stage {saved_stage}; {config_path} sets "
+                                  f"stage {self.stage}. DeepSpeed resumes only on the stage that saved: use a JSON "
+                                  f"with \"stage\": {saved_stage}")
+            if resume_layout.get("world_size", dist.get_world_size()) != dist.get_world_size():
+                if self.stage == 0:
+                    raise ConfigError(f"a ZeRO stage 0 checkpoint of {resume_layout.get('world_size')} processes "
+                                      f"cannot be resumed on {dist.get_world_size()} (DeepSpeed's universal "
+                                      f"checkpoints need ZeRO 1-3); resume on {resume_layout.get('world_size')}")
+                self.universal = True
+                ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+        self.ds_config = ds_config
+        # Recorded in every checkpoint so DeepSpeed's universal conversion accepts ZeRO 1/2 checkpoints as they are.
+        setattr(model, constants.UNIVERSAL_CHECKPOINT_INFO,
+                {constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE})
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                                  dist_init_required=False)
         self.scheduler = scheduler  # built on the client AdamW: DeepSpeed keeps its param_group dicts (and lr)
@@ -188,26 +209,53 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def save(self, folder: Path) -> dict | None:
+    def save_state(self, folder: Path, ema=None, client_state: dict | None = None) -> None:
+        """Collective: DeepSpeed's own checkpoint (each rank its ZeRO partitions of weights and optimizer); our
+        TrainState also goes in as client state (train_state.pt stays the one we read: no unpickling)."""
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state",
+                                    client_state={"dpar_train_state": client_state or {}})
+
+    def load_state(self, folder: Path, ema=None, saved_layout: dict | None = None) -> None:
+        """Collective. Same process count: DeepSpeed's checkpoint as saved. Another one: its universal form,
+        converted once by rank 0 (kept in the checkpoint for later resumes; `tools/export.py --universal` does the
+        same ahead of time)."""
         import torch.distributed as dist
 
-        target = folder / "deepspeed"
-        self.engine.save_checkpoint(str(target), tag="state")
-        dist.barrier()
-        if dist.get_rank() != 0:
-            return None
-        from dpar_scale.parallel.init import clean_name  # names without activation-checkpoint wrapper parts
-
-        if self.stage == 0:
-            state = self.engine.module.state_dict()
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(target), tag="state")
-        return {clean_name(k): v.detach().float().cpu().contiguous() for k, v in state.items()}
-
-    def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
+        tag = "state"
+        if self.universal:
+            if dist.get_rank() == 0:
+                make_universal(folder)
+            dist.barrier()
+            tag = UNIVERSAL_TAG
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder / 'deepspeed'}")
+
+
+UNIVERSAL_TAG = "state_universal"
+
+
+def make_universal(checkpoint: Path) -> Path:
+    """DeepSpeed's universal checkpoint (loadable on any number of processes) of `checkpoint/deepspeed/state`,
+    written to `checkpoint/deepspeed/state_universal` through a temporary folder; a no-op when it exists."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    root = Path(checkpoint) / "deepspeed"
+    target = root / UNIVERSAL_TAG
+    if target.is_dir():
+        return target
+    if not (root / "state").is_dir():
+        raise FileNotFoundError(f"{checkpoint} has no DeepSpeed checkpoint (deepspeed/state); only DeepSpeed "
+                                f"checkpoints need a universal conversion")
+    tmp = root / (UNIVERSAL_TAG + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds_to_universal(argparse.Namespace(input_folder=str(root / "state"), output_folder=str(tmp),
+                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                       strict=True, inject_missing_state=True))
+    tmp.rename(target)
+    (root / "latest_universal").write_text(UNIVERSAL_TAG)  # the converter named the temporary folder
+    return target

@@ -61,28 +61,73 @@ class NativeEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    # -------------------------------------------------------------------------------- checkpoints (multi-rank)
-    def save(self, folder: Path) -> dict | None:
-        """Writes the sharded optimizer state (DCP) into folder/optimizer; returns full weights on rank 0."""
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    # ------------------------------------------------------------------------------------------- checkpoints
+    # model/, ema/ and optimizer/ are DCP folders keyed by parameter name (wrapper parts of activation
+    # checkpointing / compile removed), so any layout (one process, FSDP2, HSDP, TP, or a mix) reads any other's.
+    def save_state(self, folder: Path, ema=None, client_state: dict | None = None) -> None:
+        """Collective: every rank writes its own shards; nothing is gathered. (`client_state` is for engines that
+        keep their own copy of the train state; train_state.pt has it here.)"""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        from dpar_scale.parallel.checkpoint import full_model_state
+        dcp_save(get_model_state_dict(self.model), folder / "model")
+        if ema is not None:
+            dcp_save(named_ema(ema), folder / "ema")
+        dcp_save(get_optimizer_state_dict(self.model, self.optimizer), folder / "optimizer")
 
-        weights = full_model_state(self.model)
-        dcp.save({"optimizer": get_optimizer_state_dict(self.model, self.optimizer)},
-                 checkpoint_id=str(folder / "optimizer"))
-        return weights if dist.get_rank() == 0 else None
+    def load_state(self, folder: Path, ema=None, saved_layout: dict | None = None) -> None:
+        """Collective: each rank reads the pieces of its own shards (DCP reshards across layouts)."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+        )
 
-    def load(self, folder: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        model_state = get_model_state_dict(self.model)
+        dcp_load(model_state, folder / "model")
+        set_model_state_dict(self.model, model_state)
+        if ema is not None:
+            if (folder / "ema").is_dir():
+                dcp_load(named_ema(ema), folder / "ema")  # in place into the EMA's own tensors
+            else:
+                ema.load_state_dict({k: v.detach().float() for k, v in self.model.state_dict().items()
+                                     if k in ema.shadow})
+        # Only the per-parameter state (moments, step counts) is read: the parameter groups depend on the layout
+        # (one group per device mesh, see build_optimizer), and their hyperparameters come from the config; the
+        # learning rate is set from the schedule's step by load_checkpoint.
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer)
+        state_only = {"state": optim_state["state"]}
+        dcp_load(state_only, folder / "optimizer")
+        set_optimizer_state_dict(self.model, self.optimizer,
+                                 {"state": state_only["state"], "param_groups": optim_state["param_groups"]})
 
-        from dpar_scale.parallel.checkpoint import load_full_model_state
 
-        load_full_model_state(self.model, load_file(folder / "model.safetensors"))
-        state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-        dcp.load(state, checkpoint_id=str(folder / "optimizer"))
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+def named_ema(ema) -> dict:
+    """The EMA tensors under the model's clean parameter names (the same keys as model/)."""
+    from dpar_scale.parallel.init import clean_name
+
+    return {clean_name(k): v for k, v in ema.state_dict().items()}
+
+
+def dcp_save(state: dict, folder: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # one process without a process group is DCP's "single process" mode
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(folder))
+
+
+def dcp_load(state: dict, folder: Path, no_dist: bool = False) -> None:
+    """Loads `folder` in place into the tensors of `state`; a damaged folder becomes a CheckpointError.
+    `no_dist`: read everything in this process even when a process group exists (export / sampling)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from dpar_scale.checkpoint import read_checkpoint_file
+
+    def read(path: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+
+    read_checkpoint_file(folder, read)

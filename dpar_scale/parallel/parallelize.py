@@ -93,25 +93,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         _replace(parent, name, wrap(getattr(parent, name)))
 
 
-def _strip_prefix(module, state_dict, prefix, *args):
-    for key in [k for k in state_dict if k.startswith(prefix + "_orig_mod.")]:
-        state_dict[prefix + key[len(prefix) + len("_orig_mod."):]] = state_dict.pop(key)
-    return state_dict
-
-
-def _add_prefix(module, state_dict, prefix, *args):
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "_orig_mod.")]:
-        state_dict[prefix + "_orig_mod." + key[len(prefix):]] = state_dict.pop(key)
-
-
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile per block (FSDP's hooks stay on the eager wrapper). The wrapper's `_orig_mod.` name part is
-    hidden from state dicts (as checkpoint_wrapper hides its own), so checkpoints keep the plain model's names."""
+    """torch.compile per block (FSDP's hooks stay on the eager wrapper). The wrapper adds `_orig_mod.` to
+    parameter names; checkpoints do not see it (DCP's state-dict helpers and `clean_name` drop it)."""
     for parent, name in transformer_blocks(model):
-        compiled = torch.compile(getattr(parent, name))
-        compiled._register_state_dict_hook(_strip_prefix)
-        compiled.register_load_state_dict_pre_hook(_add_prefix)
-        _replace(parent, name, compiled)
+        _replace(parent, name, torch.compile(getattr(parent, name)))
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
