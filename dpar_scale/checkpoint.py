@@ -10,10 +10,12 @@ Layout of `<run>/checkpoints/step-000123/` (the same for one process and for any
                       id) and the layout that wrote it (engine, world size, dp/tp degrees, batch size)
   config.yaml         the resolved config of the run
   data.json           which data trained it (folders and fingerprints), checked on resume
-  complete.json       written last: the size of every file above
+  complete.json       written last: the size and sha256 of every file above
 Every rank writes into `step-000123.tmp`; after a barrier rank 0 writes complete.json and renames the folder, so a
 crash or kill at any point of a save leaves the previous checkpoint as the newest loadable one, and
-`list_checkpoints` only lists folders that carry complete.json.
+`list_checkpoints` only lists folders that carry complete.json. With `checkpoint.async_save` the shards are
+copied to CPU memory at the step and written by background threads; the same barrier + marker + rename happens
+when the trainer finishes the save (at the next save, or at the end of the run).
 
 Nothing here unpickles objects: train_state.pt and the RNG files hold tensors and plain Python values only
 (`torch.load(weights_only=True)`); DCP stores tensors and its own metadata.
@@ -21,6 +23,7 @@ Nothing here unpickles objects: train_state.pt and the RNG files hold tensors an
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -138,10 +141,36 @@ def write_data_info(folder: Path, data_info: dict | None) -> None:
         (Path(folder) / DATA_FILE).write_text(json.dumps(data_info, indent=2) + "\n")
 
 
-def write_marker(folder: Path, info: dict) -> None:
-    """complete.json, the last file of a save: the size of every other file (truncation check on resume)."""
+def checkpoint_files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder (relative, sorted), the marker excepted."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shared_checksums(folder: Path, files: list[str]) -> dict[str, str]:
+    """sha256 of `files`, rank r hashing every world-size-th one; every rank gets the whole table (collective)."""
+    rank, world = _rank(), _world_size()
+    mine = {name: sha256_file(Path(folder) / name) for name in files[rank::world]}
+    if world == 1:
+        return mine
+    tables: list = [None] * world
+    dist.all_gather_object(tables, mine)
+    return {name: digest for table in tables for name, digest in table.items()}
+
+
+def write_marker(folder: Path, info: dict, checksums: dict[str, str] | None = None) -> None:
+    """complete.json, the last file of a save: size (and sha256) of every other file, checked on resume."""
+    folder = Path(folder)
+    files = {name: {"bytes": (folder / name).stat().st_size, **({"sha256": checksums[name]} if checksums else {})}
+             for name in checkpoint_files(folder)}
     (folder / MARKER).write_text(json.dumps({**info, "files": files}, indent=1) + "\n")
 
 
@@ -168,10 +197,27 @@ def _remove_interrupted_saves(output_dir) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- save / load
+@dataclass
+class PendingCheckpoint:
+    """A save whose shards are still being written by background threads (`checkpoint.async_save`)."""
+
+    tmp: Path
+    final: Path
+    futures: list
+    info: dict
+    checksums: bool
+    output_dir: Path
+    keep_last: int
+    protect: Path | None
+
+
 def save_checkpoint(output_dir, cfg: Config, engine, scheduler, state: TrainState, layout: dict, ema=None,
-                    keep_last: int = 0, protect: Path | None = None, data_info: dict | None = None) -> Path:
+                    keep_last: int = 0, protect: Path | None = None, data_info: dict | None = None,
+                    background: bool = False) -> Path | PendingCheckpoint:
     """Collective (every rank calls it): engine state as shards, then rank 0 writes the small files, complete.json
-    and renames. `layout` describes the process layout (recorded, compared on resume)."""
+    and renames. `layout` describes the process layout (recorded, compared on resume). `background`: the
+    shards are written by threads and a PendingCheckpoint is returned; `finish_checkpoint` (collective) waits
+    for them and publishes."""
     rank = _rank()
     final = checkpoint_root(output_dir) / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -180,18 +226,31 @@ def save_checkpoint(output_dir, cfg: Config, engine, scheduler, state: TrainStat
         tmp.mkdir(parents=True)
         (tmp / "rng").mkdir()
     _barrier()
-    engine.save_state(tmp, ema, client_state=asdict(state))
+    kwargs = {"background": True} if background else {}
+    futures = engine.save_state(tmp, ema, client_state=asdict(state), **kwargs) or []
     torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
-    _barrier()  # every rank's shards are on disk
     if rank == 0:
         torch.save({"scheduler": scheduler.state_dict(), "train_state": asdict(state), "engine": engine.name,
                     "layout": layout}, tmp / "train_state.pt")
         save_config(cfg, tmp / "config.yaml")
         write_data_info(tmp, data_info)
-        write_marker(tmp, {"step": state.step, "engine": engine.name, "world_size": _world_size()})
-        publish_checkpoint(tmp, final, output_dir, keep_last, protect)
+    pending = PendingCheckpoint(tmp, final, futures, {"step": state.step, "engine": engine.name,
+                                                      "world_size": _world_size()},
+                                cfg.checkpoint.checksums, Path(output_dir), keep_last, protect)
+    return pending if background else finish_checkpoint(pending)
+
+
+def finish_checkpoint(pending: PendingCheckpoint) -> Path:
+    """Collective: waits for this rank's shard writes, then (all on disk) checksums, complete.json, rename."""
+    for future in pending.futures:
+        future.result()
+    _barrier()  # every file of the checkpoint is on disk
+    checksums = shared_checksums(pending.tmp, checkpoint_files(pending.tmp)) if pending.checksums else None
+    if _rank() == 0:
+        write_marker(pending.tmp, pending.info, checksums)
+        publish_checkpoint(pending.tmp, pending.final, pending.output_dir, pending.keep_last, pending.protect)
     _barrier()
-    return final
+    return pending.final
 
 
 def read_checkpoint_file(file: Path, reader, what: str = "") -> object:

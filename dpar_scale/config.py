@@ -104,6 +104,12 @@ class CheckpointConfig:
     keep_last: int = 3
     # resume on codes / entropies other than the ones the checkpoint was trained on (a warning instead of an error)
     allow_data_change: bool = False
+    # sha256 of every checkpoint file in complete.json, hashed and verified with the work spread over the ranks
+    # (catches a corrupt shard, not only a truncated one); false records sizes only
+    checksums: bool = True
+    # write the shards in a background thread (FSDP2 engine): the step waits only for the copy to CPU memory; the
+    # checkpoint becomes visible (complete.json, rename) at the next save or at the end of the run
+    async_save: bool = False
 
 
 @dataclass

@@ -20,19 +20,38 @@ MODEL_SHAPE_KEYS = ("kind", "dim", "n_heads", "n_layers", "n_encoder_layers", "n
 
 
 def check_checkpoint_files(path: Path) -> None:
-    """Every file listed in complete.json exists with the size it was written with (a truncated or partly copied
-    checkpoint fails here, naming the file), and train_state.pt is a complete zip archive."""
+    """Every file listed in complete.json exists with the size it was written with, and the sha256 recorded
+    for it (rank r hashing every world-size-th file; all ranks raise the same error), and train_state.pt is a
+    complete zip archive. A truncated, corrupt or partly copied checkpoint fails here, naming the file."""
+    import torch.distributed as dist
+
+    from dpar_scale.checkpoint import _rank, _world_size, sha256_file
+
     path = Path(path)
     marker = read_checkpoint_file(path / MARKER, lambda f: json.loads(f.read_text()))
-    for rel, size in marker.get("files", {}).items():
+    files = marker.get("files", {})
+    problems = []
+    for rel, record in sorted(files.items()):
+        size = record["bytes"] if isinstance(record, dict) else record
         file = path / rel
         if not file.is_file():
-            raise CheckpointError(f"checkpoint file {file} is missing (complete.json lists it); the checkpoint was "
-                                  f"partly deleted or copied. {older_hint(path)}")
-        if file.stat().st_size != size:
-            raise CheckpointError(f"checkpoint file {file} has {file.stat().st_size} bytes but was written with "
-                                  f"{size}: it is corrupt or truncated (e.g. an interrupted copy or a full disk). "
-                                  f"{older_hint(path)}")
+            problems.append(f"checkpoint file {file} is missing (complete.json lists it); the checkpoint was "
+                            f"partly deleted or copied")
+        elif file.stat().st_size != size:
+            problems.append(f"checkpoint file {file} has {file.stat().st_size} bytes but was written with {size}: "
+                            f"it is corrupt or truncated (e.g. an interrupted copy or a full disk)")
+    if not problems:
+        hashed = sorted(rel for rel, record in files.items() if isinstance(record, dict) and "sha256" in record)
+        for rel in hashed[_rank()::_world_size()]:
+            if sha256_file(path / rel) != files[rel]["sha256"]:
+                problems.append(f"checkpoint file {path / rel} does not match the sha256 recorded when it was "
+                                f"written: it is corrupt (a disk or copy error changed its bytes)")
+        if dist.is_initialized() and _world_size() > 1:
+            everyone: list = [None] * _world_size()
+            dist.all_gather_object(everyone, problems)
+            problems = sorted({p for rank_problems in everyone for p in rank_problems})
+    if problems:
+        raise CheckpointError(f"{'; '.join(problems)}. {older_hint(path)}")
 
     def check_zip(f: Path) -> None:
         with zipfile.ZipFile(f) as z:

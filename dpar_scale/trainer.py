@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from dpar_scale.checkpoint import (
-    TrainState, find_resume_checkpoint, list_checkpoints, load_checkpoint, read_train_state, save_checkpoint,
+    PendingCheckpoint, TrainState, finish_checkpoint, find_resume_checkpoint, list_checkpoints, load_checkpoint,
+    read_train_state, save_checkpoint,
 )
 from dpar_scale.resume_checks import check_resume
 from dpar_scale.config import Config, ConfigError, save_config, to_dict
@@ -230,6 +231,10 @@ class Trainer:
                                      config=to_dict(cfg), wandb_id=self.state.wandb_id or None)
         self.state.wandb_id = self.metrics.wandb_id or ""
         self.stop_requested = False  # see request_stop
+        self.pending_save: PendingCheckpoint | None = None  # checkpoint.async_save: shards still being written
+        if cfg.checkpoint.async_save and self.engine.name != "fsdp":
+            raise ConfigError("checkpoint.async_save=true needs the FSDP2 engine (DeepSpeed writes its own "
+                              "checkpoint synchronously): set checkpoint.async_save=false")
 
     def request_stop(self) -> None:
         """Asks `fit` to stop at the next step boundary: it saves a checkpoint and returns a result with
@@ -400,11 +405,24 @@ class Trainer:
                 "activation_checkpoint": p.activation_checkpoint,
                 "zero_stage": getattr(self.engine, "stage", None)}
 
-    def save(self) -> Path:
+    def save(self, last: bool = False) -> Path:
+        """Saves a checkpoint of the current state (collective). With checkpoint.async_save the shards of
+        intermediate saves are written in the background and published at the next save; the `last` save of a
+        run (end, preemption) is always complete when this returns."""
+        self.finish_pending_save()
         c = self.cfg.checkpoint
-        return save_checkpoint(self.out, self.cfg, self.engine, self.scheduler, self.state, self.layout(),
-                               ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from,
-                               data_info=self.data_info)
+        result = save_checkpoint(self.out, self.cfg, self.engine, self.scheduler, self.state, self.layout(),
+                                 ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from,
+                                 data_info=self.data_info, background=c.async_save and not last)
+        if isinstance(result, PendingCheckpoint):
+            self.pending_save = result
+            return result.final
+        return result
+
+    def finish_pending_save(self) -> None:
+        if self.pending_save is not None:
+            pending, self.pending_save = self.pending_save, None
+            finish_checkpoint(pending)
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -422,14 +440,18 @@ class Trainer:
         last: dict = {}
         while self.state.step < cfg.train.steps:
             if self._stop_agreed():
-                path = self.save()
+                path = self.save(last=True)
                 say(f"stop requested: saved {path} at step {self.state.step}")
                 if bar is not None:
                     bar.close()
                 self.metrics.close()
                 return {**last, "step": self.state.step, "checkpoint": str(path), "preempted": True}
             t0 = time.perf_counter()
-            record = self.train_step()
+            try:
+                record = self.train_step()
+            except NonFiniteLossError:  # every rank stops here; an earlier save still being written is kept
+                self.finish_pending_save()
+                raise
             window["time"] += time.perf_counter() - t0
             window["steps"] += 1
             for key in ("images", "codes", "global_positions", "flops"):
@@ -464,7 +486,7 @@ class Trainer:
         if final:
             self.metrics.log({"step": self.state.step, **final})
             say(format_line({"step": self.state.step, **final}))
-        path = self.save()
+        path = self.save(last=True)
         if bar is not None:
             bar.close()
         self.metrics.close()

@@ -6,6 +6,7 @@
   samples the uninterrupted run consumed, with losses equal to fp32 reduction-order tolerance.
 * Kill during save (one rank dies between its model and optimizer shard writes): the run resumes from the
   previous checkpoint.
+* Background (async) saves restore exactly what synchronous ones do, and are published only when complete.
 Class dropout is on (0.1) in every run: its decisions are per (sample, step), so they do not depend on the layout.
 """
 from __future__ import annotations
@@ -120,9 +121,13 @@ def resume_elsewhere(root, codes, name, kind, nproc, layout, source, deepspeed=F
 
 
 # ------------------------------------------------------------------------------------------- bit-exact resume
-@pytest.mark.parametrize("name,kind,layout", [("fsdp2", "dpar", FSDP2), ("tp2", "gpt", TP2)])
-def test_sigkill_then_resume_is_bit_exact(root, codes, name, kind, layout):
-    ref = straight(root, codes, name, kind, 2, layout)
+@pytest.mark.parametrize("name,kind,layout,ref_name", [
+    ("fsdp2", "dpar", FSDP2, "fsdp2"), ("tp2", "gpt", TP2, "tp2"),
+    # shards written by background threads restore exactly what the synchronous saves restore
+    ("fsdp2-async", "dpar", [*FSDP2, "checkpoint.async_save=true"], "fsdp2"),
+])
+def test_sigkill_then_resume_is_bit_exact(root, codes, name, kind, layout, ref_name):
+    ref = straight(root, codes, ref_name, kind, 2, [p for p in layout if "async" not in p])
     run, resume_step = killed_then_resumed(root, codes, name, kind, 2, layout)
     assert_identical_after(resume_step, ref, run)
     # the checkpoint files: every rank wrote its own shards; no full copy of the weights
@@ -269,3 +274,20 @@ def test_checkpoint_without_marker_is_not_resumed(root, codes):
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         Trainer(load_config(None, run_overrides(run, codes, "dpar",
                                                 f"checkpoint.resume={run / 'checkpoints' / f'step-{STEPS:06d}'}")))
+
+
+def test_async_checkpoints_hold_what_synchronous_ones_hold(root, codes):
+    import torch
+
+    from dpar_scale.export import consolidated_weights
+
+    sync = straight(root, codes, "single-dpar", "dpar", 1, [])
+    out = root / "async-single"
+    Trainer(load_config(None, run_overrides(out, codes, "dpar", "checkpoint.async_save=true", "train.ema=0.9"))).fit()
+    assert [p.name for p in list_checkpoints(out)] == [f"step-{s:06d}" for s in range(INTERVAL, STEPS + 1, INTERVAL)]
+    assert not list((out / "checkpoints").glob("*.tmp"))  # every background save was published
+    assert [r["loss"] for r in records(out).values()] == [r["loss"] for r in records(sync).values()]
+    for step in (INTERVAL, STEPS // 2, STEPS):
+        a = consolidated_weights(sync / "checkpoints" / f"step-{step:06d}", use_ema=False)[0]
+        b = consolidated_weights(out / "checkpoints" / f"step-{step:06d}", use_ema=False)[0]
+        assert all(torch.equal(a[k], b[k]) for k in a), step  # the step's weights, not later ones

@@ -114,6 +114,18 @@ def test_truncated_file_is_named_and_older_checkpoints_offered(run, name):
     assert resume(tmp_path, codes, f"checkpoint.resume={older}").state.step == 1
 
 
+@pytest.mark.parametrize("name", ["model/__0_0.distcp", "optimizer/__0_0.distcp", "rng/rank-00000.pt"])
+def test_corrupt_file_of_the_same_size_is_caught_by_its_checksum(run, name):
+    codes, tmp_path = run
+    newest, older = list_checkpoints(tmp_path / "gpt")[-1], list_checkpoints(tmp_path / "gpt")[0]
+    data = bytearray((newest / name).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, in the middle of the tensor data: sizes and headers stay valid
+    (newest / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(newest / name))} does not match the sha256.*"
+                                              rf"checkpoint\.resume={older}"):
+        resume(tmp_path, codes)
+
+
 def test_truncated_file_without_older_checkpoint(run):
     codes, tmp_path = run
     first = list_checkpoints(tmp_path / "gpt")[0]

@@ -6,6 +6,7 @@ across device meshes, the optimizer and LR-scheduler step, and the model/optimiz
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,15 +65,34 @@ class NativeEngine:
     # ------------------------------------------------------------------------------------------- checkpoints
     # model/, ema/ and optimizer/ are DCP folders keyed by parameter name (wrapper parts of activation
     # checkpointing / compile removed), so any layout (one process, FSDP2, HSDP, TP, or a mix) reads any other's.
-    def save_state(self, folder: Path, ema=None, client_state: dict | None = None) -> None:
+    def save_state(self, folder: Path, ema=None, client_state: dict | None = None, background: bool = False):
         """Collective: every rank writes its own shards; nothing is gathered. (`client_state` is for engines that
-        keep their own copy of the train state; train_state.pt has it here.)"""
+        keep their own copy of the train state; train_state.pt has it here.) `background`: the tensors are
+        copied to CPU memory now and written by a thread; returns the futures to wait for (else [])."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        dcp_save(get_model_state_dict(self.model), folder / "model")
+        parts = [(get_model_state_dict(self.model), folder / "model")]
         if ema is not None:
-            dcp_save(named_ema(ema), folder / "ema")
-        dcp_save(get_optimizer_state_dict(self.model, self.optimizer), folder / "optimizer")
+            parts.append((named_ema(ema), folder / "ema"))
+        parts.append((get_optimizer_state_dict(self.model, self.optimizer), folder / "optimizer"))
+        if not background:
+            for state, target in parts:
+                dcp_save(state, target)
+            return []
+        return [dcp_save_async(state, target, self._writer_group(target.name)) for state, target in parts]
+
+    def _writer_group(self, part: str):
+        """A gloo group of all ranks per part (model / ema / optimizer): each background save runs in its own
+        thread and coordinates over its own group, so no two threads, nor the training loop on the default group,
+        ever interleave collectives on one group. Created once per part, collectively, in the same order."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return None
+        groups = self.__dict__.setdefault("_writer_groups", {})
+        if part not in groups:
+            groups[part] = dist.new_group(backend="gloo")
+        return groups[part]
 
     def load_state(self, folder: Path, ema=None, saved_layout: dict | None = None) -> None:
         """Collective: each rank reads the pieces of its own shards (DCP reshards across layouts)."""
@@ -106,28 +126,39 @@ def named_ema(ema) -> dict:
     return {clean_name(k): v for k, v in ema.state_dict().items()}
 
 
-def dcp_save(state: dict, folder: Path) -> None:
-    import warnings
+# One process without a process group is a normal case here (DCP's single-process mode), and DCP warns on every
+# such call — also from the writer threads of a background save, where a local catch_warnings cannot reach.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
+
+def _single_process() -> bool:
+    """No process group: DCP's single-process mode."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized()
+
+
+def dcp_save(state: dict, folder: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():  # one process without a process group is DCP's "single process" mode
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(folder))
+    dcp.save(state, checkpoint_id=str(folder), no_dist=_single_process())
+
+
+def dcp_save_async(state: dict, folder: Path, group):
+    """Copies `state` to CPU memory now; a thread writes it. Returns the future of the write."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.async_save(state, checkpoint_id=str(folder), process_group=group, no_dist=_single_process())
 
 
 def dcp_load(state: dict, folder: Path, no_dist: bool = False) -> None:
     """Loads `folder` in place into the tensors of `state`; a damaged folder becomes a CheckpointError.
     `no_dist`: read everything in this process even when a process group exists (export / sampling)."""
-    import warnings
-
     import torch.distributed.checkpoint as dcp
 
     from dpar_scale.checkpoint import read_checkpoint_file
 
     def read(path: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+        dcp.load(state, checkpoint_id=str(path), no_dist=no_dist or _single_process())
 
     read_checkpoint_file(folder, read)
