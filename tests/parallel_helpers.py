@@ -75,32 +75,11 @@ def start_torchrun(nproc: int, args: list[str], log: Path, extra_env: dict | Non
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (from /proc), parents first."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop(0))
-        todo += children.get(tree[-1], [])
-    return tree
-
-
 def kill_hard(proc: subprocess.Popen) -> None:
-    """SIGKILL to torchrun and every worker. torchrun starts each worker in its own session, so killing
-    torchrun's process group alone would leave the workers training; this is what a node loss looks like."""
-    import signal
+    """SIGKILL to torchrun and every worker (see dpar_scale.launch.kill_process_tree)."""
+    from dpar_scale.launch import kill_process_tree
 
-    for pid in process_tree(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_process_tree(proc.pid)
     proc.wait()
 
 
