@@ -291,3 +291,17 @@ def test_async_checkpoints_hold_what_synchronous_ones_hold(root, codes):
         a = consolidated_weights(sync / "checkpoints" / f"step-{step:06d}", use_ema=False)[0]
         b = consolidated_weights(out / "checkpoints" / f"step-{step:06d}", use_ema=False)[0]
         assert all(torch.equal(a[k], b[k]) for k in a), step  # the step's weights, not later ones
+
+
+def test_export_tool_converts_deepspeed_checkpoints_to_universal_ahead_of_time(root, codes, tmp_path, capsys):
+    ds = straight(root, codes, "deepspeed", "gpt", 2, [], deepspeed=True) / "checkpoints" / "step-000004"
+    copy = tmp_path / "step-000004"
+    shutil.copytree(ds, copy)
+    assert export_main([str(copy), "--universal"]) == 0
+    assert "resume on any number of processes" in capsys.readouterr().out
+    universal = copy / "deepspeed" / "state_universal"
+    assert (universal / "zero").is_dir() and (copy / "deepspeed" / "latest_universal").read_text() == "state_universal"
+    assert export_main([str(copy), "--universal"]) == 0  # already there: nothing to do
+    fsdp = straight(root, codes, "fsdp2-gpt", "gpt", 2, FSDP2) / "checkpoints" / "step-000004"
+    assert export_main([str(fsdp), "--universal"]) == 2  # not a DeepSpeed checkpoint
+    assert "only DeepSpeed checkpoints" in capsys.readouterr().err
