@@ -218,8 +218,6 @@ def test_position_budget_packing_varies_images_and_keeps_the_data_order(tmp_path
 
 
 def test_class_dropout_is_a_function_of_sample_and_step():
-    import torch
-
     from dpar_scale.config import ModelConfig
     from dpar_scale.models import build_model, resolve_model_config
     from dpar_scale.models.layers import class_drop_mask
