@@ -288,6 +288,16 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+# ------------------------------------------------------------------------------------------- local helpers
+def free_port() -> int:
+    """A TCP port free on this machine now (for MASTER_PORT of a local multi-process launch)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ------------------------------------------------------------------------------------------- hard kills
 def process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants (read from /proc, Linux), parents first."""

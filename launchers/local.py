@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpar_scale.config import ConfigError  # noqa: E402
-from dpar_scale.launch import LaunchError, TrainJob, validate_launch  # noqa: E402
+from dpar_scale.launch import LaunchError, TrainJob, free_port, validate_launch  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,11 +38,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides for the trainer")
     return p
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def submit_local(job: TrainJob, nproc: int, folder: str | Path, timeout_min: float = 24 * 60,

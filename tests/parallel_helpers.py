@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from dpar_scale.export import consolidated_weights
+from dpar_scale.launch import free_port
 from dpar_scale.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,11 +17,6 @@ SHAPE = {"gpt": ["model.preset=gpt-tiny", "model.n_layers=2"],
          "entropy": ["model.preset=entropy-tiny", "model.n_layers=2"],
          "dpar": ["model.preset=dpar-tiny", "model.n_global_layers=2"]}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_env() -> dict:

@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_parallel import LAYOUTS, _free_port, write_random_codes  # noqa: E402
+from bench_parallel import LAYOUTS, write_random_codes  # noqa: E402
+
+from dpar_scale.launch import free_port  # noqa: E402
 
 
 def _folder_bytes(path: Path) -> int:
@@ -100,7 +102,7 @@ def run_layout(args, layout: str, codes: Path, tmp: Path) -> dict:
               str(result), "--repeats", str(args.repeats)]
     cmd = [sys.executable, *script] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), *script]
+        "--master_port", str(free_port()), *script]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

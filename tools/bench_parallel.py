@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from dpar_scale.launch import free_port  # noqa: E402
 
 LAYOUTS = {"1": (1, []), "dp2": (2, ["parallel.dp_shard=2"]), "tp2": (2, ["parallel.dp_shard=1", "parallel.tp=2"]),
            "dp2tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]), "hsdp2x2": (4, ["parallel.dp_replicate=2",
@@ -262,11 +263,6 @@ def worker(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- driver
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def model_overrides(args, codes: Path, out: Path) -> list[str]:
     preset = {"dpar": "dpar-tiny", "gpt": "gpt-tiny", "entropy": "entropy-tiny"}[args.kind]
@@ -288,7 +284,7 @@ def run_layout(args, layout: str, codes: Path, tmp: Path) -> dict:
         cmd = [sys.executable, *script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), *script]
+               "127.0.0.1", "--master_port", str(free_port()), *script]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

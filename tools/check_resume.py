@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,19 +29,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpar_scale.launch import kill_process_tree  # noqa: E402
+from dpar_scale.launch import free_port, kill_process_tree  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(nproc: int, out: Path, args, *extra: str) -> list[str]:
     launch = [sys.executable, "train.py"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "train.py"]
+        "--master_port", str(free_port()), "train.py"]
     return [*launch, "--config", args.config, f"train.steps={args.steps}", f"checkpoint.interval={args.interval}",
             "checkpoint.keep_last=0", "data.log_sample_ids=true", "train.log_every=1", "train.progress_bar=false",
             "parallel.dp_shard=-1", f"run.output_dir={out}", *args.overrides, *extra]
