@@ -174,10 +174,6 @@ def write_marker(folder: Path, info: dict, checksums: dict[str, str] | None = No
     (folder / MARKER).write_text(json.dumps({**info, "files": files}, indent=1) + "\n")
 
 
-def read_marker(path: Path) -> dict:
-    return json.loads((Path(path) / MARKER).read_text())
-
-
 def publish_checkpoint(tmp: Path, final: Path, output_dir, keep_last: int = 0, protect: Path | None = None) -> None:
     """Makes a fully written temporary folder the checkpoint `final` (one rename), then applies `keep_last`
     retention, never deleting `protect` (the checkpoint the run resumed from)."""
@@ -226,8 +222,7 @@ def save_checkpoint(output_dir, cfg: Config, engine, scheduler, state: TrainStat
         tmp.mkdir(parents=True)
         (tmp / "rng").mkdir()
     _barrier()
-    kwargs = {"background": True} if background else {}
-    futures = engine.save_state(tmp, ema, client_state=asdict(state), **kwargs) or []
+    futures = engine.save_state(tmp, ema, client_state=asdict(state), background=background)
     torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
     if rank == 0:
         torch.save({"scheduler": scheduler.state_dict(), "train_state": asdict(state), "engine": engine.name,

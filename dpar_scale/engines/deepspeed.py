@@ -209,11 +209,13 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def save_state(self, folder: Path, ema=None, client_state: dict | None = None) -> None:
+    def save_state(self, folder: Path, ema=None, client_state: dict | None = None, background: bool = False):
         """Collective: DeepSpeed's own checkpoint (each rank its ZeRO partitions of weights and optimizer); our
-        TrainState also goes in as client state (train_state.pt stays the one we read: no unpickling)."""
+        TrainState also goes in as client state (train_state.pt stays the one we read: no unpickling). Always
+        synchronous (the trainer refuses checkpoint.async_save with this engine); returns no futures."""
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state",
                                     client_state={"dpar_train_state": client_state or {}})
+        return []
 
     def load_state(self, folder: Path, ema=None, saved_layout: dict | None = None) -> None:
         """Collective. Same process count: DeepSpeed's checkpoint as saved. Another one: its universal form,
