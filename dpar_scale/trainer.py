@@ -329,7 +329,7 @@ class Trainer:
         loss = float(all_reduce_sum(loss_sum, self.dp_group)) / total_codes
         if not math.isfinite(loss):  # the same value on every rank, so all of them stop here together
             raise NonFiniteLossError(self._nonfinite_message("loss", loss, batches))
-        lr = self.engine.lr
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (both engines step our LambdaLR)
 
         def check(norm: float) -> None:
             if not math.isfinite(norm):

@@ -204,10 +204,6 @@ class DeepSpeedEngine:
         self.scheduler.step()
         return norm
 
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_state(self, folder: Path, ema=None, client_state: dict | None = None, background: bool = False):
         """Collective: DeepSpeed's own checkpoint (each rank its ZeRO partitions of weights and optimizer); our

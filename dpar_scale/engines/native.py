@@ -58,10 +58,6 @@ class NativeEngine:
         self.scheduler.step()
         return norm
 
-    @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
-
     # ------------------------------------------------------------------------------------------- checkpoints
     # model/, ema/ and optimizer/ are DCP folders keyed by parameter name (wrapper parts of activation
     # checkpointing / compile removed), so any layout (one process, FSDP2, HSDP, TP, or a mix) reads any other's.
