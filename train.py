@@ -31,9 +31,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from dpar_scale.checkpoint import CheckpointError
-    from dpar_scale.distributed import destroy_distributed, is_main_process
-    from dpar_scale.trainer import Trainer
+    from dpar_scale.checkpoint.save_load import CheckpointError
+    from dpar_scale.parallel.process_group import destroy_distributed, is_main_process
+    from dpar_scale.train.trainer import Trainer
 
     try:
         result = Trainer(cfg, deepspeed_config=args.deepspeed_config).fit()

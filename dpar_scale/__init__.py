@@ -1,0 +1,16 @@
+"""dpar-scale: training and evaluating DPAR image generators (arXiv 2512.21867) at cluster scale.
+
+One folder per concept. A room may import the rooms below it in this list, never those above:
+
+    launch/      Slurm (submitit) and local jobs, preemption -> checkpoint -> requeue
+    train/       the one trainer, its engines (FSDP2/TP native, DeepSpeed ZeRO), metrics logging
+    checkpoint/  save / load / resume checks / export      sampling/  KV-cached generation
+    flops/       analytic FLOP count and op-level counters
+    parallel/    process groups, ParallelDims, TP/SP plans, FSDP2, clipping across meshes
+    models/      the GPT baseline, the entropy model, DPAR (plain nn.Modules that know nothing of ranks)
+    data/        embedded dataset, images, code shards, batches      tokenizer/  k-means and LlamaGen VQ-16
+    patching/    the entropy patch rule, packed patch layouts, next-code entropies
+    config.py    typed configuration (dataclasses, YAML, dotted overrides)
+
+Rooms on the same line do not import each other.
+"""

@@ -94,7 +94,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     ema: float = 0.0  # 0 = off; else the EMA decay, e.g. 0.9999
     progress_bar: bool = True
-    peak_tflops: float = 0.0  # device bf16 dense peak for MFU; 0 = look the GPU up in dpar_scale.flops' table
+    peak_tflops: float = 0.0  # device bf16 dense peak for MFU; 0 = look the GPU up in dpar_scale.flops.analytic's table
 
 
 @dataclass

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dpar_scale.data import shards as S
+from dpar_scale.data import side_arrays as SA
 
 # Two CPU threads on a 2-core runner sometimes make the first large matmul ~100x slower (thread start-up
 # contention); tests check correctness, not speed, so keep the main test process single-threaded.
@@ -46,8 +47,8 @@ def write_code_dataset(folder, *, n_images=64, grid=(4, 4), vocab=32, num_classe
         ent = (rng.random((n_images, n)) * np.log(vocab)).astype(np.float16)
         for rec in shard_records:
             start = rec["index"] * shard_size
-            S.write_side_shard(str(folder / "entropy"), rec["index"], ent[start:start + rec["count"]])
-        S.write_side_manifest(str(folder / "entropy"), shards, extra={"grid": list(grid)})
+            SA.write_side_shard(str(folder / "entropy"), rec["index"], ent[start:start + rec["count"]])
+        SA.write_side_manifest(str(folder / "entropy"), shards, extra={"grid": list(grid)})
     return folder
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dpar_scale.export import consolidated_weights
+from dpar_scale.checkpoint.export import consolidated_weights
 from dpar_scale.launch import free_port
-from dpar_scale.metrics import read_metrics
+from dpar_scale.train.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = {"gpt": ["model.preset=gpt-tiny", "model.n_layers=2"],

@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 
 def train(job: dict) -> None:
     from dpar_scale.config import load_config
-    from dpar_scale.trainer import Trainer
+    from dpar_scale.train.trainer import Trainer
 
     Trainer(load_config(None, job["overrides"])).fit()
 
@@ -35,7 +35,7 @@ def die_in_save(job: dict) -> None:
     import os
     import signal
 
-    from dpar_scale.engines import native
+    from dpar_scale.train import native_engine as native
 
     real_save = native.dcp_save
 
@@ -55,7 +55,7 @@ def packed_sp(job: dict) -> None:
     from torch.distributed.tensor import DTensor
 
     from dpar_scale.config import load_config
-    from dpar_scale.layout import PatchLayout
+    from dpar_scale.patching.layout import PatchLayout
     from dpar_scale.models import resolve_model_config
     from dpar_scale.parallel import LaunchEnv, ParallelDims, build_parallel_model
 

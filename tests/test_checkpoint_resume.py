@@ -17,10 +17,10 @@ import shutil
 import numpy as np
 import pytest
 
-from dpar_scale.checkpoint import MARKER, list_checkpoints, read_train_state
+from dpar_scale.checkpoint.save_load import MARKER, list_checkpoints, read_train_state
 from dpar_scale.config import load_config
-from dpar_scale.metrics import read_metrics
-from dpar_scale.trainer import Trainer
+from dpar_scale.train.metrics_log import read_metrics
+from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
 from parallel_helpers import REPO, kill_at_step, overrides, start_torchrun, torchrun
@@ -197,7 +197,7 @@ def export_main(argv):
 def test_export_consolidates_dcp_and_deepspeed_checkpoints(root, codes, tmp_path):
     import torch
 
-    from dpar_scale.export import consolidated_weights, load_model_for_inference
+    from dpar_scale.checkpoint.export import consolidated_weights, load_model_for_inference
     fsdp = straight(root, codes, "fsdp2-gpt", "gpt", 2, FSDP2) / "checkpoints" / f"step-{STEPS:06d}"
     ds = straight(root, codes, "deepspeed", "gpt", 2, [], deepspeed=True) / "checkpoints" / f"step-{STEPS:06d}"
     exported = {}
@@ -279,7 +279,7 @@ def test_checkpoint_without_marker_is_not_resumed(root, codes):
 def test_async_checkpoints_hold_what_synchronous_ones_hold(root, codes):
     import torch
 
-    from dpar_scale.export import consolidated_weights
+    from dpar_scale.checkpoint.export import consolidated_weights
 
     sync = straight(root, codes, "single-dpar", "dpar", 1, [])
     out = root / "async-single"

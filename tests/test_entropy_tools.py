@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from dpar_scale.export import load_model_for_inference
-from dpar_scale.data.shards import CodeShards, open_side_array
-from dpar_scale.entropy import code_entropies
-from dpar_scale.trainer import Trainer
+from dpar_scale.checkpoint.export import load_model_for_inference
+from dpar_scale.data.shards import CodeShards
+from dpar_scale.data.side_arrays import open_side_array
+from dpar_scale.patching.entropy import code_entropies
+from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
 from test_trainer import make_cfg

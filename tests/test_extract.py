@@ -15,8 +15,8 @@ from PIL import Image
 
 from dpar_scale.data.images import (center_crop_arr, five_crop, list_image_folder, load_rgb, make_views,
                                     pil_to_tensor, ten_crop, view_names)
-from dpar_scale.data.shards import (CodeShards, ShardError, open_side_array, write_side_manifest,
-                                    write_side_shard)
+from dpar_scale.data.shards import CodeShards, ShardError
+from dpar_scale.data.side_arrays import open_side_array, write_side_manifest, write_side_shard
 from dpar_scale.data.synthetic import generate_dataset, render_image
 from dpar_scale.tokenizer import load_tokenizer
 from dpar_scale.tokenizer.kmeans import KMeansTokenizer

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from dpar_scale import flop_counting as C
-from dpar_scale import flops as F
+from dpar_scale.flops import counting as C
+from dpar_scale.flops import analytic as F
 from dpar_scale.config import ModelConfig
-from dpar_scale.layout import PatchLayout
+from dpar_scale.patching.layout import PatchLayout
 from dpar_scale.models.attention import AttentionMask
-from dpar_scale.patching import patch_lengths
+from dpar_scale.patching.rule import patch_lengths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = (4, 6)  # N = 24 codes, rows of 6

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from dpar_scale.config import PatchConfig
-from dpar_scale.entropy import code_entropies
-from dpar_scale.generate import (GenerationStats, dpar_logits_cached, entropies_cached, generate_dpar,
+from dpar_scale.patching.entropy import code_entropies
+from dpar_scale.sampling.generate import (GenerationStats, dpar_logits_cached, entropies_cached, generate_dpar,
                                  generate_gpt, gpt_logits_cached, sample_logits)
-from dpar_scale.layout import PatchLayout, static_lengths
+from dpar_scale.patching.layout import PatchLayout, static_lengths
 from dpar_scale.models import DPAR, GPT
 from dpar_scale.models.attention import KVCache
-from dpar_scale.patching import patch_lengths
+from dpar_scale.patching.rule import patch_lengths
 
 GRID = (6, 6)
 N = GRID[0] * GRID[1]

@@ -12,8 +12,8 @@ import pytest
 
 from dpar_scale import launch
 from dpar_scale.config import load_config
-from dpar_scale.metrics import read_metrics
-from dpar_scale.trainer import Trainer
+from dpar_scale.train.metrics_log import read_metrics
+from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
 from parallel_helpers import REPO, free_port, overrides

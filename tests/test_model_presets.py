@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dpar_scale.config import ConfigError, ModelConfig
-from dpar_scale.layout import PatchLayout
+from dpar_scale.patching.layout import PatchLayout
 from dpar_scale.models import DPAR, GPT, PRESETS, build_model, count_params, param_breakdown, resolve_model_config
 
 

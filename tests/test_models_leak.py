@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from dpar_scale.layout import PatchLayout, static_lengths
+from dpar_scale.patching.layout import PatchLayout, static_lengths
 from dpar_scale.models import DPAR, GPT
-from dpar_scale.patching import patch_lengths
+from dpar_scale.patching.rule import patch_lengths
 
 GRID = (4, 6)  # N = 24 codes, rows of 6: small, but with several rows for row-reset / row-end patches
 N = GRID[0] * GRID[1]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dpar_scale.data.packing import pack_microbatches, packing_summary
-from dpar_scale.layout import PatchLayout, static_lengths
+from dpar_scale.patching.layout import PatchLayout, static_lengths
 from dpar_scale.models import DPAR, GPT, AttentionMask, attend, flex_available
 
 GRID = (4, 6)

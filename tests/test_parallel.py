@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from dpar_scale.config import ConfigError, load_config
-from dpar_scale.metrics import read_metrics
-from dpar_scale.trainer import Trainer
+from dpar_scale.train.metrics_log import read_metrics
+from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
 from parallel_helpers import REPO, assert_same_run, overrides, torchrun

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dpar_scale.patching import (
+from dpar_scale.patching.rule import (
     calibrate_threshold, patch_lengths, patch_starts, starts_to_lengths, starts_to_patch_ids,
 )
 

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from dpar_scale.checkpoint import CheckpointError, list_checkpoints
+from dpar_scale.checkpoint.save_load import CheckpointError, list_checkpoints
 from dpar_scale.config import ConfigError
-from dpar_scale.trainer import Trainer
+from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
 from test_trainer import make_cfg
@@ -81,6 +81,8 @@ def test_different_entropies_refused(tmp_path, code_dataset):
 
     from dpar_scale.data import shards as S
 
+    from dpar_scale.data import side_arrays as SA
+
     Trainer(make_cfg(tmp_path, code_dataset, "dpar", "train.steps=1")).fit()
     other = tmp_path / "codes_b"
     shutil.copytree(code_dataset, other)
@@ -89,8 +91,8 @@ def test_different_entropies_refused(tmp_path, code_dataset):
     for rec in shards.shards:
         start = shards.shard_range(rec["index"])[0]
         ent = np.full((rec["count"], 16), 3.0 + start % 2, dtype=np.float16)
-        S.write_side_shard(str(other / "entropy"), rec["index"], ent)
-    S.write_side_manifest(str(other / "entropy"), shards, extra={"grid": [4, 4]})
+        SA.write_side_shard(str(other / "entropy"), rec["index"], ent)
+    SA.write_side_manifest(str(other / "entropy"), shards, extra={"grid": [4, 4]})
     with pytest.raises(ConfigError, match=r"trained with entropies .* differ"):
         Trainer(make_cfg(tmp_path, other, "dpar", "train.steps=2", "checkpoint.resume=auto"))
 

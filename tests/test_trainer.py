@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dpar_scale.checkpoint import list_checkpoints
-from dpar_scale.export import load_model_for_inference
+from dpar_scale.checkpoint.save_load import list_checkpoints
+from dpar_scale.checkpoint.export import load_model_for_inference
 from dpar_scale.config import ConfigError, load_config
 from dpar_scale.data.loader import GlobalOrder
-from dpar_scale.metrics import read_metrics
-from dpar_scale.trainer import NonFiniteLossError, Trainer
+from dpar_scale.train.metrics_log import read_metrics
+from dpar_scale.train.trainer import NonFiniteLossError, Trainer
 
 from conftest import write_code_dataset
 
@@ -169,7 +169,7 @@ def test_train_py_entry_point(tmp_path, code_dataset):
 
 def test_logs_achieved_tflops_and_mfu_from_the_analytic_count(tmp_path, code_dataset):
     from dpar_scale.data.loader import BatchSource, CodeData
-    from dpar_scale.flops import train_flops
+    from dpar_scale.flops.analytic import train_flops
 
     cfg = make_cfg(tmp_path, code_dataset, "dpar", "train.log_every=1", "train.steps=2", "train.peak_tflops=0.5",
                    "data.log_sample_ids=true")

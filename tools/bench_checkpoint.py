@@ -44,10 +44,10 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from dpar_scale.checkpoint import load_checkpoint
+    from dpar_scale.checkpoint.save_load import load_checkpoint
     from dpar_scale.config import load_config
-    from dpar_scale.resume_checks import check_checkpoint_files
-    from dpar_scale.trainer import Trainer
+    from dpar_scale.checkpoint.resume_checks import check_checkpoint_files
+    from dpar_scale.train.trainer import Trainer
 
     torch.set_num_threads(1)
     trainer = Trainer(load_config(None, json.loads(args.overrides)))

@@ -194,6 +194,8 @@ def write_random_codes(folder: Path, n_images: int, grid: tuple[int, int], vocab
 
     from dpar_scale.data import shards as S
 
+    from dpar_scale.data import side_arrays as SA
+
     rng = np.random.default_rng(0)
     n = grid[0] * grid[1]
     labels = rng.integers(0, num_classes, size=n_images)
@@ -207,8 +209,8 @@ def write_random_codes(folder: Path, n_images: int, grid: tuple[int, int], vocab
         "augmentation": {"ten_crop": False, "flip": False, "copies_per_image": 1}, "num_classes": num_classes,
         "classes": [f"c{i}" for i in range(num_classes)], "shards": [record], "skipped": []})
     entropy = (rng.random((n_images, n)) * math.log(vocab)).astype(np.float16)
-    S.write_side_shard(str(folder / "entropy"), 0, entropy)
-    S.write_side_manifest(str(folder / "entropy"), S.CodeShards(str(folder)), extra={"grid": list(grid)})
+    SA.write_side_shard(str(folder / "entropy"), 0, entropy)
+    SA.write_side_manifest(str(folder / "entropy"), S.CodeShards(str(folder)), extra={"grid": list(grid)})
     return folder
 
 
@@ -217,8 +219,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from dpar_scale.config import load_config
-    from dpar_scale.layout import PatchLayout
-    from dpar_scale.trainer import Trainer
+    from dpar_scale.patching.layout import PatchLayout
+    from dpar_scale.train.trainer import Trainer
 
     torch.set_num_threads(1)
     cfg = load_config(None, json.loads(args.overrides))

@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dpar_scale.config import PatchConfig  # noqa: E402
-from dpar_scale.entropy import code_entropies  # noqa: E402
-from dpar_scale.generate import GenerationStats, generate_dpar, generate_gpt  # noqa: E402
+from dpar_scale.patching.entropy import code_entropies  # noqa: E402
+from dpar_scale.sampling.generate import GenerationStats, generate_dpar, generate_gpt  # noqa: E402
 from dpar_scale.models import DPAR, GPT  # noqa: E402
-from dpar_scale.patching import calibrate_threshold  # noqa: E402
+from dpar_scale.patching.rule import calibrate_threshold  # noqa: E402
 
 
 def parse_args(argv=None):

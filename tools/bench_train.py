@@ -8,7 +8,7 @@ Both models see the same codes and labels; DPAR's patch layout comes from the gi
 with an entropy/ side array) or from synthetic entropies calibrated to the given mean patch length. Steps of the
 two models are interleaved so that drift in machine load hits both alike. Reports the median step time
 (forward + backward + AdamW step), images/s, and beside it the analytic training-FLOP ratio
-(dpar_scale.flops), so the measured speed-up can be read against the FLOP saving.
+(dpar_scale.flops.analytic), so the measured speed-up can be read against the FLOP saving.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dpar_scale.config import load_config  # noqa: E402
-from dpar_scale.flops import train_flops  # noqa: E402
-from dpar_scale.layout import PatchLayout  # noqa: E402
+from dpar_scale.flops.analytic import train_flops  # noqa: E402
+from dpar_scale.patching.layout import PatchLayout  # noqa: E402
 from dpar_scale.models import build_model, resolve_model_config  # noqa: E402
-from dpar_scale.patching import calibrate_threshold, patch_starts, starts_to_lengths  # noqa: E402
-from dpar_scale.trainer import code_loss  # noqa: E402
+from dpar_scale.patching.rule import calibrate_threshold, patch_starts, starts_to_lengths  # noqa: E402
+from dpar_scale.train.trainer import code_loss  # noqa: E402
 
 
 def batch_layouts(args, n_codes: int, width: int):

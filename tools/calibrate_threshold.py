@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpar_scale.data.shards import open_side_array  # noqa: E402
-from dpar_scale.patching import calibrate_threshold  # noqa: E402
+from dpar_scale.data.side_arrays import open_side_array  # noqa: E402
+from dpar_scale.patching.rule import calibrate_threshold  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -21,12 +21,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpar_scale import distributed as dist  # noqa: E402
-from dpar_scale.export import load_model_for_inference  # noqa: E402
-from dpar_scale.data.shards import (  # noqa: E402
-    CodeShards, side_shard_complete, write_side_manifest, write_side_shard,
-)
-from dpar_scale.entropy import code_entropies  # noqa: E402
+from dpar_scale.parallel import process_group as dist  # noqa: E402
+from dpar_scale.checkpoint.export import load_model_for_inference  # noqa: E402
+from dpar_scale.data.shards import CodeShards  # noqa: E402
+from dpar_scale.data.side_arrays import side_shard_complete, write_side_manifest, write_side_shard  # noqa: E402
+from dpar_scale.patching.entropy import code_entropies  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
 
 
 def _sample_rows(out: Path, codes: CodeShards, count: int = 512):
-    from dpar_scale.data.shards import open_side_array
+    from dpar_scale.data.side_arrays import open_side_array
 
     arr = open_side_array(str(out), codes)
     idx = np.linspace(0, len(arr) - 1, num=min(count, len(arr))).astype(np.int64)

@@ -19,7 +19,7 @@ Conventions: FLOPs = 2 x multiply-adds (fvcore counts one per multiply-add: its 
 and PV only; attention counts the (query, key) pairs of the real sequences (Σ L_i² of the packed sequence, not the
 padded T², a patch query only its own codes), causal counted as the full L² (`--attention exact`: L(L+1)/2).
 Big models are counted on a probe with one layer per stack and the real widths, scaled by depth (exact: see
-dpar_scale/flops.py); `--full-depth` counts the whole model instead (needs its memory). The three counts must
+dpar_scale/flops/analytic.py); `--full-depth` counts the whole model instead (needs its memory). The three counts must
 agree within --tolerance (default 2%) or the tool exits with status 1.
 """
 from __future__ import annotations
@@ -35,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpar_scale.config import ModelConfig  # noqa: E402
-from dpar_scale.flop_counting import measure  # noqa: E402
-from dpar_scale.flops import TRAIN_FACTOR, analytic_breakdown, lengths_with_mean  # noqa: E402
+from dpar_scale.flops.counting import measure  # noqa: E402
+from dpar_scale.flops.analytic import TRAIN_FACTOR, analytic_breakdown, lengths_with_mean  # noqa: E402
 from dpar_scale.models import PRESETS  # noqa: E402
-from dpar_scale.patching import patch_lengths  # noqa: E402
+from dpar_scale.patching.rule import patch_lengths  # noqa: E402
 
 PAPER_MEAN_LENGTH = {256: 1.81, 384: 2.06}  # mean patch length of the paper's θ (7.8 @256, 7.9 @384), P_max 4
 PAPER_THRESHOLD = {256: 7.8, 384: 7.9}
@@ -76,7 +76,7 @@ def load_entropies(path: str, max_images: int) -> tuple[torch.Tensor, tuple[int,
     p = Path(path)
     grid = vocab = None
     if p.is_dir():
-        from dpar_scale.data.shards import open_side_array
+        from dpar_scale.data.side_arrays import open_side_array
 
         array = open_side_array(str(p))
         manifest = json.loads((p / "manifest.json").read_text())

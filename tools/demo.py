@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpar_scale.checkpoint import is_complete  # noqa: E402
-from dpar_scale.metrics import read_metrics  # noqa: E402
+from dpar_scale.checkpoint.save_load import is_complete  # noqa: E402
+from dpar_scale.train.metrics_log import read_metrics  # noqa: E402
 
 TARGET_MEAN_PATCH_LENGTH = 1.81  # the paper's 256 px statistic (16x16 codes)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar_scale.checkpoint import STEP_DIR, CheckpointError  # noqa: E402
+from dpar_scale.checkpoint.save_load import STEP_DIR, CheckpointError  # noqa: E402
 from dpar_scale.config import ConfigError  # noqa: E402
-from dpar_scale.export import export_checkpoint  # noqa: E402
+from dpar_scale.checkpoint.export import export_checkpoint  # noqa: E402
 
 
 def default_out(checkpoint: Path) -> Path:
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     checkpoint = Path(args.checkpoint)
     t0 = time.perf_counter()
     if args.universal:
-        from dpar_scale.engines.deepspeed import make_universal
+        from dpar_scale.train.deepspeed_engine import make_universal
 
         try:
             target = make_universal(checkpoint)

@@ -34,7 +34,7 @@ if _REPO not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dpar_scale import distributed as D  # noqa: E402
+from dpar_scale.parallel import process_group as D  # noqa: E402
 from dpar_scale.data.images import ImageViews, list_image_folder, view_names  # noqa: E402
 from dpar_scale.data.shards import (  # noqa: E402
     FORMAT, FORMAT_VERSION, MANIFEST_NAME, check_shard_files, codes_fingerprint,

@@ -33,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpar_scale.checkpoint import CheckpointError  # noqa: E402
-from dpar_scale.export import load_model_for_inference  # noqa: E402
-from dpar_scale.generate import GenerationStats, generate_dpar, generate_gpt  # noqa: E402
+from dpar_scale.checkpoint.save_load import CheckpointError  # noqa: E402
+from dpar_scale.checkpoint.export import load_model_for_inference  # noqa: E402
+from dpar_scale.sampling.generate import GenerationStats, generate_dpar, generate_gpt  # noqa: E402
 
 SUFFIX_TOKENIZER = {".safetensors": "kmeans", ".pt": "llamagen-vq16", ".pth": "llamagen-vq16"}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpar_scale.patching import patch_starts, starts_to_lengths
+from dpar_scale.patching.rule import patch_starts, starts_to_lengths
 
 
 @dataclass
@@ -97,7 +97,8 @@ class CodeData:
 
     @classmethod
     def open(cls, codes_dir: str, entropy_dir: str = "", need_entropy: bool = False, val_fraction: float = 0.0):
-        from dpar_scale.data.shards import CodeShards, open_side_array, side_fingerprint
+        from dpar_scale.data.shards import CodeShards, side_fingerprint
+        from dpar_scale.data.side_arrays import open_side_array
 
         shards = CodeShards(codes_dir)
         codes = _Rows(shards.codes)

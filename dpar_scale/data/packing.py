@@ -41,7 +41,7 @@ class MicroBatch:
         return len(self.sample_ids)
 
     def layout(self, grid):
-        from dpar_scale.layout import PatchLayout
+        from dpar_scale.patching.layout import PatchLayout
 
         return PatchLayout.from_lengths(self.lengths, grid, pad_to_multiple=self.pad_to_multiple)
 

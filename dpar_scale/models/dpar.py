@@ -17,7 +17,7 @@ Incremental decoding (generation) runs the same three stages one code at a time 
 position of the global model, then decoder position 0), then per code `step`: `step_encode` (encoder position of
 the code just sampled), `step_patches` for the images whose open patch that code completed (max-pool +
 cross-attention over the patch's cached encoder states, then one global position), `step_decode` (decoder position
-of the next code). Which patches close is the caller's decision (dpar_scale.generate applies the patch rule).
+of the next code). Which patches close is the caller's decision (dpar_scale.sampling.generate applies the patch rule).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dpar_scale.layout import PatchLayout
+from dpar_scale.patching.layout import PatchLayout
 
 from .attention import AttentionMask, KVCache
 from .layers import CrossAttentionBlock, RMSNorm, TransformerBlock, drop_labels, init_llamagen_

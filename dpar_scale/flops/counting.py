@@ -1,4 +1,4 @@
-"""Op-level FLOP counters (fvcore and FlopCounterMode) that cross-check the analytic count of dpar_scale.flops.
+"""Op-level FLOP counters (fvcore and FlopCounterMode) that cross-check the analytic count of dpar_scale.flops.analytic.
 
 Counting method of the op-level counters: `torch.jit.trace` (fvcore) needs real tensors, so a big model is counted
 on a *probe*: the same widths, one layer per group (encoder / global / decoder; the GPT's one stack), zero
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from dpar_scale.flops import (
+from dpar_scale.flops.analytic import (
     ATTENTION_CONVENTIONS, FLOPS_PER_MAC, LAYER_CONTAINERS, FlopBreakdown, _resolve, analytic_breakdown,
     max_disagreement,
 )
@@ -317,7 +317,7 @@ def measure(model_cfg, *, patch_lengths: Sequence[Sequence[int]] | None = None, 
     and the counts are the model FLOPs; without it the images share one forward, whose patch queries are padded
     to the longest image (the dense implementation runs those rows), and the analytic count includes padding.
     """
-    from dpar_scale.layout import PatchLayout
+    from dpar_scale.patching.layout import PatchLayout
     from dpar_scale.models import build_model, count_params
 
     cfg = _resolve(model_cfg)

@@ -10,7 +10,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from dpar_scale.checkpoint import DATA_FILE, MARKER, CheckpointError, older_hint, read_checkpoint_file
+from dpar_scale.checkpoint.save_load import DATA_FILE, MARKER, CheckpointError, older_hint, read_checkpoint_file
 from dpar_scale.config import ConfigError
 
 # Fields of the resolved model config that change parameter shapes or the meaning of the weights; a checkpoint
@@ -25,7 +25,7 @@ def check_checkpoint_files(path: Path) -> None:
     complete zip archive. A truncated, corrupt or partly copied checkpoint fails here, naming the file."""
     import torch.distributed as dist
 
-    from dpar_scale.checkpoint import _rank, _world_size, sha256_file
+    from dpar_scale.checkpoint.save_load import _rank, _world_size, sha256_file
 
     path = Path(path)
     marker = read_checkpoint_file(path / MARKER, lambda f: json.loads(f.read_text()))

@@ -19,7 +19,7 @@ when the trainer finishes the save (at the next save, or at the end of the run).
 
 Nothing here unpickles objects: train_state.pt and the RNG files hold tensors and plain Python values only
 (`torch.load(weights_only=True)`); DCP stores tensors and its own metadata.
-`tools/export.py` turns a checkpoint into one consolidated safetensors file (see dpar_scale/export.py).
+`tools/export.py` turns a checkpoint into one consolidated safetensors file (see dpar_scale/checkpoint/export.py).
 """
 from __future__ import annotations
 

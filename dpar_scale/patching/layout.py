@@ -96,7 +96,7 @@ class PatchLayout:
     @classmethod
     def from_lengths(cls, lengths: Sequence[Sequence[int]], grid: tuple[int, int] | Sequence[int],
                      pad_to_multiple: int = 1, n_codes: int | None = None) -> "PatchLayout":
-        """Layout from per-image patch lengths (the output of `dpar_scale.patching.patch_lengths`).
+        """Layout from per-image patch lengths (the output of `dpar_scale.patching.rule.patch_lengths`).
 
         Each image's lengths sum to `n_codes` (default H·W); a smaller `n_codes` describes the first codes of the
         images in raster order (a generation prefix, whose last patch may still be growing).

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dpar_scale.checkpoint import MARKER, CheckpointError, read_checkpoint_file
+from dpar_scale.checkpoint.save_load import MARKER, CheckpointError, read_checkpoint_file
 from dpar_scale.config import Config, load_config, to_dict
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -28,7 +28,7 @@ def _config_of(path: Path) -> Config:
 
 def _from_dcp(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
     """Full fp32 tensors from a DCP folder, read in this one process (no process group needed)."""
-    from dpar_scale.engines.native import dcp_load
+    from dpar_scale.train.native_engine import dcp_load
     from dpar_scale.models import build_model
 
     with torch.device("cpu"):

@@ -152,7 +152,7 @@ def dcp_load(state: dict, folder: Path, no_dist: bool = False) -> None:
     `no_dist`: read everything in this process even when a process group exists (export / sampling)."""
     import torch.distributed.checkpoint as dcp
 
-    from dpar_scale.checkpoint import read_checkpoint_file
+    from dpar_scale.checkpoint.save_load import read_checkpoint_file
 
     def read(path: Path) -> None:
         dcp.load(state, checkpoint_id=str(path), no_dist=no_dist or _single_process())

@@ -12,7 +12,7 @@ codes from the same seed.
 
 DPAR decides its patch boundaries while it generates, with the rule it was trained with: the unconditional
 entropy model runs alongside (KV-cached) on the sampled codes; after code k is sampled it yields e[k+1], and
-`dpar_scale.patching.patch_starts` on the entropies known so far says whether code k+1 opens a patch (reference
+`dpar_scale.patching.rule.patch_starts` on the entropies known so far says whether code k+1 opens a patch (reference
 alignment reads e[k], BLT e[k+1]; both are known then). If it does, the patch that code k closes is summarised by
 the encoder and the global model takes one step for that image; the decoder then predicts code k+1 from the
 global output of patch k+1's predecessors. Both CFG halves share the boundaries (the entropy model is
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from dpar_scale.entropy import entropy_from_logits
-from dpar_scale.layout import PatchLayout
-from dpar_scale.patching import patch_starts, starts_to_lengths
+from dpar_scale.patching.entropy import entropy_from_logits
+from dpar_scale.patching.layout import PatchLayout
+from dpar_scale.patching.rule import patch_starts, starts_to_lengths
 
 __all__ = ["GenerationStats", "sample_logits", "guide", "generate_gpt", "generate_dpar", "gpt_logits_cached",
            "dpar_logits_cached", "entropies_cached"]

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dpar_scale.checkpoint import (
+from dpar_scale.checkpoint.save_load import (
     PendingCheckpoint, TrainState, finish_checkpoint, find_resume_checkpoint, list_checkpoints, load_checkpoint,
     read_train_state, save_checkpoint,
 )
-from dpar_scale.resume_checks import check_resume
+from dpar_scale.checkpoint.resume_checks import check_resume
 from dpar_scale.config import Config, ConfigError, save_config, to_dict
 from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share, rank_slice
-from dpar_scale.flops import peak_flops, throughput, train_flops
-from dpar_scale.metrics import MetricsLogger, format_line
+from dpar_scale.flops.analytic import peak_flops, throughput, train_flops
+from dpar_scale.train.metrics_log import MetricsLogger, format_line
 from dpar_scale.models.layers import class_drop_mask
 from dpar_scale.parallel.dims import LaunchEnv, ParallelDims, all_reduce_sum, default_device, init_process_group
 
@@ -145,7 +145,7 @@ class Trainer:
         self.device = torch.device(device) if device else default_device(self.env.local_rank)
         ds_raw = None
         if deepspeed_config:
-            from dpar_scale.engines.deepspeed import load_deepspeed_json
+            from dpar_scale.train.deepspeed_engine import load_deepspeed_json
 
             ds_raw = load_deepspeed_json(deepspeed_config)  # fail on a bad path before any process group exists
         init_process_group(self.env, self.device, force=ds_raw is not None)  # DeepSpeed always wants a group
@@ -157,7 +157,7 @@ class Trainer:
         self.dp_group = self.dims.dp_group()
         ds_cfg = None
         if ds_raw is not None:
-            from dpar_scale.engines.deepspeed import resolve_deepspeed_config
+            from dpar_scale.train.deepspeed_engine import resolve_deepspeed_config
 
             ds_cfg = resolve_deepspeed_config(ds_raw, cfg, self.dp_size, source=str(deepspeed_config))
         # TP ranks of one group share a seed (replicated regions must draw the same dropout / class-dropout).
@@ -205,11 +205,11 @@ class Trainer:
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         if native:
-            from dpar_scale.engines.native import NativeEngine
+            from dpar_scale.train.native_engine import NativeEngine
 
             self.engine = NativeEngine(model, optimizer, scheduler, cfg, self.dims, self.device)
         else:
-            from dpar_scale.engines.deepspeed import DeepSpeedEngine
+            from dpar_scale.train.deepspeed_engine import DeepSpeedEngine
 
             resume_layout = read_train_state(self.resumed_from).get("layout", {}) if self.resumed_from else None
             self.engine = DeepSpeedEngine(model, optimizer, scheduler, cfg, self.dims, self.device, ds_cfg,
@@ -261,7 +261,7 @@ class Trainer:
             inputs["drop_class"] = class_drop_mask(batch.sample_ids, self.state.step, self.cfg.train.seed,
                                                    self.cfg.model.class_dropout).to(self.device)
         if batch.patch_lengths is not None:
-            from dpar_scale.layout import PatchLayout
+            from dpar_scale.patching.layout import PatchLayout
 
             inputs["layout"] = PatchLayout.from_lengths(batch.patch_lengths, grid=self.data.grid,
                                                         pad_to_multiple=self.cfg.parallel.tp).to(self.device)

@@ -21,7 +21,7 @@ Conventions (every number in this module and in tools/count_flops.py follows the
   really runs (the packed sequence padded to `pad_to_multiple`, B x max M_i patch queries): that is what the
   op-level counters see on a batch of several images. `measure` counts each DPAR image in a forward of its own,
   so there nothing is padding.
-The op-level counters (fvcore, FlopCounterMode) live in dpar_scale.flop_counting.
+The op-level counters (fvcore, FlopCounterMode) live in dpar_scale.flops.counting.
 """
 from __future__ import annotations
 

@@ -1,0 +1,11 @@
+"""Training: one trainer for every model kind (GPT baseline, entropy model, DPAR), and the engines it drives.
+
+`trainer` (the loop), `native_engine` (plain PyTorch: one process, FSDP2 / TP under torchrun),
+`deepspeed_engine` (ZeRO 1-3), `metrics_log` (console line, metrics.jsonl, offline wandb). Both engines offer
+  forward_module            what the trainer calls for the forward pass
+  autocast()                the precision context of the forward
+  backward(loss, last)      backward of one micro-batch's (pre-scaled) loss
+  step(check) -> norm       clip, `check(norm)`, optimizer + LR step (DeepSpeed: step, then check)
+  name, save_state(folder), load_state(folder)
+May import: checkpoint, sampling, evaluation, flops, parallel, models, data, patching, config.
+"""
