@@ -32,19 +32,19 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from dpar_scale.checkpoint.save_load import CheckpointError
-    from dpar_scale.parallel.process_group import destroy_distributed, is_main_process
+    from dpar_scale.parallel.process_group import destroy_process_group, is_main_process
     from dpar_scale.train.trainer import Trainer
 
     try:
         result = Trainer(cfg, deepspeed_config=args.deepspeed_config).fit()
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        destroy_distributed()
+        destroy_process_group()
         return 2
     if is_main_process():
         print(f"done: step {result.get('step')} loss {result.get('loss', float('nan')):.4f} "
               f"val_loss {result.get('val_loss', float('nan')):.4f} checkpoint {result['checkpoint']}")
-    destroy_distributed()
+    destroy_process_group()
     return 0
 
 

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    rank, world = dist.init_distributed(backend="gloo")
+    env = dist.init_process_group(backend="gloo", timeout_s=2 * 3600)
+    rank, world = env.rank, env.world_size
     try:
         model, cfg = load_model_for_inference(args.checkpoint, device=args.device)
         if cfg.model.kind != "entropy":
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
             print(f"wrote {manifest['num_rows']} rows to {out}; entropy mean {values.mean():.3f} nats, "
                   f"max {values.max():.3f} (max possible ln {codes.vocab_size} = {np.log(codes.vocab_size):.3f})")
     finally:
-        dist.destroy_distributed()
+        dist.destroy_process_group()
     return 0
 
 

@@ -205,7 +205,9 @@ def _build_shards(args, tok, samples, todo, identity, cfg_sha, device, rank) -> 
 
 def run(args) -> int:
     t0 = time.time()
-    rank, world = D.init_distributed(backend="gloo")  # only barriers/objects cross ranks: gloo works anywhere
+    # only barriers/objects cross ranks: gloo works anywhere; ranks wait for the slowest at barriers
+    env = D.init_process_group(backend="gloo", timeout_s=2 * 3600)
+    rank, world = env.rank, env.world_size
     try:
         if args.shard_size < 1 or args.batch_size < 1:
             raise ExtractError("--shard-size and --batch-size must be >= 1")
@@ -271,7 +273,7 @@ def run(args) -> int:
         D.barrier()
         return 0
     finally:
-        D.destroy_distributed()
+        D.destroy_process_group()
 
 
 def _write_manifest(args, identity: dict, num_shards: int, cfg_sha: str) -> None:

@@ -2,13 +2,14 @@
 (`launchers/local.py`), and the helpers both use.
 
 Rooms: `job` (the submitit callable `TrainJob`, preemption -> checkpoint -> requeue, `validate_launch`), `slurm`
-(sbatch rendering, SLURM_* -> rank environment, DeepSpeed hostfile), `processes` (free port, process-tree kill).
+(sbatch rendering, SLURM_* -> rank environment, DeepSpeed hostfile), `processes` (process-tree kill; `free_port` is re-exported from dpar_scale.parallel).
 This is the top of the package: it may import anything below it (train, config, parallel).
 """
 from dpar_scale.launch.job import (
     ENGINES, TrainJob, job_overrides, trainer_argv, trainer_command, validate_launch,
 )
-from dpar_scale.launch.processes import free_port, kill_process_tree, process_tree
+from dpar_scale.launch.processes import kill_process_tree, process_tree
+from dpar_scale.parallel.process_group import free_port
 from dpar_scale.launch.slurm import (
     SIGNAL_ENV, LaunchError, deepspeed_hostfile, expand_nodelist, parse_time, rank_env, render_sbatch,
     slurm_parameters,

@@ -98,7 +98,7 @@ class TrainJob:
 
     def __call__(self) -> dict:
         from dpar_scale.config import load_config
-        from dpar_scale.parallel.process_group import destroy_distributed
+        from dpar_scale.parallel.process_group import destroy_process_group
         from dpar_scale.train.trainer import Trainer
 
         os.environ.update(rank_env())
@@ -121,7 +121,7 @@ class TrainJob:
 
             trainer.train_step = train_step
         result = trainer.fit()
-        destroy_distributed()
+        destroy_process_group()
         signal.signal(sig, submitit_handler)
         if result.get("preempted") and callable(submitit_handler):
             # The checkpoint is on disk; now what the signal would have done under submitit: rank 0 calls

@@ -1,19 +1,8 @@
-"""Local process helpers for launching and for tests: a free TCP port, and killing a process tree the way a
-lost node does."""
+"""Killing a process tree the way a lost node does (tests and tools/check_resume.py)."""
 from __future__ import annotations
 
 import os
 import signal
-
-# ------------------------------------------------------------------------------------------- local helpers
-def free_port() -> int:
-    """A TCP port free on this machine now (for MASTER_PORT of a local multi-process launch)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # ------------------------------------------------------------------------------------------- hard kills
 def process_tree(pid: int) -> list[int]:

@@ -5,48 +5,13 @@ are adjacent (one node's fast links on a cluster) and FSDP's shard groups come n
 (dp_replicate, dp_shard) dimension: the data-parallel rank that decides which slice of the global batch a
 process reads (all TP ranks of one group read the same slice).
 
-The environment comes from torchrun, the DeepSpeed launcher (both set RANK / WORLD_SIZE / LOCAL_RANK /
-MASTER_ADDR / MASTER_PORT) or plain Slurm `srun` (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; MASTER_ADDR must
-be exported by the job script). Backend nccl on GPU, gloo on CPU.
+Who the processes are and how their group is created is dpar_scale.parallel.process_group's job.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from datetime import timedelta
-
-import torch
-import torch.distributed as dist
 
 from dpar_scale.config import ConfigError
-
-
-@dataclass
-class LaunchEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    source: str = "single process"
-
-    @classmethod
-    def detect(cls) -> "LaunchEnv":
-        """rank / world size / local rank from torchrun or DeepSpeed (RANK ...), else Slurm, else one process."""
-        env = os.environ
-        if "RANK" in env and "WORLD_SIZE" in env:
-            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
-                       "torchrun/deepspeed launcher")
-        if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-            world = int(env["SLURM_NTASKS"])
-            if "MASTER_ADDR" not in env:
-                raise ConfigError("running under Slurm with SLURM_NTASKS=%d but MASTER_ADDR is not set: export "
-                                  "MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) (and "
-                                  "MASTER_PORT) in the job script, or launch with torchrun" % world)
-            env.setdefault("MASTER_PORT", "29500")
-            # torch.distributed's env:// rendezvous reads these names.
-            env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], str(world)
-            env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-            return cls(int(env["SLURM_PROCID"]), world, int(env["LOCAL_RANK"]), "slurm")
-        return cls()
 
 
 @dataclass
@@ -137,38 +102,3 @@ class ParallelDims:
     def describe(self) -> str:
         return (f"world {self.world_size} = dp_replicate {self.dp_replicate} × dp_shard {self.dp_shard} × "
                 f"tp {self.tp}")
-
-
-def default_device(local_rank: int = 0) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def init_process_group(env: LaunchEnv, device: torch.device, timeout_s: float = 1800, force: bool = False) -> None:
-    """Creates the default group (nccl on GPU, gloo on CPU) when more than one process runs and none exists.
-    `force`: also for a single process (DeepSpeed needs a group even then); it gets a local rendezvous."""
-    if dist.is_initialized() or (env.world_size <= 1 and not force):
-        return
-    if env.world_size <= 1:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
-                           ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(key, value)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                            timeout=timedelta(seconds=timeout_s))
-
-
-def all_reduce_sum(values: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum over `group` (identity without a process group). Works on a copy; returns it."""
-    out = values.detach().clone()
-    if dist.is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
