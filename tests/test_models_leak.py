@@ -1,4 +1,4 @@
-"""No leak: the prediction of code t may depend only on codes < t and the class (DESIGN.md §1).
+"""No leak: the prediction of code t may depend only on codes < t and the class.
 
 For every model kind and several patch layouts we perturb code t of one image (for *every* t, which covers t = 0,
 N-1 and the first / last code of every patch) and check that

@@ -1,4 +1,4 @@
-"""The patch rule of DESIGN.md §1, checked by hand-worked examples, a loop-by-loop reference, and properties."""
+"""The patch rule (dpar_scale.patching.rule), checked by hand-worked examples, a loop-by-loop reference, and properties."""
 import math
 
 import pytest

@@ -29,7 +29,7 @@ from dpar_scale.flops.analytic import train_flops  # noqa: E402
 from dpar_scale.patching.layout import PatchLayout  # noqa: E402
 from dpar_scale.models import build_model, resolve_model_config  # noqa: E402
 from dpar_scale.patching.rule import calibrate_threshold, patch_starts, starts_to_lengths  # noqa: E402
-from dpar_scale.train.trainer import code_loss  # noqa: E402
+from dpar_scale.train.loss import code_loss  # noqa: E402
 
 
 def batch_layouts(args, n_codes: int, width: int):

@@ -28,7 +28,7 @@ def _config_of(path: Path) -> Config:
 
 def _from_dcp(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
     """Full fp32 tensors from a DCP folder, read in this one process (no process group needed)."""
-    from dpar_scale.train.native_engine import dcp_load
+    from dpar_scale.checkpoint.dcp_io import dcp_load
     from dpar_scale.models import build_model
 
     with torch.device("cpu"):

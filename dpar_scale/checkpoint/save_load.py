@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from dpar_scale.checkpoint.rng import reseed, rng_state, set_rng_state
 from dpar_scale.config import Config, save_config
+from dpar_scale.parallel.process_group import barrier, get_rank, get_world_size
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 DATA_FILE = "data.json"
@@ -56,47 +56,6 @@ class TrainState:
     global_positions_seen: int = 0
     wandb_id: str = ""
     extra: dict = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------------ processes
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# ------------------------------------------------------------------------------------------------------ RNG
-def rng_state() -> dict:
-    version, keys, gauss = random.getstate()
-    np_state = np.random.get_state()
-    return {
-        "python": list(keys), "python_version": version, "python_gauss": gauss,
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-
-
-def reseed(seed: int, step: int, rank: int) -> None:
-    """RNG streams for a rank that has no saved state of its own (the layout changed on resume): a function of
-    (seed, step, rank), so two resumes of the same checkpoint on the same layout still agree."""
-    value = (seed * 1_000_003 + step * 7919 + rank) % (1 << 63)
-    random.seed(value)
-    np.random.seed(value % (1 << 32))
-    torch.manual_seed(value)
 
 
 # -------------------------------------------------------------------------------------------------- folders
@@ -157,7 +116,7 @@ def sha256_file(path: Path) -> str:
 
 def shared_checksums(folder: Path, files: list[str]) -> dict[str, str]:
     """sha256 of `files`, rank r hashing every world-size-th one; every rank gets the whole table (collective)."""
-    rank, world = _rank(), _world_size()
+    rank, world = get_rank(), get_world_size()
     mine = {name: sha256_file(Path(folder) / name) for name in files[rank::world]}
     if world == 1:
         return mine
@@ -214,14 +173,14 @@ def save_checkpoint(output_dir, cfg: Config, engine, scheduler, state: TrainStat
     and renames. `layout` describes the process layout (recorded, compared on resume). `background`: the
     shards are written by threads and a PendingCheckpoint is returned; `finish_checkpoint` (collective) waits
     for them and publishes."""
-    rank = _rank()
+    rank = get_rank()
     final = checkpoint_root(output_dir) / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         _remove_interrupted_saves(output_dir)
         tmp.mkdir(parents=True)
         (tmp / "rng").mkdir()
-    _barrier()
+    barrier()
     futures = engine.save_state(tmp, ema, client_state=asdict(state), background=background)
     torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
     if rank == 0:
@@ -230,7 +189,7 @@ def save_checkpoint(output_dir, cfg: Config, engine, scheduler, state: TrainStat
         save_config(cfg, tmp / "config.yaml")
         write_data_info(tmp, data_info)
     pending = PendingCheckpoint(tmp, final, futures, {"step": state.step, "engine": engine.name,
-                                                      "world_size": _world_size()},
+                                                      "world_size": get_world_size()},
                                 cfg.checkpoint.checksums, Path(output_dir), keep_last, protect)
     return pending if background else finish_checkpoint(pending)
 
@@ -239,12 +198,12 @@ def finish_checkpoint(pending: PendingCheckpoint) -> Path:
     """Collective: waits for this rank's shard writes, then (all on disk) checksums, complete.json, rename."""
     for future in pending.futures:
         future.result()
-    _barrier()  # every file of the checkpoint is on disk
+    barrier()  # every file of the checkpoint is on disk
     checksums = shared_checksums(pending.tmp, checkpoint_files(pending.tmp)) if pending.checksums else None
-    if _rank() == 0:
+    if get_rank() == 0:
         write_marker(pending.tmp, pending.info, checksums)
         publish_checkpoint(pending.tmp, pending.final, pending.output_dir, pending.keep_last, pending.protect)
-    _barrier()
+    barrier()
     return pending.final
 
 
@@ -295,7 +254,7 @@ def load_checkpoint(path: Path, engine, scheduler, layout: dict, ema=None, seed:
     engine.load_state(path, ema, saved_layout)
     restore_schedule(scheduler, blob["scheduler"]["last_epoch"])
     state = TrainState(**blob["train_state"])
-    rank = _rank()
+    rank = get_rank()
     same_processes = {k: saved_layout.get(k) for k in PROCESS_KEYS} == {k: layout.get(k) for k in PROCESS_KEYS}
     own = path / "rng" / f"rank-{rank:05d}.pt"
     if same_processes and own.is_file():

@@ -1,7 +1,7 @@
 """Next-code entropies from the unconditional entropy model.
 
 Entry k of the result is H_k = -Σ_v p(v | x_<k) ln p(v | x_<k) in nats: the entropy of the model's prediction of
-code k from the start token and codes < k (DESIGN.md §1). The patcher reads these; training never runs this model.
+code k from the start token and codes < k. The patcher reads these; training never runs this model.
 """
 from __future__ import annotations
 

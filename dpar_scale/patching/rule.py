@@ -1,6 +1,6 @@
 """Entropy-driven patching: which codes start a patch.
 
-Index convention (DESIGN.md §1): `entropy[:, j]` is the entropy (nats) of the entropy model's prediction of code j
+Index convention: `entropy[:, j]` is the entropy (nats) of the entropy model's prediction of code j
 from the start token and codes < j. With N = H·W codes in raster order and grid width W:
 
 * codes 0 and 1 always start a patch;

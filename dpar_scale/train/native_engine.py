@@ -6,10 +6,11 @@ across device meshes, the optimizer and LR-scheduler step, and the model/optimiz
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 
 import torch
+
+from dpar_scale.checkpoint.dcp_io import dcp_load, dcp_save, dcp_save_async
 
 
 def reduce_partial_grads(model: torch.nn.Module) -> None:
@@ -120,41 +121,3 @@ def named_ema(ema) -> dict:
     from dpar_scale.parallel.init import clean_name
 
     return {clean_name(k): v for k, v in ema.state_dict().items()}
-
-
-# One process without a process group is a normal case here (DCP's single-process mode), and DCP warns on every
-# such call — also from the writer threads of a background save, where a local catch_warnings cannot reach.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-
-def _single_process() -> bool:
-    """No process group: DCP's single-process mode."""
-    import torch.distributed as dist
-
-    return not dist.is_initialized()
-
-
-def dcp_save(state: dict, folder: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save(state, checkpoint_id=str(folder), no_dist=_single_process())
-
-
-def dcp_save_async(state: dict, folder: Path, group):
-    """Copies `state` to CPU memory now; a thread writes it. Returns the future of the write."""
-    import torch.distributed.checkpoint as dcp
-
-    return dcp.async_save(state, checkpoint_id=str(folder), process_group=group, no_dist=_single_process())
-
-
-def dcp_load(state: dict, folder: Path, no_dist: bool = False) -> None:
-    """Loads `folder` in place into the tensors of `state`; a damaged folder becomes a CheckpointError.
-    `no_dist`: read everything in this process even when a process group exists (export / sampling)."""
-    import torch.distributed.checkpoint as dcp
-
-    from dpar_scale.checkpoint.save_load import read_checkpoint_file
-
-    def read(path: Path) -> None:
-        dcp.load(state, checkpoint_id=str(path), no_dist=no_dist or _single_process())
-
-    read_checkpoint_file(folder, read)

@@ -13,7 +13,6 @@ step, and rank 0 alone writes metrics and the run folder.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dpar_scale.checkpoint.save_load import (
     PendingCheckpoint, TrainState, finish_checkpoint, find_resume_checkpoint, list_checkpoints, load_checkpoint,
@@ -31,75 +29,17 @@ from dpar_scale.checkpoint.resume_checks import check_resume
 from dpar_scale.config import Config, ConfigError, save_config, to_dict
 from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share, rank_slice
 from dpar_scale.flops.analytic import peak_flops, throughput, train_flops
-from dpar_scale.train.metrics_log import MetricsLogger, format_line
 from dpar_scale.models.layers import class_drop_mask
-from dpar_scale.parallel.dims import LaunchEnv, ParallelDims, all_reduce_sum, default_device, init_process_group
+from dpar_scale.parallel.dims import ParallelDims
+from dpar_scale.parallel.process_group import LaunchEnv, all_reduce_sum, default_device, init_process_group
+from dpar_scale.train.ema import EMA
+from dpar_scale.train.loss import code_loss_per_image
+from dpar_scale.train.metrics_log import MetricsLogger, format_line
+from dpar_scale.train.optim import build_optimizer, lr_lambda
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN/Inf; the message names the step and the batch's samples."""
-
-
-class EMA:
-    """An fp32 exponential moving average of the model's floating-point state."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.float(), 1.0 - self.decay)
-
-    def state_dict(self) -> dict:
-        return self.shadow
-
-    def load_state_dict(self, state: dict) -> None:
-        for k in self.shadow:
-            self.shadow[k].copy_(state[k])
-
-    @contextlib.contextmanager
-    def swapped_into(self, model: torch.nn.Module):
-        """Temporarily loads the EMA weights into `model` (for validation / sampling)."""
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
-        model.load_state_dict(self.shadow, strict=False)
-        try:
-            yield model
-        finally:
-            model.load_state_dict(backup, strict=False)
-
-
-def lr_lambda(cfg: Config):
-    warmup, total, schedule, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.schedule, cfg.optim.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "cosine":
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return factor
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    # Weight decay on matrices only (LlamaGen's choice): not on norms, biases or the start/class vectors.
-    # After TP + FSDP parameters live on different device meshes (or none), and one foreach op cannot mix them, so
-    # each (decay, mesh) pair is its own parameter group; one process has exactly the two groups it always had.
-    from torch.distributed.tensor import DTensor
-
-    groups: dict = {}
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        mesh = p.device_mesh if isinstance(p, DTensor) else None
-        groups.setdefault((p.dim() >= 2, mesh), []).append(p)
-    order = sorted(groups, key=lambda k: (not k[0], str(k[1])))
-    param_groups = [{"params": groups[k], "weight_decay": cfg.optim.weight_decay if k[0] else 0.0} for k in order]
-    return torch.optim.AdamW(param_groups, lr=cfg.optim.lr, betas=cfg.optim.betas, foreach=True)
 
 
 def check_model_fits_data(cfg: Config, data: CodeData) -> None:
@@ -115,17 +55,6 @@ def check_model_fits_data(cfg: Config, data: CodeData) -> None:
                           f"set model.num_classes={data.num_classes}")
 
 
-def code_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Mean next-code cross-entropy over every code of the batch (`logits[:, t]` predicts `codes[:, t]`)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
-
-
-def code_loss_per_image(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """[B] summed next-code cross-entropy of each image (sums, so ranks and micro-batches combine exactly)."""
-    per_code = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1), reduction="none")
-    return per_code.view(codes.shape).sum(1)
-
-
 class Trainer:
     def __init__(self, cfg: Config, model: torch.nn.Module | None = None, device: str | None = None,
                  dp_rank: int = 0, dp_size: int = 1, is_main: bool = True, deepspeed_config: str | None = None):
@@ -138,9 +67,16 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         cfg.model = resolve_model_config(cfg.model)
-        kind = cfg.model.kind
+        ds_cfg = self._setup_processes(device, dp_rank, dp_size, is_main, deepspeed_config)
+        self._setup_data()
+        model = self._setup_model(model, native=ds_cfg is None)
+        self._setup_engine(model, ds_cfg, deepspeed_config)
+        self._setup_run_folder(ds_cfg)
 
-        # 1. processes and layout
+    def _setup_processes(self, device, dp_rank, dp_size, is_main, deepspeed_config) -> dict | None:
+        """Process group, ParallelDims and the device mesh, this rank's data-parallel coordinates, the seed.
+        Returns the resolved DeepSpeed config (None for the native engine)."""
+        cfg = self.cfg
         self.env = LaunchEnv.detect()
         self.device = torch.device(device) if device else default_device(self.env.local_rank)
         ds_raw = None
@@ -155,22 +91,23 @@ class Trainer:
             dp_rank, dp_size, is_main = self.dims.dp_rank, self.dims.dp, self.env.rank == 0
         self.dp_rank, self.dp_size, self.is_main = dp_rank, dp_size, is_main
         self.dp_group = self.dims.dp_group()
-        ds_cfg = None
-        if ds_raw is not None:
-            from dpar_scale.train.deepspeed_engine import resolve_deepspeed_config
-
-            ds_cfg = resolve_deepspeed_config(ds_raw, cfg, self.dp_size, source=str(deepspeed_config))
         # TP ranks of one group share a seed (replicated regions must draw the same dropout / class-dropout).
         torch.manual_seed(cfg.train.seed + self.dp_rank)
+        if ds_raw is None:
+            return None
+        from dpar_scale.train.deepspeed_engine import resolve_deepspeed_config
 
-        # 2. data
+        return resolve_deepspeed_config(ds_raw, cfg, self.dp_size, source=str(deepspeed_config))
+
+    def _setup_data(self) -> None:
+        """Codes (+ entropies for DPAR), checked against the model; a resume is checked before the model is built
+        or anything is loaded: same model shape, same data (unless checkpoint.allow_data_change), readable files."""
+        cfg, kind = self.cfg, self.cfg.model.kind
         needs_entropy = kind == "dpar" and cfg.model.patch.mode != "static"
         self.data = CodeData.open(cfg.data.codes_dir, cfg.data.entropy_dir, need_entropy=needs_entropy,
                                   val_fraction=cfg.data.val_fraction)
         check_model_fits_data(cfg, self.data)
         self.data_info = self.data.identity()
-        # A resume is checked before the model is built or anything is loaded: same model shape, same data
-        # (unless checkpoint.allow_data_change), readable files.
         self.resumed_from = find_resume_checkpoint(self.out, cfg.checkpoint.resume)
         if self.resumed_from is not None:
             check_resume(self.resumed_from, cfg.model, self.data_info, cfg.checkpoint.allow_data_change)
@@ -185,12 +122,14 @@ class Trainer:
             raise ConfigError("data.global_tokens_per_microbatch packs DPAR patch sequences; token-level models "
                               "take a fixed data.batch_size (set data.global_tokens_per_microbatch=0)")
 
-        # 3. model: meta -> parallelize -> materialise shards -> layout-independent init
+    def _setup_model(self, model: torch.nn.Module | None, native: bool) -> torch.nn.Module:
+        """meta -> parallelize -> materialise this rank's shards -> layout-independent init (DeepSpeed shards the
+        model itself; activation checkpointing is still ours)."""
         from dpar_scale.parallel.parallelize import (
             apply_activation_checkpointing, build_parallel_model, parallelize,
         )
 
-        native = ds_cfg is None
+        cfg = self.cfg
         if model is None:
             model = build_parallel_model(cfg.model, self.dims, cfg.parallel, cfg.train.precision, self.device,
                                          seed=cfg.train.seed, apply_parallelism=native)
@@ -198,13 +137,16 @@ class Trainer:
             model = model.to(self.device)
             if native:
                 parallelize(model, self.dims, cfg.parallel, cfg.train.precision)
-        if not native:  # DeepSpeed shards (ZeRO) itself; activation checkpointing is still ours
+        if not native:
             apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
+        return model
 
-        # 4. optimizer, schedule, engine
+    def _setup_engine(self, model: torch.nn.Module, ds_cfg: dict | None, deepspeed_config: str | None) -> None:
+        """Optimizer, LR schedule, the engine that owns backward / clip / step, EMA."""
+        cfg = self.cfg
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        if native:
+        if ds_cfg is None:
             from dpar_scale.train.native_engine import NativeEngine
 
             self.engine = NativeEngine(model, optimizer, scheduler, cfg, self.dims, self.device)
@@ -217,24 +159,26 @@ class Trainer:
         self.model = self.engine.forward_module
         self.optimizer, self.scheduler = self.engine.optimizer, self.engine.scheduler
         self.ema = EMA(self.engine.model, cfg.train.ema) if cfg.train.ema > 0 else None
+        if cfg.checkpoint.async_save and self.engine.name != "fsdp":
+            raise ConfigError("checkpoint.async_save=true needs the FSDP2 engine (DeepSpeed writes its own "
+                              "checkpoint synchronously): set checkpoint.async_save=false")
 
-        # 5. resume, run folder
+    def _setup_run_folder(self, ds_cfg: dict | None) -> None:
+        """Resume (weights, optimizer, schedule, RNG, cursor), then the run folder and the metrics logger."""
+        cfg = self.cfg
         self.state = TrainState()
         if self.resumed_from is not None:
             self.state = load_checkpoint(self.resumed_from, self.engine, self.scheduler, self.layout(), ema=self.ema,
-                                         seed=cfg.train.seed, say=print if is_main else (lambda *_: None))
-        if is_main:
+                                         seed=cfg.train.seed, say=print if self.is_main else (lambda *_: None))
+        if self.is_main:
             save_config(cfg, self.out / "config.yaml")
             if ds_cfg is not None:
                 (self.out / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-        self.metrics = MetricsLogger(self.out, enabled=is_main, wandb_cfg=cfg.wandb, run_name=cfg.run.name,
+        self.metrics = MetricsLogger(self.out, enabled=self.is_main, wandb_cfg=cfg.wandb, run_name=cfg.run.name,
                                      config=to_dict(cfg), wandb_id=self.state.wandb_id or None)
         self.state.wandb_id = self.metrics.wandb_id or ""
         self.stop_requested = False  # see request_stop
         self.pending_save: PendingCheckpoint | None = None  # checkpoint.async_save: shards still being written
-        if cfg.checkpoint.async_save and self.engine.name != "fsdp":
-            raise ConfigError("checkpoint.async_save=true needs the FSDP2 engine (DeepSpeed writes its own "
-                              "checkpoint synchronously): set checkpoint.async_save=false")
 
     def request_stop(self) -> None:
         """Asks `fit` to stop at the next step boundary: it saves a checkpoint and returns a result with
