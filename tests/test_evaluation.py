@@ -1,0 +1,472 @@
+"""Evaluation: ADM's statistics against independent formulas and constructed answers, the npz / ImageFolder inputs,
+the reference cache, the detectors (stand-in TorchScript modules with the real signatures), tools/evaluate.py, and
+2 ranks == 1 rank."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+
+from dpar_scale.data.images import center_crop_arr
+from dpar_scale.evaluation import (
+    EvaluationError, evaluate_samples, extract_features, fid_statistics, frechet_distance, inception_score,
+    load_detector, manifold_radii, open_images, precision_recall,
+)
+from dpar_scale.evaluation.sources import FolderImages, NpzImages
+from tests.parallel_helpers import REPO, run_env, torchrun
+
+# the stand-in detectors are TorchScript files like the real one; torch marks torch.jit.script deprecated
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+# ---- stand-in detectors: tiny TorchScript modules with the real files' forward signatures ----
+
+class StandInInception(torch.nn.Module):
+    """forward(img, return_features, use_fp16, no_output_bias) like inception-2015-12-05.pt, resizing internally."""
+
+    def __init__(self, dim: int = 8, classes: int = 10):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.nn.Parameter(torch.randn(3 * 8 * 8, dim, generator=g) / 4)
+        self.output = torch.nn.Linear(dim, classes)
+        with torch.no_grad():
+            self.output.weight.copy_(torch.randn(classes, dim, generator=g) * 3)
+            self.output.bias.copy_(torch.randn(classes, generator=g))
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        x = F.interpolate(img.float() / 255, size=(8, 8), mode="bilinear", align_corners=False)
+        f = torch.tanh(x.flatten(1) @ self.proj)
+        if return_features:
+            return f
+        logits = F.linear(f, self.output.weight) if no_output_bias else self.output(f)
+        return torch.softmax(logits, 1)
+
+
+class StandInDomain(torch.nn.Module):
+    """forward(img) -> (features, logits): the domain detector's interface."""
+
+    def __init__(self, dim: int = 6, classes: int = 4):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.proj = torch.nn.Parameter(torch.randn(3 * 4 * 4, dim, generator=g) / 3)
+        self.head = torch.nn.Parameter(torch.randn(dim, classes, generator=g) * 2)
+
+    def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.adaptive_avg_pool2d(img.float() / 255, 4).flatten(1)
+        f = torch.tanh(x @ self.proj)
+        return f, f @ self.head
+
+
+class WrongSignature(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().flatten(1)
+
+
+class WrongOutput(torch.nn.Module):
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        return img.float().mean((1, 2, 3))  # 1-D: not [batch, features]
+
+
+def script(module: torch.nn.Module, path) -> str:
+    torch.jit.script(module).save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def inception_pt(tmp_path_factory):
+    return script(StandInInception(), tmp_path_factory.mktemp("det") / "inception-standin.pt")
+
+
+def images(n: int, seed: int, size: int = 16, high: int = 256) -> np.ndarray:
+    """Blurry random images: smooth enough that the stand-in's 8x8 resize keeps them apart."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, high, (n, 4, 4, 3)).astype(np.float32)
+    return np.repeat(np.repeat(small, size // 4, 1), size // 4, 2).astype(np.uint8)
+
+
+# ---- independent ADM formulas (numpy + scipy, written here) ----
+
+def fid_reference(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    m1, m2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(s1 @ s2).real
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
+
+
+def is_reference(p: np.ndarray, split: int) -> float:
+    scores = []
+    for i in range(0, len(p), split):
+        part = p[i:i + split].astype(np.float64)
+        kl = (part * (np.log(part) - np.log(part.mean(0, keepdims=True)))).sum(1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores))
+
+
+# ---- FID ----
+
+def test_fid_equals_independent_formula_and_is_zero_against_itself():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 8)).astype(np.float32)
+    b = (rng.normal(size=(250, 8)) @ rng.normal(size=(8, 8)) * 0.7 + 0.3).astype(np.float32)
+    mu_a, sig_a = fid_statistics(a, chunk=64)  # chunked two-pass sums == np.cov
+    np.testing.assert_allclose(sig_a, np.cov(a.astype(np.float64), rowvar=False), rtol=1e-12, atol=1e-14)
+    got = frechet_distance(mu_a, sig_a, *fid_statistics(b))
+    expected = fid_reference(a, b)
+    assert expected > 1.0
+    assert abs(got - expected) <= 1e-9 * expected  # both float64; sqrtm of an 8x8 matrix
+    self_fid = frechet_distance(mu_a, sig_a, mu_a, sig_a)
+    assert abs(self_fid) <= 1e-10 * np.trace(sig_a)  # tr(S) + tr(S) - 2 tr(sqrtm(S S)): float64 cancellation
+
+
+def test_fid_matches_torchmetrics_on_the_same_features():
+    """A maintained implementation (eigvals of S1 S2, uncentred sums) agrees with ours (scipy sqrtm, centred)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Identity(torch.nn.Module):
+        num_features = 8
+
+        def forward(self, x):
+            return x
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(200, 8)), rng.normal(size=(180, 8)) * 1.3 + 0.2
+    metric = FrechetInceptionDistance(feature=Identity())
+    metric.update(torch.from_numpy(a), real=True)
+    metric.update(torch.from_numpy(b), real=False)
+    ours = frechet_distance(*fid_statistics(b.astype(np.float32)), *fid_statistics(a.astype(np.float32)))
+    assert abs(metric.compute().item() - ours) <= 1e-6 * ours  # ours rounds features to float32 first
+
+
+def test_non_finite_sqrtm_is_retried_with_eps_on_both_diagonals(monkeypatch):
+    from dpar_scale.evaluation import statistics
+
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(40, 3)), rng.normal(size=(40, 3)) + 1
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    seen, real_sqrtm = [], linalg.sqrtm
+
+    def sqrtm(m):  # the first product "fails" (as a singular one can), the retry gets the real square root
+        seen.append(m)
+        return np.full_like(m, np.nan) if len(seen) == 1 else real_sqrtm(m)
+
+    monkeypatch.setattr(statistics.linalg, "sqrtm", sqrtm)
+    with pytest.warns(UserWarning, match="singular; adding 1e-06 to both diagonals"):
+        got = frechet_distance(mu1, s1, mu2, s2)
+    eye = np.eye(3) * 1e-6
+    np.testing.assert_array_equal(seen[1], (s1 + eye) @ (s2 + eye))
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(
+        real_sqrtm((s1 + eye) @ (s2 + eye)).real)
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+# ---- Inception Score ----
+
+def test_inception_score_constructed_probabilities():
+    uniform = np.full((100, 7), 1 / 7)
+    assert inception_score(uniform)[0] == pytest.approx(1.0, abs=1e-12)
+    one_hot = np.eye(5)[np.arange(100) % 5]  # balanced over C = 5 classes
+    score, std, splits = inception_score(one_hot)
+    assert (score, splits) == (pytest.approx(5.0, rel=1e-12), 1)
+    rng = np.random.default_rng(3)
+    soft = rng.dirichlet(np.full(6, 0.3), size=1200)
+    mean, std, splits = inception_score(soft, split_size=500)  # splits of 500, 500, 200 in file order
+    assert splits == 3
+    assert mean == pytest.approx(is_reference(soft, 500), rel=1e-12)
+
+
+def test_inception_score_splits_in_file_order_without_permutation():
+    half = np.eye(2)[np.r_[np.zeros(5000, int), np.ones(5000, int)]]  # first split all class 0, second class 1
+    alternating = np.eye(2)[np.arange(10000) % 2]                      # the same rows, each split half / half
+    assert inception_score(half) == (pytest.approx(1.0, abs=1e-12), pytest.approx(0.0, abs=1e-12), 2)
+    assert inception_score(alternating)[0] == pytest.approx(2.0, rel=1e-12)
+
+
+# ---- precision / recall ----
+
+def brute_force_radii(x: np.ndarray, k: int) -> np.ndarray:
+    d = ((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1)
+    return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+
+def test_manifold_radii_equal_brute_force_across_chunks():
+    x = np.random.default_rng(4).normal(size=(37, 5)).astype(np.float32)
+    expected = brute_force_radii(x, 3)
+    for chunk in (5, 37, 100):
+        np.testing.assert_allclose(manifold_radii(x, 3, chunk), expected, rtol=1e-5)  # float32 |a|^2-2ab+|b|^2
+
+
+def on_a_line(positions: np.ndarray, dim: int = 6, seed: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    return (rng.normal(size=dim) + positions[:, None] * direction).astype(np.float32)
+
+
+def test_precision_recall_constructed_sets():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(40, 6)).astype(np.float32)
+    assert precision_recall(x, x.copy()) == (1.0, 1.0)
+    far = x + np.float32(1000.0)
+    assert precision_recall(x, far) == (0.0, 0.0)
+    # Reference: points 0, 1, ..., 99 on a line (squared 3-NN radius 4; 9 at both ends). Samples: 0.25, 0.75, ...,
+    # 49.75 (spacing 0.5: radius 1, 2.25 at the ends). Every sample lies 0.25 from a reference point -> precision
+    # 1. Reference points 0..50 lie 0.25 from a sample; 51 lies 1.25 from the end sample 49.75 (1.5625 <= 2.25);
+    # 52 lies 2.25 away (5.06 > 2.25) -> recall = 52 / 100: the samples cover half the reference line.
+    reference = on_a_line(np.arange(100.0))
+    samples = on_a_line(0.25 + 0.5 * np.arange(100.0))
+    for chunk in (7, 10000):
+        assert precision_recall(reference, samples, chunk=chunk) == (1.0, 0.52)
+
+
+def test_precision_recall_balls_include_their_boundary():
+    """ADM tests distance <= radius. Integer points repeated 4 times have a 3-NN radius of exactly 0 (float32 is
+    exact on small integers), so a sample on a reference point is inside only because of the <=."""
+    points = np.random.default_rng(7).integers(-5, 6, size=(10, 4)).astype(np.float32)
+    reference = np.repeat(points, 4, axis=0)
+    assert (manifold_radii(reference) == 0).all()
+    assert precision_recall(reference, reference[::4].repeat(4, 0)) == (1.0, 1.0)
+    assert precision_recall(reference, reference + np.float32(0.5)) == (0.0, 0.0)
+
+
+# ---- inputs ----
+
+def test_npz_layout_checks(tmp_path):
+    good = images(6, 0)
+    np.savez(tmp_path / "plain.npz", arr_0=good, labels=np.arange(6))
+    np.savez_compressed(tmp_path / "packed.npz", arr_0=good)
+    plain, packed = NpzImages(tmp_path / "plain.npz"), NpzImages(tmp_path / "packed.npz")
+    assert plain._mmap is not None and packed._mmap is None  # memory-mapped vs streamed
+    for src in (plain, packed):
+        np.testing.assert_array_equal(src.read(3, 6), good[3:6])
+        np.testing.assert_array_equal(src.read(0, 2), good[0:2])  # backwards: the stream re-opens
+    np.testing.assert_array_equal(plain.labels, np.arange(6))
+    cases = {
+        "no_arr0.npz": (dict(images=good), r"no arr_0 in this npz \(it holds images\)"),
+        "float.npz": (dict(arr_0=good.astype(np.float32) / 255), r"float32 \[6, 16, 16, 3\].*np.rint"),
+        "gray.npz": (dict(arr_0=good[..., 0]), r"uint8 \[6, 16, 16\]; arr_0 must hold uint8 \[N, H, W, 3\]"),
+        "one.npz": (dict(arr_0=good[:1]), r"holds 1 image\(s\); FID needs at least 2"),
+        "labels.npz": (dict(arr_0=good, labels=np.arange(5)), r"labels are int64 \[5\]; expected integers \[6\]"),
+    }
+    for name, (arrays, message) in cases.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(EvaluationError, match=message):
+            NpzImages(tmp_path / name)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes((tmp_path / "plain.npz").read_bytes()[:1000])
+    with pytest.raises(EvaluationError, match="truncated.npz: not a readable npz file"):
+        NpzImages(truncated)
+    with pytest.raises(EvaluationError, match="missing.npz: no such file or folder"):
+        open_images(tmp_path / "missing.npz", what="reference")
+
+
+def test_image_folder_is_centre_cropped_like_adm(tmp_path):
+    rng = np.random.default_rng(7)
+    pictures = []
+    for cls, (h, w) in enumerate([(20, 28), (40, 33), (16, 16)]):
+        (tmp_path / "ref" / f"c{cls}").mkdir(parents=True)
+        pic = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        pic.save(tmp_path / "ref" / f"c{cls}" / "a.png")
+        pictures.append(np.asarray(center_crop_arr(pic, 16)))
+    src = open_images(tmp_path / "ref", image_size=16, what="reference")
+    assert isinstance(src, FolderImages) and src.shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(src.read(0, 3), np.stack(pictures))
+    np.testing.assert_array_equal(src.read(2, 3)[0], pictures[2])  # already 16x16: unchanged
+
+
+# ---- detectors ----
+
+def test_detector_errors_name_the_file_and_the_fix(tmp_path, inception_pt):
+    with pytest.raises(EvaluationError, match=r"nope.pt: detector file not found; download inception-2015-12-05.pt "
+                                              r"yourself .* this project never downloads it"):
+        load_detector(f"inception:{tmp_path / 'nope.pt'}")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model" * 100)
+    with pytest.raises(EvaluationError, match="junk.pt: not a TorchScript file"):
+        load_detector(f"inception:{junk}")
+    pickled = tmp_path / "pickled.pt"
+    torch.save(StandInInception().state_dict(), pickled)
+    with pytest.raises(EvaluationError, match="pickled.pt: not a TorchScript file"):
+        load_detector(f"inception:{pickled}")
+    with pytest.raises(EvaluationError, match=r"forward takes \(x\), not the Inception detector's \(img, "
+                                              r"return_features, use_fp16, no_output_bias\)"):
+        load_detector(f"inception:{script(WrongSignature(), tmp_path / 'sig.pt')}")
+    bad = load_detector(f"inception:{script(WrongOutput(), tmp_path / 'out.pt')}")
+    with pytest.raises(EvaluationError, match=r"out.pt: the detector's features are torch.float32 \[4\] for a "
+                                              r"batch of 4; expected floats \[4, dim\]"):
+        bad(torch.zeros(4, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(EvaluationError, match="expected KIND:PATH with KIND one of inception, domain"):
+        load_detector(inception_pt)
+
+
+def test_inception_detector_outputs(inception_pt):
+    det = load_detector(f"inception:{inception_pt}")
+    batch = torch.from_numpy(images(5, 8)).permute(0, 3, 1, 2).contiguous()
+    features, probs = det(batch)
+    module = StandInInception()
+    np.testing.assert_allclose(features, module(batch, return_features=True).detach(), rtol=1e-6)
+    np.testing.assert_allclose(probs, module(batch, no_output_bias=True).detach(), rtol=1e-6)
+    assert det.describe()["sha256"] == hashlib.sha256(open(inception_pt, "rb").read()).hexdigest()
+
+
+# ---- reference cache ----
+
+def counting(detector):
+    calls = []
+    real = detector._forward
+    detector._forward = lambda batch, need_probs: (calls.append((batch.shape[0], need_probs)), real(batch, need_probs))[1]
+    return calls
+
+
+def test_reference_cache_is_reused_and_invalidated(tmp_path, inception_pt):
+    ref, samples = tmp_path / "ref.npz", images(12, 10, high=200)
+    np.savez(ref, arr_0=images(20, 9))
+    det = load_detector(f"inception:{inception_pt}")
+    calls = counting(det)
+    first = evaluate_samples(samples, ref, det, batch_size=8, progress=False)
+    assert sum(n for n, probs in calls if not probs) == 20 and not first["reference_from_cache"]
+    cache = first["reference_cache"]
+    assert cache == str(tmp_path / f"ref.npz.stats-{det.sha256[:16]}.npz")
+    calls.clear()
+    second = evaluate_samples(samples, ref, det, batch_size=8, progress=False)
+    assert [probs for _, probs in calls] == [True, True]  # only the 12 samples went through the detector
+    assert second["reference_from_cache"] and second["fid"] == first["fid"]
+    assert (second["precision"], second["recall"]) == (first["precision"], first["recall"])
+    np.savez(ref, arr_0=images(20, 11))  # the reference changed: the cache is stale
+    calls.clear()
+    third = evaluate_samples(samples, ref, det, batch_size=8, progress=False)
+    assert sum(n for n, probs in calls if not probs) == 20 and not third["reference_from_cache"]
+    assert third["fid"] != first["fid"]
+    with open(cache, "wb") as f:  # a broken cache is recomputed, not trusted
+        f.write(b"garbage")
+    calls.clear()
+    fourth = evaluate_samples(samples, ref, det, batch_size=8, progress=False)
+    assert sum(n for n, probs in calls if not probs) == 20 and fourth["fid"] == third["fid"]
+
+
+def test_precomputed_reference_mu_sigma_are_used(tmp_path, inception_pt):
+    det = load_detector(f"inception:{inception_pt}")
+    ref_images, other, samples = images(20, 12), images(30, 13), images(15, 14, high=180)
+    mu_other, sigma_other = fid_statistics(extract_features(open_images(other), det, progress=False).features)
+    np.savez(tmp_path / "plain.npz", arr_0=ref_images)
+    np.savez(tmp_path / "adm.npz", arr_0=ref_images, mu=mu_other, sigma=sigma_other)
+    plain = evaluate_samples(samples, tmp_path / "plain.npz", det, use_cache=False, progress=False)
+    adm = evaluate_samples(samples, tmp_path / "adm.npz", det, use_cache=False, progress=False)
+    sample_feats = extract_features(open_images(samples), det, progress=False).features
+    assert adm["reference_statistics"] == "precomputed" and plain["reference_statistics"] == "features"
+    assert adm["fid"] == pytest.approx(frechet_distance(*fid_statistics(sample_feats), mu_other, sigma_other),
+                                       rel=1e-12)
+    assert adm["fid"] != pytest.approx(plain["fid"], rel=1e-3)
+    assert (adm["precision"], adm["recall"]) == (plain["precision"], plain["recall"])  # features of arr_0 for P/R
+    # FID from precomputed mu / sigma equals FID from the features they came from
+    np.savez(tmp_path / "adm_same.npz", arr_0=other, mu=mu_other, sigma=sigma_other)
+    np.savez(tmp_path / "plain_same.npz", arr_0=other)
+    from_stats = evaluate_samples(samples, tmp_path / "adm_same.npz", det, use_cache=False, progress=False)
+    from_feats = evaluate_samples(samples, tmp_path / "plain_same.npz", det, use_cache=False, progress=False)
+    assert from_stats["fid"] == pytest.approx(from_feats["fid"], rel=1e-12)
+
+
+# ---- tools/evaluate.py ----
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_inception_end_to_end(tmp_path, inception_pt):
+    sample_images, ref_images = images(24, 15, high=220), images(30, 16)
+    labels = np.arange(24) % 3
+    np.savez(tmp_path / "samples.npz", arr_0=sample_images, labels=labels)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images)
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "tools/evaluate.py", "--reference", str(tmp_path / "ref.npz"), "--samples",
+                           str(tmp_path / "samples.npz"), "--inception", inception_pt, "--json", str(out),
+                           "--batch-size", "7", "--split-size", "10", "--device", "cpu", "--no-progress"],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    module = StandInInception()  # the same weights as the scripted file, run here without the tool
+    with torch.no_grad():
+        s = torch.from_numpy(sample_images).permute(0, 3, 1, 2)
+        s_feats, s_probs = module(s, return_features=True).numpy(), module(s, no_output_bias=True).numpy()
+        r_feats = module(torch.from_numpy(ref_images).permute(0, 3, 1, 2), return_features=True).numpy()
+    assert result["fid"] == pytest.approx(fid_reference(s_feats, r_feats), rel=1e-5)  # batches of 7 vs one batch
+    assert result["inception_score"] == pytest.approx(is_reference(s_probs, 10), rel=1e-5)
+    assert result["inception_score_splits"] == 3  # 10, 10, 4 in file order
+    assert (result["precision"], result["recall"]) == precision_recall(r_feats, s_feats)
+    assert (result["num_samples"], result["num_reference"]) == (24, 30)
+    assert result["detector"]["kind"] == "inception" and result["detector"]["path"] == inception_pt
+    assert result["detector"]["sha256"] == hashlib.sha256(open(inception_pt, "rb").read()).hexdigest()
+    assert "class_accuracy" not in result and "fid_domain" not in result
+    assert done.stdout.startswith("FID ") and "Inception Score" in done.stdout
+
+
+def test_cli_domain_features_and_class_accuracy(tmp_path, capsys):
+    domain = script(StandInDomain(), tmp_path / "domain.pt")
+    sample_images = images(20, 17)
+    with torch.no_grad():
+        logits = StandInDomain()(torch.from_numpy(sample_images).permute(0, 3, 1, 2))[1].numpy()
+    labels = logits.argmax(1)
+    labels[:5] = (labels[:5] + 1) % 4  # 5 of 20 wrong on purpose
+    np.savez(tmp_path / "samples.npz", arr_0=sample_images, labels=labels)
+    np.savez(tmp_path / "ref.npz", arr_0=images(25, 18))
+    tool = load_tool()
+    out = tmp_path / "out.json"
+    assert tool.main(["--reference", str(tmp_path / "ref.npz"), "--samples", str(tmp_path / "samples.npz"),
+                      "--features", f"domain:{domain}", "--json", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert result["class_accuracy"] == 0.75
+    assert "fid" not in result and "inception_score" not in result and result["fid_domain"] > 0
+    assert result["detector"]["kind"] == "domain"
+    table = capsys.readouterr().out
+    assert table.startswith("FID-domain ") and "Class accuracy" in table
+
+
+def test_cli_bad_input_exits_2_without_traceback(tmp_path, inception_pt, capsys):
+    tool = load_tool()
+    np.savez(tmp_path / "samples.npz", arr_0=images(4, 19))
+    np.savez(tmp_path / "ref.npz", images=images(4, 20))
+    cases = [
+        (["--reference", str(tmp_path / "ref.npz"), "--inception", inception_pt], "ref.npz: no arr_0 in this npz"),
+        (["--reference", str(tmp_path / "none"), "--inception", inception_pt], "none: no such file or folder"),
+        (["--reference", str(tmp_path / "samples.npz"), "--inception", str(tmp_path / "x.pt")],
+         "x.pt: detector file not found"),
+    ]
+    for argv, message in cases:
+        assert tool.main(["--samples", str(tmp_path / "samples.npz"), "--no-progress", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path}") and message in err and "Traceback" not in err
+
+
+# ---- distributed ----
+
+def test_two_ranks_equal_one_rank(tmp_path, inception_pt):
+    sample_images, ref_images = images(30, 21, high=210), images(26, 22)
+    np.savez(tmp_path / "samples.npz", arr_0=sample_images)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images)
+    out = tmp_path / "two.json"
+    done = torchrun(2, ["tools/evaluate.py", "--reference", str(tmp_path / "ref.npz"), "--samples",
+                        str(tmp_path / "samples.npz"), "--inception", inception_pt, "--json", str(out),
+                        "--batch-size", "4", "--split-size", "8", "--device", "cpu", "--no-cache", "--no-progress"],
+                    timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads(out.read_text())
+    one = evaluate_samples(tmp_path / "samples.npz", tmp_path / "ref.npz", f"inception:{inception_pt}", batch_size=4,
+                           device="cpu", use_cache=False, split_size=8, progress=False)
+    assert (two["world_size"], one["world_size"]) == (2, 1)
+    for key in ("fid", "inception_score", "inception_score_std", "precision", "recall", "num_samples",
+                "num_reference"):
+        assert two[key] == one[key], key  # same batches on 1 or 2 ranks -> the same floats
