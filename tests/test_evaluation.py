@@ -285,6 +285,23 @@ def test_image_folder_is_centre_cropped_like_adm(tmp_path):
     np.testing.assert_array_equal(src.read(2, 3)[0], pictures[2])  # already 16x16: unchanged
 
 
+def test_image_folder_reference_cache_follows_its_files(tmp_path, inception_pt):
+    for i in range(6):
+        (tmp_path / "ref" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images(1, 30 + i, size=24)[0]).save(tmp_path / "ref" / f"c{i % 2}" / f"{i}.png")
+    det = load_detector(f"inception:{inception_pt}")
+    calls = counting(det)
+    first = evaluate_samples(images(8, 36), tmp_path / "ref", det, batch_size=4, progress=False)
+    assert first["reference_cache"] == str(tmp_path / f"ref.stats-{det.sha256[:16]}-16px.npz")
+    assert first["num_reference"] == 6 and not first["reference_from_cache"]
+    assert evaluate_samples(images(8, 36), tmp_path / "ref", det, batch_size=4, progress=False)["reference_from_cache"]
+    picture = tmp_path / "ref" / "c0" / "0.png"
+    Image.fromarray(images(1, 40, size=24)[0]).save(picture)  # same name, new content and mtime
+    calls.clear()
+    again = evaluate_samples(images(8, 36), tmp_path / "ref", det, batch_size=4, progress=False)
+    assert not again["reference_from_cache"] and sum(n for n, probs in calls if not probs) == 6
+
+
 # ---- detectors ----
 
 def test_detector_errors_name_the_file_and_the_fix(tmp_path, inception_pt):
@@ -460,13 +477,13 @@ def test_two_ranks_equal_one_rank(tmp_path, inception_pt):
     out = tmp_path / "two.json"
     done = torchrun(2, ["tools/evaluate.py", "--reference", str(tmp_path / "ref.npz"), "--samples",
                         str(tmp_path / "samples.npz"), "--inception", inception_pt, "--json", str(out),
-                        "--batch-size", "4", "--split-size", "8", "--device", "cpu", "--no-cache", "--no-progress"],
+                        "--batch-size", "7", "--split-size", "8", "--device", "cpu", "--no-cache", "--no-progress"],
                     timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads(out.read_text())
-    one = evaluate_samples(tmp_path / "samples.npz", tmp_path / "ref.npz", f"inception:{inception_pt}", batch_size=4,
+    one = evaluate_samples(tmp_path / "samples.npz", tmp_path / "ref.npz", f"inception:{inception_pt}", batch_size=7,
                            device="cpu", use_cache=False, split_size=8, progress=False)
     assert (two["world_size"], one["world_size"]) == (2, 1)
     for key in ("fid", "inception_score", "inception_score_std", "precision", "recall", "num_samples",
                 "num_reference"):
-        assert two[key] == one[key], key  # same batches on 1 or 2 ranks -> the same floats
+        assert two[key] == one[key], key  # batches [7k, 7k + 7) on 1 or 2 ranks (3 + 2 of them) -> same floats

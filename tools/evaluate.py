@@ -52,10 +52,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.batch_size < 1 or args.split_size < 1:
         raise EvaluationError("--batch-size and --split-size must be >= 1")
     detector = f"inception:{args.inception}" if args.inception else args.features
-    pg.init_distributed()
     device = args.device
     if device is None and torch.cuda.is_available():
         device = f"cuda:{pg.get_local_rank()}"
+    pg.init_distributed(backend="nccl" if device and str(device).startswith("cuda") else "gloo")
     try:
         result = evaluate_samples(args.samples, args.reference, detector, batch_size=args.batch_size, device=device,
                                   use_cache=not args.no_cache, cache_dir=args.cache_dir, split_size=args.split_size,

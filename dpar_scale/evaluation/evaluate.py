@@ -14,7 +14,7 @@ import torch
 from dpar_scale.parallel import process_group as pg
 
 from .detectors import FeatureDetector, load_detector
-from .features import Features, extract_features, full_fp32
+from .features import Features, extract_features, full_fp32, group_rank
 from .reference import ReferenceStats, reference_statistics
 from .sources import EvaluationError, ImageSource, open_images
 from .statistics import class_accuracy, fid_statistics, frechet_distance, inception_score, precision_recall
@@ -83,7 +83,8 @@ def evaluate_samples(samples, reference, detector, *, labels=None, batch_size: i
     feats = extract_features(sample_source, det, batch_size, device, need_probs=True, progress=progress,
                              desc="sample features")
     result = None
-    if pg.is_main_process():
+    rank, world = group_rank()
+    if rank == 0:
         try:
             result = compute_metrics(feats, ref_stats, det, None if labels is None else np.asarray(labels),
                                      split_size, k, chunk, device)
@@ -91,7 +92,7 @@ def evaluate_samples(samples, reference, detector, *, labels=None, batch_size: i
             result = {"error": str(e)}
         else:
             result.update(samples=_describe(samples, sample_source), reference=_describe(reference, ref_source),
-                          world_size=pg.get_world_size(), seconds=round(time.perf_counter() - start, 3))
+                          world_size=world, seconds=round(time.perf_counter() - start, 3))
     result = pg.broadcast_object(result)
     if set(result) == {"error"}:
         raise EvaluationError(result["error"])

@@ -13,19 +13,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from dpar_scale.parallel import process_group as pg
 
 from .detectors import FeatureDetector
 from .sources import ImageSource
 
-__all__ = ["Features", "extract_features", "full_fp32"]
+__all__ = ["Features", "extract_features", "full_fp32", "group_rank"]
 
 
 @dataclass
 class Features:
     features: np.ndarray             # float32 [N, F], file order
     probs: np.ndarray | None = None  # float32 [N, C] class probabilities, or None
+
+
+def group_rank() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one: torchrun's environment alone, with no
+    group to gather over, must not make a process evaluate only its share."""
+    return (dist.get_rank(), dist.get_world_size()) if pg.is_initialized() else (0, 1)
 
 
 @contextlib.contextmanager
@@ -40,21 +47,22 @@ def full_fp32(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _collective_device(device: torch.device) -> torch.device:
-    """Where tensors must live for the default group's collectives (gloo: CPU; nccl: the rank's GPU)."""
+def _collective_device() -> torch.device:
+    """Where tensors must live for the default group's collectives (gloo: CPU; nccl: the rank's current GPU)."""
     backend = str(dist.get_backend())
-    return torch.device("cpu") if "gloo" in backend else device
+    return torch.device("cpu") if "gloo" in backend else torch.device("cuda", torch.cuda.current_device())
 
 
-def _gather_batches(local: list[torch.Tensor], num_batches: int, device: torch.device) -> torch.Tensor:
+def _gather_batches(local: list[torch.Tensor], num_batches: int) -> torch.Tensor:
     """Concatenate every rank's round-robin batches back in batch order (identity without a process group)."""
     if not pg.is_initialized():
         return torch.cat(local)
-    world, width = dist.get_world_size(), local[0].shape[1] if local else 0
-    width = int(max(pg.all_gather_object(width)))
-    counts = pg.all_gather_object([b.shape[0] for b in local])  # rows of each rank's batches, in its order
+    world = dist.get_world_size()
+    shapes = pg.all_gather_object(([b.shape[0] for b in local], local[0].shape[1] if local else 0))
+    counts = [c for c, _ in shapes]  # rows of each rank's batches, in its order
+    width = max(w for _, w in shapes)
     rows = max(sum(c) for c in counts)
-    cdev = _collective_device(device)
+    cdev = _collective_device()
     mine = torch.zeros(rows, width, dtype=torch.float32, device=cdev)
     if local:
         stacked = torch.cat(local).to(cdev)
@@ -73,11 +81,9 @@ def extract_features(source: ImageSource, detector: FeatureDetector, batch_size:
     device = torch.device(device)
     n = len(source)
     num_batches = -(-n // batch_size)
-    rank, world = pg.get_rank(), pg.get_world_size()
+    rank, world = group_rank()
     mine = list(range(rank, num_batches, world))
     feats, probs = [], []
-    from tqdm import tqdm
-
     bar = tqdm(total=sum(min(batch_size, n - k * batch_size) for k in mine), desc=desc, unit="img",
                disable=not progress or rank != 0, dynamic_ncols=True)
     with full_fp32(device):
@@ -90,6 +96,6 @@ def extract_features(source: ImageSource, detector: FeatureDetector, batch_size:
                 probs.append(p.cpu())
             bar.update(batch.shape[0])
     bar.close()
-    all_feats = _gather_batches(feats, num_batches, device).numpy()
-    all_probs = _gather_batches(probs, num_batches, device).numpy() if need_probs else None
+    all_feats = _gather_batches(feats, num_batches).numpy()
+    all_probs = _gather_batches(probs, num_batches).numpy() if need_probs else None
     return Features(all_feats, all_probs)

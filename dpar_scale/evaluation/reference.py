@@ -20,7 +20,7 @@ import torch
 from dpar_scale.parallel import process_group as pg
 
 from .detectors import FeatureDetector
-from .features import extract_features
+from .features import extract_features, group_rank
 from .sources import ImageSource
 from .statistics import fid_statistics
 
@@ -90,22 +90,23 @@ def reference_statistics(source: ImageSource, detector: FeatureDetector, batch_s
 
     Collective under a process group: every rank must call it; rank 0 reads / writes the cache and gets the
     statistics, the other ranks help extract features and get None."""
+    main = group_rank()[0] == 0
     path = cache_path(source, detector, cache_dir) if use_cache else None
     key = _key(source, detector) if path else ""
-    cached = _read_cache(path, key) if path and pg.is_main_process() else None
+    cached = _read_cache(path, key) if path and main else None
     if pg.broadcast_object(cached is not None):
         features, mu, sigma = cached
         from_cache = True
     else:
         features = extract_features(source, detector, batch_size, device, need_probs=False, progress=progress,
                                     desc="reference features").features
-        if not pg.is_main_process():
+        if not main:
             return None
         mu, sigma = fid_statistics(features, device)
         from_cache = False
         if path and not _write_cache(path, key, features, mu, sigma):
             path = None
-    if not pg.is_main_process():
+    if not main:
         return None
     precomputed = source.precomputed_fid_stats()
     if precomputed is not None:
