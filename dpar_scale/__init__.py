@@ -5,6 +5,7 @@ One folder per concept. A room may import the rooms below it in this list, never
     launch/      Slurm (submitit) and local jobs, preemption -> checkpoint -> requeue
     train/       the one trainer, its engines (FSDP2/TP native, DeepSpeed ZeRO), metrics logging
     checkpoint/  save / load / resume checks / export      sampling/  KV-cached generation
+    evaluation/  FID / IS / precision / recall (ADM's definitions), detectors, cached reference statistics
     flops/       analytic FLOP count and op-level counters
     parallel/    process groups, ParallelDims, TP/SP plans, FSDP2, clipping across meshes
     models/      the GPT baseline, the entropy model, DPAR (plain nn.Modules that know nothing of ranks)

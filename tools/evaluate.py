@@ -26,6 +26,7 @@ if _REPO not in sys.path:
 
 import torch  # noqa: E402
 
+from dpar_scale.config import ConfigError  # noqa: E402
 from dpar_scale.evaluation import EvaluationError, evaluate_samples, format_table  # noqa: E402
 from dpar_scale.parallel import process_group as pg  # noqa: E402
 
@@ -53,15 +54,15 @@ def run(args: argparse.Namespace) -> dict:
         raise EvaluationError("--batch-size and --split-size must be >= 1")
     detector = f"inception:{args.inception}" if args.inception else args.features
     device = args.device
-    if device is None and torch.cuda.is_available():
-        device = f"cuda:{pg.get_local_rank()}"
-    pg.init_distributed(backend="nccl" if device and str(device).startswith("cuda") else "gloo")
+    if device in (None, "cuda") and torch.cuda.is_available():
+        device = f"cuda:{pg.get_local_rank()}"  # each rank its own GPU
+    pg.init_process_group(device=torch.device(device or "cpu"), timeout_s=2 * 3600)  # nccl on GPU, gloo on CPU
     try:
         result = evaluate_samples(args.samples, args.reference, detector, batch_size=args.batch_size, device=device,
                                   use_cache=not args.no_cache, cache_dir=args.cache_dir, split_size=args.split_size,
                                   progress=not args.no_progress)
     finally:
-        pg.destroy_distributed()
+        pg.destroy_process_group()
     if pg.is_main_process():
         print(format_table(result))
         if args.json:
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except EvaluationError as e:
+    except (EvaluationError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
