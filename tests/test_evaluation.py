@@ -392,6 +392,9 @@ def test_precomputed_reference_mu_sigma_are_used(tmp_path, inception_pt):
     from_stats = evaluate_samples(samples, tmp_path / "adm_same.npz", det, use_cache=False, progress=False)
     from_feats = evaluate_samples(samples, tmp_path / "plain_same.npz", det, use_cache=False, progress=False)
     assert from_stats["fid"] == pytest.approx(from_feats["fid"], rel=1e-12)
+    np.savez(tmp_path / "other_detector.npz", arr_0=other, mu=np.zeros(5), sigma=np.eye(5))
+    with pytest.raises(EvaluationError, match="reference statistics are 5-d but .* gives 8-d features"):
+        evaluate_samples(samples, tmp_path / "other_detector.npz", det, use_cache=False, progress=False)
 
 
 # ---- tools/evaluate.py ----
