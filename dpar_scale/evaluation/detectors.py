@@ -36,6 +36,7 @@ INCEPTION_HINT = (f"download {INCEPTION_FILE} yourself (StyleGAN2-ADA's metrics 
                   f"it")
 DOMAIN_HINT = "fit one on the dataset's real images with tools/fit_evaluator.py and pass --features domain:PATH"
 _INCEPTION_ARGS = ("img", "return_features", "use_fp16", "no_output_bias")
+_NEEDED_KEYWORDS = ("return_features", "no_output_bias")  # what we pass by name; the image goes by position
 
 
 class FeatureDetector:
@@ -155,7 +156,7 @@ def load_detector(spec: str | FeatureDetector, device: torch.device | str = "cpu
     if kind == "inception":
         module = _load_torchscript(path, INCEPTION_HINT)
         args = _forward_args(module)
-        if tuple(args[:4]) != _INCEPTION_ARGS:
+        if len(args) < 2 or not all(name in args[1:] for name in _NEEDED_KEYWORDS):
             raise EvaluationError(f"{path}: forward takes ({', '.join(args)}), not the Inception detector's "
                                   f"({', '.join(_INCEPTION_ARGS)}); {INCEPTION_HINT}")
         return InceptionDetector(module, path).to(device)
