@@ -67,6 +67,10 @@ class ModelConfig:
     class_dropout: float = 0.1  # probability of replacing the label by the null class (CFG)
     rope_base: float = 10000.0
     global_rope: str = "dynamic"  # dynamic | 1d
+    # gpt/entropy: rotation of the condition position. identity: cos 1, sin 0 (its q/k keep their content);
+    # zero: cos = sin = 0, which zeroes the class token's q and k, as LlamaGen's table does (imported LlamaGen
+    # checkpoints need it to give LlamaGen's logits)
+    class_rope: str = "identity"
     norm_eps: float = 1e-5
     attention_backend: str = "sdpa"  # sdpa | flex
     patch: PatchConfig = field(default_factory=PatchConfig)
@@ -272,6 +276,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def override(cfg: Any, overrides: list[str]) -> Any:
+    """A validated copy of a loaded `cfg` with dotted overrides applied (e.g. an inference-time patch rule)."""
+    out = _build(type(cfg), apply_overrides(to_dict(cfg), list(overrides)))
+    if isinstance(out, Config):
+        validate(out)
+    return out
+
+
 def _deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
@@ -291,6 +303,7 @@ def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     _choice("model.kind", cfg.model.kind, ("", "gpt", "entropy", "dpar"))
     _choice("model.global_rope", cfg.model.global_rope, ("dynamic", "1d"))
+    _choice("model.class_rope", cfg.model.class_rope, ("identity", "zero"))
     _choice("model.attention_backend", cfg.model.attention_backend, ("sdpa", "flex"))
     _choice("model.patch.mode", cfg.model.patch.mode, ("global", "monotonic", "global+monotonic", "static"))
     _choice("model.patch.alignment", cfg.model.patch.alignment, ("reference", "blt"))

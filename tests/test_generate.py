@@ -13,7 +13,8 @@ import torch
 from dpar_scale.config import PatchConfig
 from dpar_scale.patching.entropy import code_entropies
 from dpar_scale.sampling.generate import (GenerationStats, dpar_logits_cached, entropies_cached, generate_dpar,
-                                 generate_gpt, gpt_logits_cached, sample_logits)
+                                          generate_gpt, gpt_logits_cached, sample_logits)
+from dpar_scale.sampling.streams import sample_uniforms
 from dpar_scale.patching.layout import PatchLayout, static_lengths
 from dpar_scale.models import DPAR, GPT
 from dpar_scale.models.attention import KVCache
@@ -54,6 +55,15 @@ def models():
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def uniform(seed: int, n: int) -> torch.Tensor:
+    return torch.rand(n, generator=gen(seed))
+
+
+def streams(seed: int, b: int = 3) -> torch.Tensor:
+    """The random streams of samples 0..b-1 of a run with this seed."""
+    return sample_uniforms(seed, range(b), N)
 
 
 # ------------------------------------------------------------------------------------ cached == full forward
@@ -122,27 +132,27 @@ def test_kv_cache_guards():
 def test_sample_logits_filters():
     logits = torch.randn(64, VOCAB, generator=gen(9)) * 3
     top = logits.argmax(-1)
-    assert torch.equal(sample_logits(logits, top_k=1, generator=gen(0)), top)
-    assert torch.equal(sample_logits(logits, top_p=1e-6, generator=gen(0)), top)
-    assert torch.equal(sample_logits(logits, temperature=0, generator=gen(0)), top)
-    k5 = sample_logits(logits.repeat(50, 1), top_k=5, generator=gen(1)).view(50, 64)
+    assert torch.equal(sample_logits(logits, uniform(0, 64), top_k=1), top)
+    assert torch.equal(sample_logits(logits, uniform(0, 64), top_p=1e-6), top)
+    assert torch.equal(sample_logits(logits, uniform(0, 64), temperature=0), top)
+    k5 = sample_logits(logits.repeat(50, 1), uniform(1, 3200), top_k=5).view(50, 64)
     allowed = torch.topk(logits, 5, -1).indices
     assert (k5[..., None] == allowed[None]).any(-1).all(), "top-k drew outside the k best"
     # top-p: the kept set is the smallest prefix (by probability) whose mass reaches p.
     probs = torch.softmax(logits, -1)
     sp, order = probs.sort(-1, descending=True)
     keep = (sp.cumsum(-1) - sp) <= 0.7
-    p7 = sample_logits(logits.repeat(50, 1), top_p=0.7, generator=gen(2)).view(50, 64)
+    p7 = sample_logits(logits.repeat(50, 1), uniform(2, 3200), top_p=0.7).view(50, 64)
     rank = (order[None] == p7[..., None]).float().argmax(-1)
     assert torch.gather(keep[None].expand(50, -1, -1), 2, rank[..., None]).all(), "top-p drew a dropped code"
 
 
 def test_sample_logits_matches_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
-    draws = sample_logits(logits.expand(40000, -1), generator=gen(3))
+    draws = sample_logits(logits.expand(40000, -1), uniform(3, 40000))
     freq = torch.bincount(draws, minlength=4).float() / 40000
     torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.01, rtol=0)
-    hot = sample_logits(logits.expand(40000, -1), temperature=0.25, generator=gen(3))
+    hot = sample_logits(logits.expand(40000, -1), uniform(3, 40000), temperature=0.25)
     assert (hot == 2).float().mean() > 0.97
 
 
@@ -153,7 +163,7 @@ GPT_CASES = [dict(cfg_scale=1.0), dict(cfg_scale=3.0), dict(cfg_scale=2.0, top_k
 @pytest.mark.parametrize("kw", GPT_CASES, ids=["no-cfg", "cfg", "cfg-topk-topp"])
 def test_gpt_cached_equals_uncached(models, kw):
     stats = [GenerationStats(), GenerationStats()]
-    out = [generate_gpt(models["gpt"], LABELS, generator=gen(11), use_cache=c, stats=s, **kw)
+    out = [generate_gpt(models["gpt"], LABELS, uniforms=streams(11), use_cache=c, stats=s, **kw)
            for c, s in zip((True, False), stats)]
     assert torch.equal(out[0], out[1])
     assert out[0].shape == (3, N) and out[0].min() >= 0 and out[0].max() < VOCAB
@@ -163,12 +173,12 @@ def test_gpt_cached_equals_uncached(models, kw):
 
 
 def test_gpt_guidance_and_seed(models):
-    a = generate_gpt(models["gpt"], LABELS, cfg_scale=4.0, generator=gen(1))
-    assert torch.equal(a, generate_gpt(models["gpt"], LABELS, cfg_scale=4.0, generator=gen(1)))
-    assert not torch.equal(a, generate_gpt(models["gpt"], LABELS, cfg_scale=1.0, generator=gen(1)))
-    assert not torch.equal(a, generate_gpt(models["gpt"], LABELS, cfg_scale=4.0, generator=gen(2)))
+    a = generate_gpt(models["gpt"], LABELS, cfg_scale=4.0, uniforms=streams(1))
+    assert torch.equal(a, generate_gpt(models["gpt"], LABELS, cfg_scale=4.0, uniforms=streams(1)))
+    assert not torch.equal(a, generate_gpt(models["gpt"], LABELS, cfg_scale=1.0, uniforms=streams(1)))
+    assert not torch.equal(a, generate_gpt(models["gpt"], LABELS, cfg_scale=4.0, uniforms=streams(2)))
     with pytest.raises(ValueError, match="labels must lie"):
-        generate_gpt(models["gpt"], torch.tensor([CLASSES]), generator=gen(0))  # the null class is no label
+        generate_gpt(models["gpt"], torch.tensor([CLASSES]), uniforms=streams(0, 1))  # the null class is no label
 
 
 # --------------------------------------------------------------------------------- DPAR cached == uncached
@@ -192,7 +202,7 @@ def test_dpar_cached_equals_uncached(models, alignment, mode, pmax, kw):
     rule = PatchConfig(mode=mode, alignment=alignment, threshold=theta, max_patch_length=pmax, static_length=3)
     entropy = models["entropy"] if mode != "static" else None
     stats = [GenerationStats(), GenerationStats()]
-    runs = [generate_dpar(models["dpar"][rope], entropy, LABELS, patch_cfg=rule, generator=gen(21), use_cache=c,
+    runs = [generate_dpar(models["dpar"][rope], entropy, LABELS, patch_cfg=rule, uniforms=streams(21), use_cache=c,
                           stats=s, **kw) for c, s in zip((True, False), stats)]
     (codes, lengths), (ref_codes, ref_lengths) = runs
     assert torch.equal(codes, ref_codes)
@@ -225,7 +235,7 @@ def test_dpar_float16_entropies_match_training_storage(models):
     # Training reads entropies stored as float16: entropy_dtype=float16 reproduces the patcher on those.
     rule = PatchConfig(threshold=models["theta"], max_patch_length=4)
     codes, lengths = generate_dpar(models["dpar"]["dynamic"], models["entropy"], LABELS, patch_cfg=rule,
-                                   cfg_scale=2.0, generator=gen(4), entropy_dtype=torch.float16)
+                                   cfg_scale=2.0, uniforms=streams(4), entropy_dtype=torch.float16)
     stored = code_entropies(models["entropy"], codes).half().float()
     assert lengths == patch_lengths(stored, width=GRID[1], threshold=rule.threshold, max_patch_length=4)
 
@@ -233,7 +243,7 @@ def test_dpar_float16_entropies_match_training_storage(models):
 def test_dpar_cached_generation_logits(models):
     # The logits the cached sampler used at each code are the training forward's on the final codes and layout.
     model, rule = models["dpar"]["dynamic"], PatchConfig(threshold=models["theta"], max_patch_length=4)
-    codes, lengths = generate_dpar(model, models["entropy"], LABELS, patch_cfg=rule, generator=gen(5))
+    codes, lengths = generate_dpar(model, models["entropy"], LABELS, patch_cfg=rule, uniforms=streams(5))
     layout = PatchLayout.from_lengths(lengths, GRID)
     cached, _ = dpar_logits_cached(model, codes, LABELS, layout)
     with torch.no_grad():
@@ -242,9 +252,10 @@ def test_dpar_cached_generation_logits(models):
 
 def test_dpar_needs_entropy_model(models):
     with pytest.raises(ValueError, match="needs the entropy model"):
-        generate_dpar(models["dpar"]["dynamic"], None, LABELS, patch_cfg=PatchConfig(), generator=gen(0))
+        generate_dpar(models["dpar"]["dynamic"], None, LABELS, patch_cfg=PatchConfig(), uniforms=streams(0))
     static = dataclasses.replace(PatchConfig(), mode="static")  # needs no entropy model
-    codes, lengths = generate_dpar(models["dpar"]["dynamic"], None, LABELS[:1], patch_cfg=static, generator=gen(0))
+    codes, lengths = generate_dpar(models["dpar"]["dynamic"], None, LABELS[:1], patch_cfg=static,
+                                   uniforms=streams(0, 1))
     assert lengths == [static_lengths(GRID, 2)]
 
 

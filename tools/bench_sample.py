@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from dpar_scale.config import PatchConfig  # noqa: E402
 from dpar_scale.patching.entropy import code_entropies  # noqa: E402
 from dpar_scale.sampling.generate import GenerationStats, generate_dpar, generate_gpt  # noqa: E402
+from dpar_scale.sampling.streams import sample_uniforms  # noqa: E402
 from dpar_scale.models import DPAR, GPT  # noqa: E402
 from dpar_scale.patching.rule import calibrate_threshold  # noqa: E402
 
@@ -99,20 +100,21 @@ def main(argv=None) -> int:
 
     # θ from the entropy model's own samples, so that DPAR's boundaries are a realistic mix.
     calib_codes = generate_gpt(entropy, torch.zeros(16, dtype=torch.long),
-                               generator=torch.Generator().manual_seed(args.seed))
+                               uniforms=sample_uniforms(args.seed + 1, range(16), n))
     calib = calibrate_threshold(code_entropies(entropy, calib_codes).cpu(), width=args.grid[1],
                                 target_mean_length=args.target_mean_length, max_patch_length=args.max_patch_length)
     patch_cfg = PatchConfig(threshold=calib.threshold, max_patch_length=args.max_patch_length)
 
     def run(kind: str, use_cache: bool):
         stats = GenerationStats()
-        gen = torch.Generator().manual_seed(args.seed)
+        uniforms = sample_uniforms(args.seed, range(args.batch), n)
         if kind == "gpt":
-            fn = lambda: (generate_gpt(gpt, labels, cfg_scale=args.cfg_scale, generator=gen,  # noqa: E731
+            fn = lambda: (generate_gpt(gpt, labels, cfg_scale=args.cfg_scale, uniforms=uniforms,  # noqa: E731
                                        use_cache=use_cache, stats=stats), None)
         else:
             fn = lambda: generate_dpar(dpar, entropy, labels, patch_cfg=patch_cfg,  # noqa: E731
-                                       cfg_scale=args.cfg_scale, generator=gen, use_cache=use_cache, stats=stats)
+                                       cfg_scale=args.cfg_scale, uniforms=uniforms, use_cache=use_cache,
+                                       stats=stats)
         (codes, lengths), seconds = timed(fn, device)
         return codes, lengths, seconds, stats
 

@@ -64,6 +64,9 @@ def _check(cfg: ModelConfig) -> None:
                           f"(2-D RoPE splits the rotary pairs between rows and columns)")
     if cfg.kind == "gpt" and cfg.num_classes < 1:
         raise ConfigError("model.num_classes must be >= 1 for kind=gpt (kind=entropy is the unconditional model)")
+    if cfg.kind == "dpar" and cfg.class_rope != "identity":
+        raise ConfigError("model.class_rope applies to gpt/entropy models (LlamaGen imports); DPAR's class "
+                          "position always uses the identity rotation")
     if cfg.kind == "dpar" and cfg.num_classes < 1:
         raise ConfigError("model.num_classes must be >= 1 for kind=dpar")
 
@@ -79,4 +82,5 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         return DPAR(n_encoder_layers=cfg.n_encoder_layers, n_global_layers=cfg.n_global_layers,
                     n_decoder_layers=cfg.n_decoder_layers, num_classes=cfg.num_classes,
                     global_rope=cfg.global_rope, **common)
-    return GPT(n_layers=cfg.n_layers, num_classes=cfg.num_classes if cfg.kind == "gpt" else 0, **common)
+    return GPT(n_layers=cfg.n_layers, num_classes=cfg.num_classes if cfg.kind == "gpt" else 0,
+               class_rope=cfg.class_rope, **common)

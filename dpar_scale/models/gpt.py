@@ -4,9 +4,11 @@ Input sequence [cond, x_0, ..., x_{N-2}] -> logits for x_0 ... x_{N-1}, so `logi
 from the condition and codes < t. cond is the class embedding (index `num_classes` is the null class used for
 classifier-free guidance) or, for the unconditional entropy model, a learned start vector.
 
-Positions follow LlamaGen: input position i >= 1 holds code i-1 and gets the 2-D RoPE of that code's grid cell;
-the condition position gets the identity rotation (LlamaGen stores cos = sin = 0 there, which zeroes the class
-token's q/k; we use the identity so the class token can be attended to by content).
+Positions follow LlamaGen: input position i >= 1 holds code i-1 and gets the 2-D RoPE of that code's grid cell.
+The condition position gets the identity rotation by default (`class_rope="identity"`), so the class token can
+be attended to by content. LlamaGen's table holds cos = sin = 0 there instead, which zeroes the class token's q
+and k: every query scores it 0 (it still contributes its value through the softmax) and its own query is the
+zero vector. `class_rope="zero"` reproduces that, which models imported from LlamaGen checkpoints need.
 """
 from __future__ import annotations
 
@@ -26,8 +28,11 @@ class GPT(nn.Module):
     def __init__(self, *, dim: int, n_layers: int, n_heads: int, vocab_size: int, num_classes: int,
                  grid: tuple[int, int], multiple_of: int = 256, ffn_dim_multiplier: float | None = None,
                  dropout: float = 0.0, class_dropout: float = 0.0, rope_base: float = 10000.0,
-                 norm_eps: float = 1e-5, attention_backend: str = "sdpa"):
+                 norm_eps: float = 1e-5, attention_backend: str = "sdpa", class_rope: str = "identity"):
         super().__init__()
+        if class_rope not in ("identity", "zero"):
+            raise ValueError(f"class_rope must be identity or zero, got {class_rope!r}")
+        self.class_rope = class_rope
         self.dim, self.vocab_size, self.num_classes = dim, vocab_size, num_classes
         self.grid, self.head_dim, self.rope_base = tuple(grid), dim // n_heads, rope_base
         self.class_dropout = class_dropout
@@ -67,9 +72,13 @@ class GPT(nn.Module):
         return self.class_embedding(labels)
 
     def rope_table(self, length: int, device) -> torch.Tensor:
-        """[length, head_dim/2, 2]: identity for the condition position, then the codes' 2-D RoPE."""
+        """[length, head_dim/2, 2]: the condition position (identity, or zeros for class_rope="zero"), then the
+        codes' 2-D RoPE."""
         grid = rope_2d(*self.grid, self.head_dim, self.rope_base, device=device)
-        return torch.cat([rope_identity(1, self.head_dim, device), grid[: length - 1]], dim=0)
+        cond = rope_identity(1, self.head_dim, device)
+        if self.class_rope == "zero":
+            cond = torch.zeros_like(cond)
+        return torch.cat([cond, grid[: length - 1]], dim=0)
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, layout=None,
                 drop_class: torch.Tensor | None = None) -> torch.Tensor:

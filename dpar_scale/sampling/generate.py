@@ -5,10 +5,12 @@ unconditional (null class) halves as ONE batch of 2B rows, mixes `u + s·(c - u)
 the mixed logits and writes it to both halves. `cfg_scale == 1` is exactly the conditional model, so it runs
 the conditional half only.
 
-Sampling draws one uniform number per image per code from `generator` and inverts the CDF of the filtered
-distribution (temperature, then top-k, then top-p). The random stream is therefore the same whatever the logits
-are, so the cached and the uncached paths, which compute the same logits up to float rounding, pick the same
-codes from the same seed.
+Randomness is given up front: `uniforms` [B, N] holds one number in [0, 1) per image per code (row b is image b's
+own stream, `dpar_scale.sampling.streams.sample_uniforms(seed, sample_ids, N)`), and code k of image b is the
+inverse CDF of the filtered distribution (temperature, then top-k, then top-p) at uniforms[b, k]. The numbers an
+image reads therefore depend neither on the logits nor on the other images of the batch, so the cached and the
+uncached paths, which compute the same logits up to float rounding, pick the same codes, and an image's stream
+is the same in any batch.
 
 DPAR decides its patch boundaries while it generates, with the rule it was trained with: the unconditional
 entropy model runs alongside (KV-cached) on the sampled codes; after code k is sampled it yields e[k+1], and
@@ -66,15 +68,14 @@ def guide(logits: torch.Tensor, cfg_scale: float, cfg: bool) -> torch.Tensor:
     return uncond + cfg_scale * (cond - uncond)
 
 
-def sample_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """One code per row from logits [B, V]: temperature, top-k (0 = off), top-p (1 = off), inverse-CDF draw.
-
-    temperature <= 0 is greedy (argmax). Exactly B uniforms are drawn from `generator` on every call.
-    """
+def sample_logits(logits: torch.Tensor, u: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """One code per row from logits [B, V] and one uniform per row u [B]: temperature, top-k (0 = off), top-p
+    (1 = off), then the inverse CDF at u. temperature <= 0 is greedy (argmax; u is not read)."""
     b, v = logits.shape
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(b, generator=generator, device=gen_device).to(logits.device)
+    if u.shape != (b,):
+        raise ValueError(f"sample_logits: need one uniform per row, u [{b}], got {list(u.shape)}")
+    u = u.to(device=logits.device, dtype=torch.float32)
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -98,6 +99,14 @@ def _cfg_labels(model, labels: torch.Tensor, cfg: bool) -> torch.Tensor:
     if not cfg:
         return labels
     return torch.cat([labels, torch.full_like(labels, model.num_classes)])
+
+
+def _check_uniforms(uniforms: torch.Tensor, b: int, n: int, device) -> torch.Tensor:
+    if not isinstance(uniforms, torch.Tensor) or tuple(uniforms.shape) != (b, n):
+        got = list(uniforms.shape) if isinstance(uniforms, torch.Tensor) else type(uniforms).__name__
+        raise ValueError(f"uniforms: need [{b}, {n}] (one per image per code, e.g. "
+                         f"sample_uniforms(seed, sample_ids, {n})), got {got}")
+    return uniforms.to(device=device, dtype=torch.float32)
 
 
 def _check_labels(model, labels: torch.Tensor) -> torch.Tensor:
@@ -134,24 +143,25 @@ def _bar(total: int, progress: bool, desc: str):
 
 # ----------------------------------------------------------------------------------------------------- GPT
 @torch.no_grad()
-def generate_gpt(model, labels: torch.Tensor, *, cfg_scale: float = 1.0, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 use_cache: bool = True, progress: bool = False,
-                 stats: GenerationStats | None = None) -> torch.Tensor:
-    """Codes [B, N] (raster order) from the GPT baseline for class `labels` [B].
+def generate_gpt(model, labels: torch.Tensor, *, uniforms: torch.Tensor, cfg_scale: float = 1.0,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, use_cache: bool = True,
+                 progress: bool = False, stats: GenerationStats | None = None) -> torch.Tensor:
+    """Codes [B, N] (raster order) from the GPT baseline for class `labels` [B]; `uniforms` [B, N] are the
+    images' random streams (see the module docstring).
 
     For the unconditional entropy model (num_classes == 0) `labels` only sets B and guidance is off.
     """
     device = _device(model)
     labels = _check_labels(model, labels).to(device)
     b, n = labels.shape[0], model.grid[0] * model.grid[1]
+    uniforms = _check_uniforms(uniforms, b, n, device)
     cfg = model.num_classes > 0 and cfg_scale != 1.0
     cond = _cfg_labels(model, labels, cfg) if model.num_classes > 0 else None
     rows = 2 * b if cfg else b
     codes = torch.zeros(b, n, dtype=torch.long, device=device)
     stats = stats if stats is not None else GenerationStats()
     stats.rows, stats.codes = rows, n
-    draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    draw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     cache = model.new_cache(rows) if use_cache else None
     with _eval(model), _bar(n, progress, "gpt") as bar:
         for k in range(n):
@@ -163,7 +173,7 @@ def generate_gpt(model, labels: torch.Tensor, *, cfg_scale: float = 1.0, tempera
                 prefix = torch.cat([codes[:, :k], codes.new_zeros(b, 1)], dim=1).repeat(rows // b, 1)
                 logits = model(prefix, cond)[:, k]  # the dummy code k is never read for position k
                 stats.token_positions += rows * (k + 1)
-            codes[:, k] = sample_logits(guide(logits, cfg_scale, cfg), **draw)
+            codes[:, k] = sample_logits(guide(logits, cfg_scale, cfg), uniforms[:, k], **draw)
             bar.update(1)
     if use_cache:
         stats.token_positions = cache.positions
@@ -191,14 +201,16 @@ def _check_entropy_model(model, entropy_model, needs_entropy: bool) -> None:
 
 
 @torch.no_grad()
-def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, cfg_scale: float = 1.0,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None, use_cache: bool = True,
+def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, uniforms: torch.Tensor,
+                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  use_cache: bool = True,
                   entropy_dtype: torch.dtype = torch.float32, progress: bool = False,
                   stats: GenerationStats | None = None) -> tuple[torch.Tensor, list[list[int]]]:
-    """(codes [B, N], per-image patch lengths) from DPAR for class `labels` [B].
+    """(codes [B, N], per-image patch lengths) from DPAR for class `labels` [B]; `uniforms` [B, N] are the
+    images' random streams (see the module docstring).
 
-    `patch_cfg` (dpar_scale.config.PatchConfig) is the rule the model was trained with. `entropy_dtype` rounds
+    `patch_cfg` (dpar_scale.config.PatchConfig) is the patch rule: the one the model was trained with, or an
+    inference-time override of it. `entropy_dtype` rounds
     each entropy before the rule reads it: float16 reproduces training on entropies stored as float16 by
     tools/compute_entropy.py; float32 equals `patch_lengths(code_entropies(entropy_model, codes), ...)`.
     `entropy_model` may be None for mode=static.
@@ -207,6 +219,7 @@ def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, cfg_
     labels = _check_labels(model, labels).to(device)
     b, (h, w) = labels.shape[0], model.grid
     n = h * w
+    uniforms = _check_uniforms(uniforms, b, n, device)
     needs_entropy = patch_cfg.mode != "static"
     _check_entropy_model(model, entropy_model, needs_entropy)
     rule = _rule(patch_cfg, w)
@@ -218,7 +231,7 @@ def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, cfg_
     entropy = torch.zeros(b, n, dtype=torch.float32)  # CPU: the rule's input; entries not yet known stay 0
     stats = stats if stats is not None else GenerationStats()
     stats.rows, stats.codes = rows, n
-    draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    draw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
     def rounded(e: torch.Tensor) -> torch.Tensor:
         return e.to(entropy_dtype).float().cpu()
@@ -231,7 +244,7 @@ def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, cfg_
                 entropy[:, 0] = rounded(entropy_from_logits(entropy_model.step(ecache, None)[:, -1]))
             logits = model.start(cache, cond)
             for k in range(n):
-                code = sample_logits(guide(logits, cfg_scale, cfg), **draw)
+                code = sample_logits(guide(logits, cfg_scale, cfg), uniforms[:, k], **draw)
                 codes[:, k] = code
                 bar.update(1)
                 if k == n - 1:
@@ -256,7 +269,7 @@ def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, cfg_
                 stats.encoder_positions += rows * (k + 1)
                 stats.decoder_positions += rows * (k + 1)
                 stats.global_positions += layout.num_global_positions
-                codes[:, k] = sample_logits(guide(logits, cfg_scale, cfg), **draw)
+                codes[:, k] = sample_logits(guide(logits, cfg_scale, cfg), uniforms[:, k], **draw)
                 bar.update(1)
     lengths = starts_to_lengths(rule(entropy))
     stats.patches = [len(x) for x in lengths]
