@@ -19,6 +19,7 @@ from dpar_scale.patching.layout import PatchLayout, static_lengths
 from dpar_scale.models import DPAR, GPT
 from dpar_scale.models.attention import KVCache
 from dpar_scale.patching.rule import patch_lengths
+from sampling_fixtures import load_tool, randomize, write_sampling_setup
 
 GRID = (6, 6)
 N = GRID[0] * GRID[1]
@@ -27,17 +28,6 @@ COMMON = dict(dim=64, n_heads=4, vocab_size=VOCAB, grid=GRID, multiple_of=32, dr
 LABELS = torch.tensor([0, 3, 4])
 
 
-
-
-def randomize(model, seed: int, scale: float = 0.1):
-    # LlamaGen's init zeroes the output head (uniform predictions): use weights that give every path a say, at a
-    # scale that keeps logits O(3) so that float32 rounding (~1e-6 relative) stays well inside atol 1e-5.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(noise * scale if p.dim() > 1 else 1.0 + 0.2 * noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -259,47 +249,34 @@ def test_dpar_needs_entropy_model(models):
     assert lengths == [static_lengths(GRID, 2)]
 
 
+def test_sample_stream_is_the_samples_own(models):
+    # Sample 1's codes with other neighbours in the batch (other ids, other classes; same batch size and row):
+    # unchanged, because it reads only its own stream and every row of a fixed-shape batch is computed alike.
+    ids_a, ids_b = [0, 1, 2], [7, 1, 9]
+    labels_a, labels_b = LABELS, torch.tensor([4, 3, 0])
+    rule = PatchConfig(threshold=models["theta"], max_patch_length=4)
+    gpt = [generate_gpt(models["gpt"], lab, cfg_scale=2.0, uniforms=sample_uniforms(5, ids, N))
+           for lab, ids in ((labels_a, ids_a), (labels_b, ids_b))]
+    assert torch.equal(gpt[0][1], gpt[1][1]) and not torch.equal(gpt[0][0], gpt[1][0])
+    dpar = [generate_dpar(models["dpar"]["dynamic"], models["entropy"], lab, patch_cfg=rule, cfg_scale=2.0,
+                          uniforms=sample_uniforms(5, ids, N))[0] for lab, ids in ((labels_a, ids_a), (labels_b, ids_b))]
+    assert torch.equal(dpar[0][1], dpar[1][1]) and not torch.equal(dpar[0][0], dpar[1][0])
+    # The streams themselves: row r is sample ids[r]'s, whatever else is drawn with it.
+    assert torch.equal(sample_uniforms(5, [1], N)[0], sample_uniforms(5, ids_b, N)[1])
+    assert not torch.equal(sample_uniforms(5, [1], N), sample_uniforms(6, [1], N))
+
+
 # ---------------------------------------------------------------------------------------- tools/sample.py
-def _write_checkpoint(folder, model, overrides):
-    from safetensors.torch import save_file
-
-    from dpar_scale.config import load_config, save_config
-
-    folder.mkdir(parents=True)
-    save_config(load_config(None, overrides), folder / "config.yaml")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-
-
 def test_sample_tool(models, tmp_path, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
     import numpy as np
 
-    from dpar_scale.tokenizer.kmeans import KMeansTokenizer
-
-    spec = importlib.util.spec_from_file_location(
-        "sample_tool", Path(__file__).resolve().parent.parent / "tools" / "sample.py")
-    sample = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sample)
-
-    codes_dir = tmp_path / "codes"
-    (codes_dir / "entropy").mkdir(parents=True)
-    KMeansTokenizer(torch.rand(VOCAB, 3 * 2 * 2) * 2 - 1, block_size=2).save(str(tmp_path / "tok.safetensors"))
-    (codes_dir / "manifest.json").write_text(json.dumps({
-        "tokenizer": {"name": "kmeans", "path": str(tmp_path / "tok.safetensors")},
-        "classes": [f"class{i}" for i in range(CLASSES)]}))
-    shape = ["model.dim=64", "model.n_heads=4", f"model.vocab_size={VOCAB}", f"model.grid=[{GRID[0]},{GRID[1]}]",
-             "model.ffn_multiple_of=32", f"data.codes_dir={codes_dir}"]
-    _write_checkpoint(tmp_path / "entropy", models["entropy"], shape + ["model.kind=entropy", "model.n_layers=2"])
-    (codes_dir / "entropy" / "manifest.json").write_text(json.dumps({
-        "entropy_checkpoint": str(tmp_path / "entropy"), "dtype": "float16"}))
-    _write_checkpoint(tmp_path / "dpar", models["dpar"]["dynamic"], shape + [
-        "model.kind=dpar", f"model.num_classes={CLASSES}", "model.n_encoder_layers=1", "model.n_global_layers=2",
-        "model.n_decoder_layers=1", f"model.patch.threshold={models['theta']}"])
-    _write_checkpoint(tmp_path / "gpt", models["gpt"], shape + ["model.kind=gpt", f"model.num_classes={CLASSES}",
-                                                                 "model.n_layers=2"])
+    sample = load_tool("sample")
+    paths = write_sampling_setup(tmp_path, gpt=models["gpt"], entropy=models["entropy"],
+                                 dpar=models["dpar"]["dynamic"], grid=GRID, vocab=VOCAB, classes=CLASSES,
+                                 theta=models["theta"])
+    codes_dir = paths["codes"]
 
     out = tmp_path / "dpar-samples"
     assert sample.main(["--checkpoint", str(tmp_path / "dpar"), "--classes", "0,2", "--num-per-class", "3",
@@ -328,9 +305,49 @@ def test_sample_tool(models, tmp_path, capsys):
                         "--seed", "1", "--out", str(gpt_out)]) == 0
     assert np.load(gpt_out / "codes.npy").shape == (2, *GRID) and not (gpt_out / "patch_lengths.json").exists()
 
-    # Clear errors: no entropy manifest, unknown class.
+    # Clear errors: a patch rule for a GPT, no entropy manifest, unknown class.
+    assert sample.main(["--checkpoint", str(tmp_path / "gpt"), "--classes", "1", "--out", str(gpt_out),
+                        "--threshold", "3"]) == 2
+    assert "apply to DPAR checkpoints only" in capsys.readouterr().err
     (codes_dir / "entropy" / "manifest.json").unlink()
     assert sample.main(["--checkpoint", str(tmp_path / "dpar"), "--classes", "0", "--out", str(out)]) == 2
     assert "--entropy-checkpoint" in capsys.readouterr().err
     assert sample.main(["--checkpoint", str(tmp_path / "gpt"), "--classes", "7", "--out", str(out)]) == 2
     assert "outside the model's classes" in capsys.readouterr().err
+
+
+def test_sample_tool_patch_rule_override(models, tmp_path):
+    # --threshold / --max-patch-length / --patch-mode replace the checkpoint's rule at inference time; the patches
+    # chosen on the fly are still the patcher's on the final codes under the overridden rule, and a higher θ
+    # merges more (paper Table 6 raises θ from 7.8 to 8.1 on a model trained at 7.8).
+    import json
+
+    import numpy as np
+
+    sample = load_tool("sample")
+    write_sampling_setup(tmp_path, gpt=models["gpt"], entropy=models["entropy"], dpar=models["dpar"]["dynamic"],
+                         grid=GRID, vocab=VOCAB, classes=CLASSES, theta=models["theta"])
+    common = ["--checkpoint", str(tmp_path / "dpar"), "--classes", "0,1,2,3", "--num-per-class", "3",
+              "--cfg-scale", "2.0", "--seed", "3"]
+    codes_e = torch.randint(0, VOCAB, (16, N), generator=gen(3))
+    lo, hi = (float(code_entropies(models["entropy"], codes_e).quantile(q)) for q in (0.3, 0.8))
+    mean = {}
+    for name, flags, rule in (("lo", ["--threshold", str(lo)], dict(threshold=lo, max_patch_length=4)),
+                              ("hi", ["--threshold", str(hi)], dict(threshold=hi, max_patch_length=4)),
+                              ("pmax2", ["--threshold", str(hi), "--max-patch-length", "2"],
+                               dict(threshold=hi, max_patch_length=2)),
+                              ("monotonic", ["--threshold", "0.05", "--patch-mode", "monotonic"],
+                               dict(threshold=0.05, max_patch_length=4, mode="monotonic"))):
+        out = tmp_path / name
+        assert sample.main(common + ["--out", str(out)] + flags) == 0
+        record = json.loads((out / "patch_lengths.json").read_text())
+        assert record["patch_rule"]["threshold"] == rule["threshold"]
+        codes = torch.from_numpy(np.load(out / "codes.npy")).view(-1, N)
+        stored = code_entropies(models["entropy"], codes).half().float()  # training's float16 entropies
+        assert record["patch_lengths"] == patch_lengths(stored, width=GRID[1], **rule), name
+        mean[name] = record["mean_patch_length"]
+    assert mean["hi"] > mean["lo"] + 0.3, mean
+    assert 1 < mean["pmax2"] <= 2 < mean["hi"]
+    static = tmp_path / "static"
+    assert sample.main(common + ["--out", str(static), "--patch-mode", "static"]) == 0
+    assert json.loads((static / "patch_lengths.json").read_text())["patch_lengths"] == [static_lengths(GRID, 2)] * 12
