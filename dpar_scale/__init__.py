@@ -14,4 +14,16 @@ One folder per concept. A room may import the rooms below it in this list, never
     config.py    typed configuration (dataclasses, YAML, dotted overrides)
 
 Rooms on the same line do not import each other.
+
+`dpar_scale.load_pretrained(path)` is the one-line entry point to a trained (or imported) model.
 """
+
+
+def load_pretrained(path, device="cpu", use_ema: bool = True):
+    """The model of a checkpoint folder or an export (tools/export.py, tools/import_llamagen.py), in eval mode on
+    `device`. A GPT is called `model(codes [B, N], labels [B])` -> logits [B, N, vocab], where logits[:, k]
+    predicts codes[:, k] from the class and codes < k; DPAR takes a PatchLayout as well (see
+    dpar_scale.models.dpar). Imports torch and the model code on first call only."""
+    from dpar_scale.checkpoint.export import load_model_for_inference
+
+    return load_model_for_inference(path, use_ema=use_ema, device=device)[0]

@@ -255,11 +255,11 @@ def test_sample_stream_is_the_samples_own(models):
     ids_a, ids_b = [0, 1, 2], [7, 1, 9]
     labels_a, labels_b = LABELS, torch.tensor([4, 3, 0])
     rule = PatchConfig(threshold=models["theta"], max_patch_length=4)
-    gpt = [generate_gpt(models["gpt"], lab, cfg_scale=2.0, uniforms=sample_uniforms(5, ids, N))
-           for lab, ids in ((labels_a, ids_a), (labels_b, ids_b))]
+    batches = ((labels_a, ids_a), (labels_b, ids_b))
+    gpt = [generate_gpt(models["gpt"], lab, cfg_scale=2.0, uniforms=sample_uniforms(5, ids, N)) for lab, ids in batches]
     assert torch.equal(gpt[0][1], gpt[1][1]) and not torch.equal(gpt[0][0], gpt[1][0])
     dpar = [generate_dpar(models["dpar"]["dynamic"], models["entropy"], lab, patch_cfg=rule, cfg_scale=2.0,
-                          uniforms=sample_uniforms(5, ids, N))[0] for lab, ids in ((labels_a, ids_a), (labels_b, ids_b))]
+                          uniforms=sample_uniforms(5, ids, N))[0] for lab, ids in batches]
     assert torch.equal(dpar[0][1], dpar[1][1]) and not torch.equal(dpar[0][0], dpar[1][0])
     # The streams themselves: row r is sample ids[r]'s, whatever else is drawn with it.
     assert torch.equal(sample_uniforms(5, [1], N)[0], sample_uniforms(5, ids_b, N)[1])

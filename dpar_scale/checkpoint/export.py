@@ -92,18 +92,22 @@ def load_model_for_inference(path: str | Path, use_ema: bool = True, device: str
     return model.to(device).eval(), cfg
 
 
-def export_checkpoint(path: str | Path, out_dir: str | Path, use_ema: bool = True) -> dict:
-    """Writes `out_dir/model.safetensors` + `out_dir/config.json`; returns a summary."""
+def write_export(weights: dict[str, torch.Tensor], cfg: Config, out_dir: str | Path, metadata: dict) -> dict:
+    """Writes `out_dir/model.safetensors` (atomically) + `out_dir/config.json`; returns a summary."""
     from safetensors.torch import save_file
 
-    weights, cfg, which = consolidated_weights(path, use_ema)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / (EXPORT_WEIGHTS + ".tmp")
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp),
-              metadata={"source": str(path), "weights": which, "kind": cfg.model.kind})
+              metadata={k: str(v) for k, v in {**metadata, "kind": cfg.model.kind}.items()})
     tmp.replace(out_dir / EXPORT_WEIGHTS)
     (out_dir / EXPORT_CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    return {"source": str(path), "weights": which, "out": str(out_dir / EXPORT_WEIGHTS),
-            "config": str(out_dir / EXPORT_CONFIG), "tensors": len(weights),
-            "parameters": sum(v.numel() for v in weights.values()), "kind": cfg.model.kind}
+    return {**metadata, "out": str(out_dir / EXPORT_WEIGHTS), "config": str(out_dir / EXPORT_CONFIG),
+            "tensors": len(weights), "parameters": sum(v.numel() for v in weights.values()), "kind": cfg.model.kind}
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path, use_ema: bool = True) -> dict:
+    """Writes `out_dir/model.safetensors` + `out_dir/config.json`; returns a summary."""
+    weights, cfg, which = consolidated_weights(path, use_ema)
+    return write_export(weights, cfg, out_dir, {"source": str(path), "weights": which})
