@@ -34,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpar_scale.config import PatchConfig  # noqa: E402
+from dpar_scale.config import ModelConfig, PatchConfig  # noqa: E402
+from dpar_scale.flops.analytic import forward_flops  # noqa: E402
 from dpar_scale.patching.entropy import code_entropies  # noqa: E402
 from dpar_scale.sampling.generate import GenerationStats, generate_dpar, generate_gpt  # noqa: E402
 from dpar_scale.sampling.streams import sample_uniforms  # noqa: E402
@@ -218,7 +219,21 @@ def depth_comparison(args) -> int:
                          "positions_per_image": per_image_positions(stats, args.batch)}
             if lengths is not None:
                 row[kind]["mean_patch_length"] = mean_patch_length(lengths, n)
+                dpar_lengths = lengths
         row["dpar_speed_vs_gpt"] = row["dpar"]["images_per_second"] / row["gpt"]["images_per_second"]
+        # Forward FLOPs over the final codes (what the caches compute, once per position), per image: GPT and
+        # DPAR for both CFG halves, the entropy model for one.
+        halves = 2 if args.cfg_scale != 1.0 else 1
+        shape = dict(vocab_size=args.vocab, num_classes=args.classes, grid=tuple(args.grid))
+        gpt_flops = halves * forward_flops(ModelConfig(kind="gpt", dim=dim, n_heads=dim // 64,
+                                                       n_layers=g["n_layers"], **shape), batch_images=1)
+        dpar_cfg = ModelConfig(kind="dpar", dim=dim, n_heads=dim // 64, n_encoder_layers=dpar_layers[0],
+                               n_global_layers=dpar_layers[1], n_decoder_layers=dpar_layers[2], **shape)
+        dpar_flops = halves * forward_flops(dpar_cfg, batch_images=args.batch, patch_lengths=dpar_lengths) / args.batch
+        entropy_flops = forward_flops(ModelConfig(kind="entropy", dim=entropy_dim, n_heads=entropy_dim // 64,
+                                                  n_layers=PRESETS["gpt-b"]["n_layers"], **shape), batch_images=1)
+        row["forward_flops_per_image"] = {"gpt": gpt_flops, "dpar": dpar_flops, "entropy": entropy_flops}
+        row["flop_ratio_gpt_over_dpar_with_entropy"] = gpt_flops / (dpar_flops + entropy_flops)
         results.append(row)
         print(f"  {size}: done", flush=True)
 
@@ -226,14 +241,15 @@ def depth_comparison(args) -> int:
           f"{args.cfg_scale:g}, widths x{args.width_scale:g} (head dim 64), entropy model = gpt-b depth @"
           f"{entropy_dim}, {args.device}, {torch.get_num_threads()} threads, one run")
     head = (f"{'size':<4} {'width':>5} {'GPT layers':>10} {'DPAR layers':>11} {'GPT img/s':>9} {'DPAR img/s':>10} "
-            f"{'DPAR/GPT':>8} {'patch len':>9} {'global pos/img (both CFG halves)':>32}")
+            f"{'DPAR/GPT':>8} {'GPT/DPAR FLOPs':>14} {'patch len':>9} {'global pos/img (both CFG halves)':>32}")
     print(head)
     print("-" * len(head))
     for r in results:
         dp = r["dpar"]
         print(f"{r['size']:<4} {r['dim']:>5} {r['gpt_layers']:>10} {'+'.join(map(str, r['dpar_layers'])):>11} "
               f"{r['gpt']['images_per_second']:>9.3f} {dp['images_per_second']:>10.3f} "
-              f"{r['dpar_speed_vs_gpt']:>7.2f}x {dp['mean_patch_length']:>9.2f} "
+              f"{r['dpar_speed_vs_gpt']:>7.2f}x {r['flop_ratio_gpt_over_dpar_with_entropy']:>13.2f}x "
+              f"{dp['mean_patch_length']:>9.2f} "
               f"{dp['positions_per_image'].get('global_positions', 0):>32g}")
     setup = {"grid": list(args.grid), "vocab": args.vocab, "batch": args.batch, "cfg_scale": args.cfg_scale,
              "width_scale": args.width_scale, "target_mean_length": args.target_mean_length,
