@@ -4,7 +4,8 @@ One folder per concept. A room may import the rooms below it in this list, never
 
     launch/      Slurm (submitit) and local jobs, preemption -> checkpoint -> requeue
     train/       the one trainer, its engines (FSDP2/TP native, DeepSpeed ZeRO), metrics logging
-    checkpoint/  save / load / resume checks / export      sampling/  KV-cached generation
+    checkpoint/  save / load / resume checks / export / LlamaGen import
+    sampling/    KV-cached generation, per-sample random streams, chunked world-size-independent evaluation sets
     evaluation/  FID / IS / precision / recall (ADM's definitions), detectors, cached reference statistics
     flops/       analytic FLOP count and op-level counters
     parallel/    process groups, ParallelDims, TP/SP plans, FSDP2, clipping across meshes

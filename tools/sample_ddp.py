@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from dpar_scale.checkpoint.sampling_inputs import (SamplingInputError, describe_rule,  # noqa: E402
                                                    load_sampling_inputs)
-from dpar_scale.parallel.process_group import (destroy_distributed, get_local_rank, get_rank,  # noqa: E402
-                                               get_world_size, init_distributed)
+from dpar_scale.config import ConfigError  # noqa: E402
+from dpar_scale.parallel import process_group as pg  # noqa: E402
 from dpar_scale.sampling.chunked import ChunkSettingsError, SampleSettings, sample_to_folder  # noqa: E402
 from dpar_scale.sampling.options import (add_sampling_arguments, check_sampling_arguments,  # noqa: E402
                                          patch_rule_overrides)
@@ -63,9 +63,12 @@ def settings_from_args(args) -> SampleSettings:
 
 
 def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    return torch.device(f"cuda:{get_local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    """--device auto: this rank's GPU when there is one (cuda:LOCAL_RANK), else the CPU."""
+    if name == "auto":
+        return pg.default_device(pg.get_local_rank())
+    if name == "cuda":
+        return torch.device("cuda", pg.get_local_rank())
+    return torch.device(name)
 
 
 def run(args):
@@ -80,14 +83,14 @@ def run(args):
                                   tokenizer_name=args.tokenizer, entropy_checkpoint=args.entropy_checkpoint,
                                   patch_overrides=patch_rule_overrides(args))
     settings = settings_from_args(args)
-    if get_rank() == 0:
+    if pg.get_rank() == 0:
         rule = f", patch rule {describe_rule(inputs.patch_cfg)}" if inputs.kind == "dpar" else ""
-        print(f"{args.num_samples} samples of {args.checkpoint} ({inputs.kind}{rule}) on {get_world_size()} "
+        print(f"{args.num_samples} samples of {args.checkpoint} ({inputs.kind}{rule}) on {pg.get_world_size()} "
               f"process(es), {device.type}, {settings.resolved_precision(device)}, chunks of {args.batch_size}, "
               f"labels {settings.labels}", flush=True)
     result = sample_to_folder(inputs, settings, args.out, device=device, png=args.png,
                               progress=not args.no_progress)
-    if get_rank() == 0:
+    if pg.get_rank() == 0:
         meta = result.meta
         rate = meta.get("images_per_second")
         line = (f"{result.samples_path}: {meta['num_samples']} images {tuple(meta['image_shape'])}, "
@@ -101,16 +104,19 @@ def run(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    init_distributed()  # nccl on GPUs, gloo on CPU; nothing without torchrun
     try:
-        run(args)
+        env = pg.LaunchEnv.detect()
+        # nccl on GPUs, gloo on CPU; nothing with one process. Ranks may wait long for the slowest one's chunks.
+        pg.init_process_group(env, pick_device(args.device), timeout_s=2 * 3600)
+        try:
+            run(args)
+        finally:
+            pg.destroy_process_group()
         return 0
-    except (SamplingInputError, ChunkSettingsError) as e:
-        if get_rank() == 0:
+    except (SamplingInputError, ChunkSettingsError, ConfigError) as e:
+        if pg.get_rank() == 0:
             print(f"sample_ddp.py: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        destroy_distributed()
 
 
 if __name__ == "__main__":
