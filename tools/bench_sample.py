@@ -89,11 +89,13 @@ def sync(device: str) -> None:
 
 
 def timed(fn, device):
+    """(fn(), wall seconds, this process's CPU seconds). On a CPU shared with other jobs the CPU time of a
+    1-thread run is the steadier measure (wall time also counts the time others held the cores)."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
-    return out, time.perf_counter() - start
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 def build(args, *, dim, n_heads, gpt_layers, dpar_layers, entropy_dim, entropy_heads, entropy_layers):
@@ -117,8 +119,9 @@ def build(args, *, dim, n_heads, gpt_layers, dpar_layers, entropy_dim, entropy_h
     return {"gpt": gpt, "entropy": entropy, "dpar": dpar, "patch_cfg": patch_cfg}
 
 
-def generate(args, models, kind: str, use_cache: bool):
-    """(codes, patch lengths or None, seconds, stats) of one generation call of args.batch images."""
+def generate(args, models, kind: str, use_cache: bool, cpu_seconds: bool = False):
+    """(codes, patch lengths or None, seconds, stats) of one generation call of args.batch images; with
+    cpu_seconds=True also the CPU seconds."""
     n = args.grid[0] * args.grid[1]
     labels = torch.arange(args.batch) % args.classes
     stats = GenerationStats()
@@ -130,8 +133,8 @@ def generate(args, models, kind: str, use_cache: bool):
         fn = lambda: generate_dpar(models["dpar"], models["entropy"], labels,  # noqa: E731
                                    patch_cfg=models["patch_cfg"], cfg_scale=args.cfg_scale, uniforms=uniforms,
                                    use_cache=use_cache, stats=stats)
-    (codes, lengths), seconds = timed(fn, args.device)
-    return codes, lengths, seconds, stats
+    (codes, lengths), seconds, cpu = timed(fn, args.device)
+    return (codes, lengths, seconds, stats) + ((cpu,) if cpu_seconds else ())
 
 
 def mean_patch_length(lengths, n: int) -> float:
@@ -214,8 +217,11 @@ def depth_comparison(args) -> int:
         row = {"size": size, "dim": dim, "gpt_layers": g["n_layers"], "dpar_layers": list(dpar_layers),
                "entropy": [PRESETS["gpt-b"]["n_layers"], entropy_dim], "threshold": models["patch_cfg"].threshold}
         for kind in ("gpt", "dpar"):
-            _, lengths, seconds, stats = generate(args, models, kind, True)
-            row[kind] = {"images_per_second": args.batch / seconds, "seconds_per_image": seconds / args.batch,
+            _, lengths, seconds, stats, cpu = generate(args, models, kind, True, cpu_seconds=True)
+            # On CPU the rate is per CPU second of this (1-thread) process; on a GPU per wall second.
+            busy = cpu if args.device == "cpu" else seconds
+            row[kind] = {"images_per_second": args.batch / busy, "wall_seconds_per_image": seconds / args.batch,
+                         "cpu_seconds_per_image": cpu / args.batch,
                          "positions_per_image": per_image_positions(stats, args.batch)}
             if lengths is not None:
                 row[kind]["mean_patch_length"] = mean_patch_length(lengths, n)
@@ -239,7 +245,8 @@ def depth_comparison(args) -> int:
 
     print(f"cached generation, grid {args.grid[0]}x{args.grid[1]}, vocab {args.vocab}, batch {args.batch}, cfg "
           f"{args.cfg_scale:g}, widths x{args.width_scale:g} (head dim 64), entropy model = gpt-b depth @"
-          f"{entropy_dim}, {args.device}, {torch.get_num_threads()} threads, one run")
+          f"{entropy_dim}, {args.device}, {torch.get_num_threads()} threads, one run"
+          + (", images per CPU second of this process" if args.device == "cpu" else ""))
     head = (f"{'size':<4} {'width':>5} {'GPT layers':>10} {'DPAR layers':>11} {'GPT img/s':>9} {'DPAR img/s':>10} "
             f"{'DPAR/GPT':>8} {'GPT/DPAR FLOPs':>14} {'patch len':>9} {'global pos/img (both CFG halves)':>32}")
     print(head)
