@@ -271,7 +271,9 @@ def sample_to_folder(inputs, settings: SampleSettings, out_dir: str | Path, *, d
 
     complete = sorted(k for part in _agree(verify_mine) for k in part)
     missing = [k for k in range(num_chunks) if k not in set(complete)]
-    if finished and not missing:
+    if finished and not missing:  # nothing to generate; only PNGs asked for now may be missing
+        if png:
+            _agree(lambda: _write_pngs(out_dir, list(range(rank, num_chunks, world))))
         meta = json.loads(meta_path.read_text())
         return SamplingResult(out_dir, out_dir / SAMPLES_FILE, meta, num_chunks, bsz, rank, world,
                               list(range(rank, num_chunks, world)))
