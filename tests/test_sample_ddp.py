@@ -186,3 +186,28 @@ def test_labels_balanced_shuffled_and_a_function_of_the_seed():
     assert np.array_equal(sample_labels(0, 100, 1000, "random"), rnd[:100])  # label i depends on (seed, i) only
     with pytest.raises(ValueError, match="label mode 'sorted' is not one of"):
         sample_labels(0, 10, 4, "sorted")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_evaluate_in_the_same_job(setup, reference, tmp_path):
+    # --evaluate: the finished set (resumed here: every chunk exists) is judged in the same process group, and
+    # DIR/metrics.json holds what tools/evaluate.py's library call gives for the same files.
+    from dpar_scale.evaluation import evaluate_samples
+    from test_evaluation import StandInDomain, images, script
+
+    detector = script(StandInDomain(classes=CLASSES), tmp_path / "domain.pt")
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=images(24, seed=5, size=24))
+    args = ["--checkpoint", str(setup["dpar"]), "--out", str(reference), *RUN, "--evaluate", "--reference",
+            str(ref), "--features", f"domain:{detector}", "--eval-batch-size", "7", "--no-cache"]
+    assert load_tool("sample_ddp").main(args) == 0
+    got = json.loads((reference / "metrics.json").read_text())
+    want = evaluate_samples(str(reference / "samples.npz"), str(ref), f"domain:{detector}", batch_size=7,
+                            use_cache=False, progress=False)
+    assert got["num_samples"] == 40 and got["num_reference"] == 24
+    for key in ("fid_domain", "precision", "recall", "class_accuracy"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    # Without a detector, --evaluate fails before sampling starts.
+    assert load_tool("sample_ddp").main(["--checkpoint", str(setup["dpar"]), "--out", str(tmp_path / "x"), *RUN,
+                                         "--evaluate"]) == 2
+    assert not (tmp_path / "x").exists()

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node N tools/sample_ddp.py --checkpoint PATH --num-samples 50000 --cfg-scale 2.0 \
         --seed 0 --out DIR [--per-class | --random-labels] [--png] [--resize 256] [--threshold θ] \
         [--max-patch-length P] [--patch-mode MODE] [--temperature 1.0] [--top-k 0] [--top-p 1.0] \
-        [--batch-size 32] [--precision auto|bf16|fp32] [--tokenizer-path PATH] [--entropy-checkpoint PATH]
+        [--batch-size 32] [--precision auto|bf16|fp32] [--tokenizer-path PATH] [--entropy-checkpoint PATH] \
+        [--evaluate --reference REF (--inception PATH | --features domain:PATH) [--json OUT]]
 
 Writes DIR/samples.npz (the ADM evaluator's layout: `arr_0` uint8 [N, H, W, 3], plus `labels` int64 [N]),
 DIR/meta.json (settings, sources, world size, seconds, images/s; for DPAR the mean patch length and the global
@@ -32,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 from dpar_scale.checkpoint.sampling_inputs import (SamplingInputError, describe_rule,  # noqa: E402
                                                    load_sampling_inputs)
 from dpar_scale.config import ConfigError  # noqa: E402
+from dpar_scale.evaluation import EvaluationError  # noqa: E402
+from dpar_scale.evaluation.cli import add_evaluation_arguments, detector_spec, evaluate_from_args  # noqa: E402
 from dpar_scale.parallel import process_group as pg  # noqa: E402
 from dpar_scale.sampling.chunked import ChunkSettingsError, SampleSettings, sample_to_folder  # noqa: E402
 from dpar_scale.sampling.options import (add_sampling_arguments, check_sampling_arguments,  # noqa: E402
@@ -52,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--no-progress", action="store_true")
+    ev = p.add_argument_group("evaluation in the same job (--evaluate)")
+    ev.add_argument("--evaluate", action="store_true",
+                    help="after sampling, compute FID / IS / precision / recall (tools/evaluate.py) in the same "
+                         "process group; --json defaults to DIR/metrics.json")
+    add_evaluation_arguments(ev, required=False, prefix="eval-")
     return p.parse_args(argv)
 
 
@@ -74,6 +82,8 @@ def pick_device(name: str) -> torch.device:
 def run(args):
     """Everything after argument parsing, in an existing (or no) process group: the SamplingResult."""
     problem = check_sampling_arguments(args)
+    if args.evaluate and not problem:
+        detector_spec(args)  # before hours of sampling: --reference and a detector are given
     if problem or args.num_samples < 1 or args.resize < 0:
         raise SamplingInputError(problem or "--num-samples must be >= 1 and --resize >= 0")
     device = pick_device(args.device)
@@ -109,11 +119,15 @@ def main(argv=None) -> int:
         # nccl on GPUs, gloo on CPU; nothing with one process. Ranks may wait long for the slowest one's chunks.
         pg.init_process_group(env, pick_device(args.device), timeout_s=2 * 3600)
         try:
-            run(args)
+            result = run(args)
+            if args.evaluate:
+                args.json = args.json or str(Path(args.out) / "metrics.json")
+                evaluate_from_args(args, result.samples_path, pick_device(args.device),
+                                   progress=not args.no_progress)
         finally:
             pg.destroy_process_group()
         return 0
-    except (SamplingInputError, ChunkSettingsError, ConfigError) as e:
+    except (SamplingInputError, ChunkSettingsError, ConfigError, EvaluationError) as e:
         if pg.get_rank() == 0:
             print(f"sample_ddp.py: error: {e}", file=sys.stderr)
         return 2
