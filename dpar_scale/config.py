@@ -49,6 +49,21 @@ class PatchConfig:
 
 
 @dataclass
+class DPARConfig:
+    """Which DPAR structure to build. The defaults are the authors' model code; the other values are today's
+    ablations (a checkpoint's config.yaml records which one it holds, and resumes only into the same one)."""
+
+    # every: before each decoder layer every code adds its patch's global state through that layer's own
+    # RMSNorm + Linear (the authors' one-key cross-attention); first: once, before the first decoder layer
+    decoder_injection: str = "every"
+    cross_attn_ffn: bool = False  # a SwiGLU FFN after the encoder's patch cross-attention (not in the authors' code)
+
+
+# What a run config saved before `model.dpar` existed describes: the only DPAR structure there was then.
+LEGACY_DPAR = {"decoder_injection": "first", "cross_attn_ffn": True}
+
+
+@dataclass
 class ModelConfig:
     kind: str = ""  # gpt | entropy | dpar; "" = the preset's kind
     preset: str = ""  # e.g. gpt-b, dpar-xl, dpar-tiny; explicit fields below override the preset
@@ -74,6 +89,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     attention_backend: str = "sdpa"  # sdpa | flex
     patch: PatchConfig = field(default_factory=PatchConfig)
+    dpar: DPARConfig = field(default_factory=DPARConfig)
 
 
 @dataclass
@@ -256,24 +272,44 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
-    """Reads YAML (optional), applies dotted overrides, validates types and keys, and checks values."""
-    values: dict = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-        values = loaded
+def _read_mapping(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return loaded
+
+
+def _from_values(values: dict, overrides: list[str], cls: type) -> Any:
     # Start from the defaults so that overrides can name keys the file does not mention.
-    merged = _deep_merge(to_dict(cls()), values)
-    merged = apply_overrides(merged, overrides or [])
+    merged = apply_overrides(_deep_merge(to_dict(cls()), values), overrides)
     cfg = _build(cls, merged)
     if isinstance(cfg, Config):
         validate(cfg)
     return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Reads YAML (optional), applies dotted overrides, validates types and keys, and checks values."""
+    return _from_values(_read_mapping(path) if path else {}, overrides or [], cls)
+
+
+def with_legacy_sections(values: dict) -> dict:
+    """A saved config's values (parsed YAML / JSON) with the sections that did not exist when it was written
+    filled in with what the run then used: a model config without `dpar` gets LEGACY_DPAR."""
+    model = values.get("model") if isinstance(values, dict) else None
+    if isinstance(model, dict) and "dpar" not in model:
+        values = {**values, "model": {**model, "dpar": dict(LEGACY_DPAR)}}
+    return values
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """The config a run saved (a checkpoint's config.yaml, an export's config.json): `load_config`, except that a
+    file written before a section existed means that section's legacy values (see `with_legacy_sections`), so
+    an old checkpoint is rebuilt as the model it holds."""
+    return _from_values(with_legacy_sections(_read_mapping(path)), [], Config)
 
 
 def override(cfg: Any, overrides: list[str]) -> Any:
@@ -294,6 +330,9 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+DECODER_INJECTIONS = ("every", "first")
+
+
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
@@ -307,6 +346,7 @@ def validate(cfg: Config) -> None:
     _choice("model.attention_backend", cfg.model.attention_backend, ("sdpa", "flex"))
     _choice("model.patch.mode", cfg.model.patch.mode, ("global", "monotonic", "global+monotonic", "static"))
     _choice("model.patch.alignment", cfg.model.patch.alignment, ("reference", "blt"))
+    _choice("model.dpar.decoder_injection", cfg.model.dpar.decoder_injection, DECODER_INJECTIONS)
     _choice("optim.schedule", cfg.optim.schedule, ("constant", "cosine"))
     _choice("train.precision", cfg.train.precision, ("fp32", "bf16"))
     _choice("parallel.activation_checkpoint", cfg.parallel.activation_checkpoint, ("none", "full", "selective"))

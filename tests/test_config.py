@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from dpar_scale.config import Config, ConfigError, load_config, save_config, to_dict
+from dpar_scale.config import (LEGACY_DPAR, Config, ConfigError, load_config, load_saved_config, save_config,
+                               to_dict)
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -28,6 +29,8 @@ def test_yaml_and_overrides(tmp_path):
     ("train.steps=0", "train.steps"),
     ("parallel.dp_shard=0", "parallel.dp_shard"),
     ("model.kind", "dotted.key=value"),
+    ("model.dpar.decoder_injection=last", "model.dpar.decoder_injection"),
+    ("model.dpar.cross_attn_ffn=maybe", "model.dpar.cross_attn_ffn"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -48,6 +51,23 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_dpar_structure_defaults_and_legacy_saved_configs(tmp_path):
+    # New runs build the authors' structure; a config saved before model.dpar existed means the legacy one, and a
+    # saved config that has the section keeps what it says.
+    cfg = load_config(None, ["model.preset=dpar-b"])
+    assert (cfg.model.dpar.decoder_injection, cfg.model.dpar.cross_attn_ffn) == ("every", False)
+    save_config(cfg, tmp_path / "new.yaml")
+    assert to_dict(load_saved_config(tmp_path / "new.yaml")) == to_dict(cfg)
+    old = to_dict(cfg)
+    del old["model"]["dpar"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    legacy = load_saved_config(tmp_path / "old.yaml")
+    assert to_dict(legacy.model.dpar) == LEGACY_DPAR == {"decoder_injection": "first", "cross_attn_ffn": True}
+    assert load_config(tmp_path / "old.yaml").model.dpar.decoder_injection == "every"  # a run config: defaults
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_saved_config(tmp_path / "missing.yaml")
 
 
 def test_model_kind_comes_from_the_preset():

@@ -26,6 +26,10 @@ N = GRID[0] * GRID[1]
 VOCAB, CLASSES = 48, 5
 COMMON = dict(dim=64, n_heads=4, vocab_size=VOCAB, grid=GRID, multiple_of=32, dropout=0.1, class_dropout=0.1)
 LABELS = torch.tensor([0, 3, 4])
+# DPAR models: (global_rope, model.dpar.decoder_injection, model.dpar.cross_attn_ffn); the authors' structure with
+# both RoPEs, and the legacy one (the global state injected once, an FFN after the patch cross-attention)
+DPAR_MODELS = {"dynamic": ("dynamic", "every", False), "1d": ("1d", "every", False),
+               "legacy": ("dynamic", "first", True)}
 
 
 
@@ -34,9 +38,9 @@ LABELS = torch.tensor([0, 3, 4])
 def models():
     gpt = randomize(GPT(n_layers=2, num_classes=CLASSES, **COMMON), 0)
     entropy = randomize(GPT(n_layers=2, num_classes=0, **COMMON), 1, scale=0.15)
-    dpar = {rope: randomize(DPAR(n_encoder_layers=1, n_global_layers=2, n_decoder_layers=1, num_classes=CLASSES,
-                                 global_rope=rope, **COMMON), 2)
-            for rope in ("dynamic", "1d")}
+    dpar = {name: randomize(DPAR(n_encoder_layers=1, n_global_layers=2, n_decoder_layers=2, num_classes=CLASSES,
+                                 global_rope=rope, decoder_injection=injection, cross_attn_ffn=ffn, **COMMON), 2)
+            for name, (rope, injection, ffn) in DPAR_MODELS.items()}
     # θ at the median entropy of random codes: boundaries both fire and stay quiet.
     codes = torch.randint(0, VOCAB, (16, N), generator=torch.Generator().manual_seed(3))
     theta = float(code_entropies(entropy, codes).median())
@@ -91,7 +95,7 @@ def dpar_layouts():
     }
 
 
-@pytest.mark.parametrize("rope", ["dynamic", "1d"])
+@pytest.mark.parametrize("rope", list(DPAR_MODELS))
 @pytest.mark.parametrize("name", ["pmax1", "static2", "patcher", "ragged", "cross-rows"])
 def test_dpar_cached_logits_equal_forward(models, rope, name):
     model = models["dpar"][rope]
@@ -172,22 +176,23 @@ def test_gpt_guidance_and_seed(models):
 
 
 # --------------------------------------------------------------------------------- DPAR cached == uncached
-DPAR_CASES = [
-    ("reference", "global", 4, dict(cfg_scale=1.0)),
-    ("reference", "global", 4, dict(cfg_scale=2.5)),
-    ("reference", "global", 1, dict(cfg_scale=2.5)),
-    ("blt", "global", 4, dict(cfg_scale=2.5, top_k=10, top_p=0.9)),
-    ("blt", "global", 1, dict(cfg_scale=1.0, top_p=0.8)),
-    ("reference", "static", 4, dict(cfg_scale=2.0)),
-    ("reference", "monotonic", 4, dict(cfg_scale=2.0, temperature=1.3)),
+DPAR_CASES = [  # (alignment, mode, P_max, sampling keywords, model)
+    ("reference", "global", 4, dict(cfg_scale=1.0), "dynamic"),
+    ("reference", "global", 4, dict(cfg_scale=2.5), "dynamic"),
+    ("reference", "global", 1, dict(cfg_scale=2.5), "dynamic"),
+    ("blt", "global", 4, dict(cfg_scale=2.5, top_k=10, top_p=0.9), "dynamic"),
+    ("blt", "global", 1, dict(cfg_scale=1.0, top_p=0.8), "dynamic"),
+    ("reference", "static", 4, dict(cfg_scale=2.0), "dynamic"),
+    ("reference", "monotonic", 4, dict(cfg_scale=2.0, temperature=1.3), "1d"),
+    ("reference", "global", 4, dict(cfg_scale=2.5), "legacy"),
+    ("blt", "global", 4, dict(cfg_scale=1.0), "legacy"),
 ]
 
 
-@pytest.mark.parametrize("alignment,mode,pmax,kw", DPAR_CASES,
+@pytest.mark.parametrize("alignment,mode,pmax,kw,rope", DPAR_CASES,
                          ids=[f"{a}-{m}-pmax{p}-{'cfg' if k['cfg_scale'] != 1 else 'nocfg'}"
-                              + ("-filters" if "top_p" in k else "") for a, m, p, k in DPAR_CASES])
-def test_dpar_cached_equals_uncached(models, alignment, mode, pmax, kw):
-    rope = "1d" if mode == "monotonic" else "dynamic"
+                              + ("-filters" if "top_p" in k else "") + f"-{r}" for a, m, p, k, r in DPAR_CASES])
+def test_dpar_cached_equals_uncached(models, alignment, mode, pmax, kw, rope):
     theta = models["theta"] if mode != "monotonic" else 0.05
     rule = PatchConfig(mode=mode, alignment=alignment, threshold=theta, max_patch_length=pmax, static_length=3)
     entropy = models["entropy"] if mode != "static" else None

@@ -1,19 +1,73 @@
 """Preset sizes against LlamaGen's and the DPAR paper's parameter counts (built on the meta device: free)."""
+import math
+
 import pytest
 import torch
 
-from dpar_scale.config import ConfigError, ModelConfig
+from dpar_scale.config import ConfigError, DPARConfig, ModelConfig
 from dpar_scale.patching.layout import PatchLayout
 from dpar_scale.models import DPAR, GPT, PRESETS, build_model, count_params, param_breakdown, resolve_model_config
 
 
 
 
-def meta_count(name: str) -> int:
+def meta_model(name: str, dpar: DPARConfig | None = None):
     with torch.device("meta"):
-        model = build_model(ModelConfig(kind=PRESETS[name]["kind"], preset=name))
+        model = build_model(ModelConfig(kind=PRESETS[name]["kind"], preset=name, dpar=dpar or DPARConfig()))
     assert next(model.parameters()).is_meta
-    return count_params(model)
+    return model
+
+
+def meta_count(name: str, dpar: DPARConfig | None = None) -> int:
+    return count_params(meta_model(name, dpar))
+
+
+def dpar_count_by_hand(dim, enc, glob, dec, *, every=True, ffn=False, vocab=16384, classes=1000) -> dict[str, int]:
+    """DPAR's parameters from its structure, written out here (not read from the model): LLaMA blocks of 4·d²
+    attention + 3·d·h SwiGLU (h = 8d/3 rounded up to 256) + 2 norms; the patch cross-attention wq/wk/wv/wo and
+    its query and key/value norms (+ a SwiGLU and its norm with `ffn`); per decoder layer (`every`) or once
+    RMSNorm + Linear(d, d) for the global state; the decoder's start vector; the final norm; no biases."""
+    hidden = 256 * math.ceil(int(8 * dim / 3) / 256)
+    swiglu = 3 * dim * hidden + dim
+    block = 4 * dim * dim + 2 * dim + 3 * dim * hidden
+    injection = dim * dim + dim
+    return {"embeddings": vocab * dim + (classes + 1) * dim,
+            "encoder": enc * block + 4 * dim * dim + 2 * dim + (swiglu if ffn else 0),
+            "global": glob * block,
+            "decoder": dec * block + (dec if every else 1) * injection + dim,
+            "head": dim + dim * vocab}
+
+
+# (dim, encoder, global, decoder layers) of the paper's sizes
+DPAR_SHAPES = {"dpar-b": (768, 1, 8, 3), "dpar-l": (1024, 1, 19, 4), "dpar-xl": (1280, 1, 30, 5),
+               "dpar-xxl": (1536, 1, 41, 6)}
+
+
+# every size in the authors' and the legacy structure; the two other combinations of the options at B
+STRUCTURE_CASES = [(n, every, ffn) for n in DPAR_SHAPES for every, ffn in ((True, False), (False, True))]
+STRUCTURE_CASES += [("dpar-b", True, True), ("dpar-b", False, False)]
+
+
+@pytest.mark.parametrize("name,every,ffn", STRUCTURE_CASES)
+def test_dpar_parameters_follow_the_structure(name, every, ffn):
+    by_hand = dpar_count_by_hand(*DPAR_SHAPES[name], every=every, ffn=ffn)
+    parts = param_breakdown(meta_model(name, DPARConfig("every" if every else "first", ffn)))
+    assert {k: parts[k] for k in by_hand} == by_hand and parts["total"] == sum(by_hand.values())
+
+
+def test_dpar_defaults_are_the_authors_code():
+    # The authors' code (vocab 16,384, 1,000 classes): DPAR-B 115.0M = encoder 9.44M + global 56.64M + decoder
+    # 23.01M + embeddings + head; DPAR-XL 789.5M (the paper reports 789M). The legacy structure (one injection,
+    # FFN after the cross-attention) has 118.6M and 796.7M.
+    b = param_breakdown(meta_model("dpar-b"))
+    assert round(b["total"] / 1e6, 1) == 115.0
+    assert [round(b[k] / 1e6, 2) for k in ("encoder", "global", "decoder")] == [9.44, 56.64, 23.01]
+    assert round(meta_count("dpar-xl") / 1e6, 1) == 789.5
+    legacy = DPARConfig(decoder_injection="first", cross_attn_ffn=True)
+    assert round(meta_count("dpar-b", legacy) / 1e6, 1) == 118.6
+    assert round(meta_count("dpar-xl", legacy) / 1e6, 1) == 796.7
+    for name, shape in DPAR_SHAPES.items():
+        print(f"{name}: {sum(dpar_count_by_hand(*shape).values()) / 1e6:.2f}M")
 
 
 @pytest.mark.parametrize("name,low,high", [
@@ -21,8 +75,8 @@ def meta_count(name: str) -> int:
     ("gpt-l", 343e6 * 0.97, 343e6 * 1.03),
     ("gpt-xl", 775e6 * 0.97, 775e6 * 1.03),
     ("gpt-xxl", 1.4e9 * 0.97, 1.4e9 * 1.03),
-    ("dpar-b", 120e6 * 0.92, 120e6 * 1.08),
-    ("dpar-xl", 789e6, 853e6),
+    ("dpar-b", 120e6 * 0.95, 120e6 * 1.0),  # the paper: ≈120M
+    ("dpar-xl", 789e6 * 0.999, 789e6 * 1.001),  # the paper: 789M
 ])
 def test_preset_sizes(name, low, high):
     n = meta_count(name)

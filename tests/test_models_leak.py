@@ -7,6 +7,8 @@ N-1 and the first / last code of every patch) and check that
   * no logit of the other image in the batch moves (batch independence through the packed global sequence).
 Class changes must move the logits of gpt / dpar and must not move those of the entropy model. Running on a prefix
 of k codes (layout cut at k, as during generation) must reproduce the full run's logits at positions < k.
+DPAR is checked in its structures: the global state injected before every decoder layer or once before the
+first (model.dpar.decoder_injection), with or without an FFN after the patch cross-attention.
 """
 import pytest
 import torch
@@ -33,15 +35,20 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def make_model(kind: str, global_rope: str = "dynamic"):
+# (decoder_injection, cross_attn_ffn): the authors' structure (the default) and today's legacy one
+AUTHORS, LEGACY = ("every", False), ("first", True)
+
+
+def make_model(kind: str, global_rope: str = "dynamic", variant: tuple[str, bool] = AUTHORS):
     torch.manual_seed(0)
     if kind == "gpt":
         model = GPT(n_layers=3, num_classes=CLASSES, **COMMON)
     elif kind == "entropy":
         model = GPT(n_layers=3, num_classes=0, **COMMON)
     else:
+        injection, ffn = variant
         model = DPAR(n_encoder_layers=1, n_global_layers=2, n_decoder_layers=2, num_classes=CLASSES,
-                     global_rope=global_rope, **COMMON)
+                     global_rope=global_rope, decoder_injection=injection, cross_attn_ffn=ffn, **COMMON)
     return randomize(model)
 
 
@@ -72,9 +79,17 @@ def layouts():
 
 
 LAYOUTS = layouts()
-MODELS = [("gpt", "dynamic"), ("entropy", "dynamic"), ("dpar", "dynamic"), ("dpar", "1d")]
-# Token models ignore the layout: one layout is enough for them; DPAR gets every layout.
-CASES = [(k, r, name) for k, r in MODELS for name in (LAYOUTS if k == "dpar" else ["pmax4-random"])]
+MODELS = [("gpt", "dynamic", AUTHORS), ("entropy", "dynamic", AUTHORS), ("dpar", "dynamic", AUTHORS),
+          ("dpar", "1d", AUTHORS), ("dpar", "dynamic", LEGACY)]
+# Token models ignore the layout: one layout is enough for them; DPAR gets every layout in the authors' and the
+# legacy structure, and the two other combinations of the options get the layouts with the longest patches.
+CASES = [(k, r, v, name) for k, r, v in MODELS for name in (LAYOUTS if k == "dpar" else ["pmax4-random"])]
+CASES += [("dpar", "dynamic", v, name) for v in (("every", True), ("first", False))
+          for name in ("single-first+long", "patcher")]
+
+
+def case_id(kind, rope, variant, name):
+    return f"{kind}-{rope}-{name}" + (f"-{variant[0]}{'-ffn' if variant[1] else ''}" if kind == "dpar" else "")
 
 
 def perturb(codes: torch.Tensor, b: int, t: int) -> torch.Tensor:
@@ -83,9 +98,9 @@ def perturb(codes: torch.Tensor, b: int, t: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("kind,rope,layout_name", CASES, ids=[f"{k}-{r}-{n}" for k, r, n in CASES])
-def test_no_leak_every_position(kind, rope, layout_name):
-    model = make_model(kind, rope)
+@pytest.mark.parametrize("kind,rope,variant,layout_name", CASES, ids=[case_id(*c) for c in CASES])
+def test_no_leak_every_position(kind, rope, variant, layout_name):
+    model = make_model(kind, rope, variant)
     layout = PatchLayout.from_lengths(LAYOUTS[layout_name], GRID, pad_to_multiple=4)
     torch.manual_seed(2)
     codes = torch.randint(0, VOCAB, (2, N))
@@ -105,9 +120,10 @@ def test_no_leak_every_position(kind, rope, layout_name):
                 assert cross == 0.0, f"{kind}/{layout_name}: image {b}'s code {t} moved image {other} by {cross}"
 
 
-@pytest.mark.parametrize("kind", ["gpt", "entropy", "dpar"])
-def test_class_conditioning(kind):
-    model = make_model(kind)
+@pytest.mark.parametrize("kind,variant", [("gpt", AUTHORS), ("entropy", AUTHORS), ("dpar", AUTHORS),
+                                          ("dpar", LEGACY)])
+def test_class_conditioning(kind, variant):
+    model = make_model(kind, variant=variant)
     layout = PatchLayout.from_lengths(LAYOUTS["pmax4-random"], GRID)
     torch.manual_seed(3)
     codes = torch.randint(0, VOCAB, (2, N))
@@ -146,11 +162,11 @@ def test_logits_shape_and_dtype():
         assert out.shape == (2, N, VOCAB) and out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kind,rope,layout_name", CASES, ids=[f"{k}-{r}-{n}" for k, r, n in CASES])
-def test_prefix_equals_full(kind, rope, layout_name):
+@pytest.mark.parametrize("kind,rope,variant,layout_name", CASES, ids=[case_id(*c) for c in CASES])
+def test_prefix_equals_full(kind, rope, variant, layout_name):
     # Running on the first k codes only (layout cut at k, the last patch possibly unfinished, as during
     # generation) must reproduce the full run's logits at positions < k: nothing at >= k was ever used.
-    model = make_model(kind, rope)
+    model = make_model(kind, rope, variant)
     layout = PatchLayout.from_lengths(LAYOUTS[layout_name], GRID, pad_to_multiple=4)
     torch.manual_seed(4)
     codes, labels = torch.randint(0, VOCAB, (2, N)), torch.tensor([2, 0])

@@ -19,10 +19,16 @@ FLEX_OK, FLEX_WHY = flex_available()
 
 
 
-def dpar(backend="sdpa", global_rope="dynamic"):
+# model.dpar structures: (decoder_injection, cross_attn_ffn) — the authors' (the default) and the legacy one
+STRUCTURES = {"authors": ("every", False), "legacy": ("first", True)}
+
+
+def dpar(backend="sdpa", global_rope="dynamic", structure="authors"):
     torch.manual_seed(0)
-    model = DPAR(n_encoder_layers=1, n_global_layers=2, n_decoder_layers=1, num_classes=CLASSES,
-                 global_rope=global_rope, attention_backend=backend, **COMMON)
+    injection, ffn = STRUCTURES[structure]
+    model = DPAR(n_encoder_layers=1, n_global_layers=2, n_decoder_layers=2, num_classes=CLASSES,
+                 global_rope=global_rope, attention_backend=backend, decoder_injection=injection,
+                 cross_attn_ffn=ffn, **COMMON)
     with torch.no_grad():
         model.output.weight.normal_(std=0.5)  # the LlamaGen init zeroes it
     return model.eval()
@@ -93,8 +99,9 @@ def test_dynamic_rope_layout():
 
 
 # ------------------------------------------------------------------------------------- packed == unpacked
-def test_packed_equals_unpacked():
-    model = dpar()
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_packed_equals_unpacked(structure):
+    model = dpar(structure=structure)
     codes, labels = inputs()
     lay = PatchLayout.from_lengths(LENGTHS, GRID, pad_to_multiple=4)
     assert lay.packed_length > lay.num_global_positions  # the padding path is exercised
@@ -134,8 +141,8 @@ def test_flex_equals_sdpa():
     lay = PatchLayout.from_lengths(LENGTHS, GRID, pad_to_multiple=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex warns that it is unfused
-        for rope in ("dynamic", "1d"):
-            ref, flex = dpar("sdpa", rope), dpar("flex", rope)
+        for rope, structure in (("dynamic", "authors"), ("1d", "legacy")):
+            ref, flex = dpar("sdpa", rope, structure), dpar("flex", rope, structure)
             flex.load_state_dict(ref.state_dict())
             with torch.no_grad():
                 torch.testing.assert_close(flex(codes, labels, lay), ref(codes, labels, lay), atol=1e-5, rtol=0)

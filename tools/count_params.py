@@ -1,9 +1,12 @@
 """Parameter counts of every model preset, split into embeddings / encoder / global / decoder / head.
 
 Models are built on the meta device, so even XXL costs no memory. Vocabulary, classes and grid are LlamaGen's
-(16,384 codes, 1,000 classes + null, 16x16) unless overridden.
+(16,384 codes, 1,000 classes + null, 16x16) unless overridden. DPAR is built in the structure of the authors' code
+(model.dpar defaults); `--dpar first,true` counts the legacy one (global state injected once, FFN after the
+patch cross-attention). The "reported" column gives the paper's figure and, for DPAR, the authors' code's.
 
     python tools/count_params.py [--json counts.json] [--presets gpt-b dpar-b] [--vocab 16384 --classes 1000]
+        [--dpar every,false]
 """
 from __future__ import annotations
 
@@ -16,17 +19,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar_scale.config import ModelConfig  # noqa: E402
+from dpar_scale.config import DECODER_INJECTIONS, DPARConfig, ModelConfig  # noqa: E402
 from dpar_scale.models import PRESETS, build_model, param_breakdown  # noqa: E402
 from dpar_scale.models.presets import REPORTED_M  # noqa: E402
 
 COLUMNS = ("embeddings", "encoder", "global", "decoder", "head", "total")
 
 
-def count_all(names, vocab_size: int = 16384, num_classes: int = 1000) -> dict[str, dict[str, int]]:
+def count_all(names, vocab_size: int = 16384, num_classes: int = 1000,
+              dpar: DPARConfig | None = None) -> dict[str, dict[str, int]]:
     out = {}
     for name in names:
-        cfg = ModelConfig(kind=PRESETS[name]["kind"], preset=name, vocab_size=vocab_size, num_classes=num_classes)
+        cfg = ModelConfig(kind=PRESETS[name]["kind"], preset=name, vocab_size=vocab_size, num_classes=num_classes,
+                          dpar=dpar or DPARConfig())
         with torch.device("meta"):
             model = build_model(cfg)
         out[name] = param_breakdown(model)
@@ -38,17 +43,25 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", nargs="*", default=list(PRESETS), help="preset names (default: all)")
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--dpar", default="every,false", metavar="INJECTION,FFN",
+                    help="DPAR structure: model.dpar.decoder_injection (every | first) and model.dpar.cross_attn_ffn "
+                         "(true | false); default every,false (the authors' code)")
     ap.add_argument("--json", type=Path, help="also write the counts (exact integers) to this file")
     args = ap.parse_args(argv)
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
         ap.error(f"unknown presets {unknown}; known: {', '.join(sorted(PRESETS))}")
-    counts = count_all(args.presets, args.vocab, args.classes)
-    print(f"{'preset':<13}" + "".join(f"{c:>12}" for c in COLUMNS) + f"{'reported':>14}")
+    injection, _, ffn = args.dpar.partition(",")
+    if injection not in DECODER_INJECTIONS or ffn not in ("true", "false"):
+        ap.error(f"--dpar {args.dpar!r}: expected INJECTION,FFN with INJECTION one of "
+                 f"{', '.join(DECODER_INJECTIONS)} and FFN true or false (e.g. --dpar first,true)")
+    counts = count_all(args.presets, args.vocab, args.classes, DPARConfig(injection, ffn == "true"))
+    print(f"{'preset':<13}" + "".join(f"{c:>12}" for c in COLUMNS) + f"  {'reported':<26}")
     for name, row in counts.items():
-        rep = REPORTED_M.get(name)
-        rep_s = "" if rep is None else (f"{rep[0]}-{rep[1]}M" if isinstance(rep, tuple) else f"~{rep}M")
-        print(f"{name:<13}" + "".join(f"{row[c] / 1e6:>11.2f}M" for c in COLUMNS) + f"{rep_s:>14}")
+        rep = REPORTED_M.get(name, {})
+        rep_s = ", ".join(f"{label} {rep[key]}M" for key, label in (("paper", "paper"), ("authors_code", "code"))
+                          if key in rep)
+        print(f"{name:<13}" + "".join(f"{row[c] / 1e6:>11.2f}M" for c in COLUMNS) + f"  {rep_s:<26}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(counts, indent=2))

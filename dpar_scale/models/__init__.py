@@ -11,7 +11,7 @@ import dataclasses
 
 from torch import nn
 
-from dpar_scale.config import ConfigError, ModelConfig
+from dpar_scale.config import DECODER_INJECTIONS, ConfigError, ModelConfig
 
 from .attention import AttentionMask, attend, compile_flex, flex_available
 from .dpar import DPAR
@@ -69,6 +69,9 @@ def _check(cfg: ModelConfig) -> None:
                           "position always uses the identity rotation")
     if cfg.kind == "dpar" and cfg.num_classes < 1:
         raise ConfigError("model.num_classes must be >= 1 for kind=dpar")
+    if cfg.kind == "dpar" and cfg.dpar.decoder_injection not in DECODER_INJECTIONS:
+        raise ConfigError(f"model.dpar.decoder_injection: {cfg.dpar.decoder_injection!r} is not one of "
+                          f"{', '.join(DECODER_INJECTIONS)}")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -81,6 +84,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.kind == "dpar":
         return DPAR(n_encoder_layers=cfg.n_encoder_layers, n_global_layers=cfg.n_global_layers,
                     n_decoder_layers=cfg.n_decoder_layers, num_classes=cfg.num_classes,
-                    global_rope=cfg.global_rope, **common)
+                    global_rope=cfg.global_rope, decoder_injection=cfg.dpar.decoder_injection,
+                    cross_attn_ffn=cfg.dpar.cross_attn_ffn, **common)
     return GPT(n_layers=cfg.n_layers, num_classes=cfg.num_classes if cfg.kind == "gpt" else 0,
                class_rope=cfg.class_rope, **common)

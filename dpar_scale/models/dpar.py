@@ -3,13 +3,17 @@
 Alignment (what makes it causal; each line is checked by tests/test_models_leak.py):
 
 * encoder: e_t = causal self-attention over codes 0..t (2-D RoPE) -> e_t depends on codes <= t.
-* patch m = codes s_m..f_m. Query = max-pool(e_{s_m..f_m}); one cross-attention (+ FFN) in which it sees only
-  e_{s_m..f_m}  ->  P_m depends on codes <= f_m.
+* patch m = codes s_m..f_m. Query = max-pool(e_{s_m..f_m}); one cross-attention (RMSNorm on the query and on the
+  keys/values, wq/wk/wv/wo, residual; no FFN unless cross_attn_ffn) in which it sees only e_{s_m..f_m}
+  ->  P_m depends on codes <= f_m.
 * global: packed [class, P_0, ..., P_{M-1}], block-causal per image. Output g_m at image position m summarises
   class + P_0..P_{m-1}, i.e. codes <= f_{m-1} = s_m - 1 (the last patch's output, g_M, is never used).
-* decoder position t (predicts code t, which lies in patch m): input = e_{t-1} (a learned start vector for t = 0)
-  + Linear(RMSNorm(g_m)); then causal self-attention over the codes with the 2-D RoPE of code t.
-  Every input at positions <= t depends on codes < t only, so logits[:, t] does too.
+* decoder position t (predicts code t, which lies in patch m): input = e_{t-1} (a learned start vector for t = 0);
+  before *every* decoder layer l the position adds W_l·RMSNorm_l(g_m) (decoder_injection=every, the authors'
+  model: a one-key cross-attention of which only the output projection remains), then layer l's causal
+  self-attention over the codes with the 2-D RoPE of code t. decoder_injection=first adds W·RMSNorm(g_m) once,
+  before the first layer. Every input at positions <= t depends on codes < t only (g_m on codes < s_m <= t),
+  so logits[:, t] does too.
 
 A static-patch DPAR is the same model with a fixed-length layout; P_max = 1 gives one patch per code.
 
@@ -17,7 +21,8 @@ Incremental decoding (generation) runs the same three stages one code at a time 
 position of the global model, then decoder position 0), then per code `step`: `step_encode` (encoder position of
 the code just sampled), `step_patches` for the images whose open patch that code completed (max-pool +
 cross-attention over the patch's cached encoder states, then one global position), `step_decode` (decoder position
-of the next code). Which patches close is the caller's decision (dpar_scale.sampling.generate applies the patch rule).
+of the next code, injecting the current global state exactly as `decode` does). Which patches close is the
+caller's decision (dpar_scale.sampling.generate applies the patch rule).
 """
 from __future__ import annotations
 
@@ -26,10 +31,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dpar_scale.config import DECODER_INJECTIONS
 from dpar_scale.patching.layout import PatchLayout
 
 from .attention import AttentionMask, KVCache
-from .layers import CrossAttentionBlock, RMSNorm, TransformerBlock, drop_labels, init_llamagen_
+from .layers import CrossAttentionBlock, DecoderBlock, RMSNorm, TransformerBlock, drop_labels, init_llamagen_
 from .rope import rope_1d, rope_2d, rope_dynamic
 
 
@@ -57,6 +63,15 @@ class DPARCache:
         return self.encoder.batch
 
 
+class GlobalToCodes(nn.Module):
+    """Packed global outputs [T, D] -> [B, N, D]: code t gets the output at its patch's position (class + the
+    patches before it). A module of its own, without parameters, so that a tensor-parallel plan can keep just
+    each rank's sequence shard of the result for the decoder layers."""
+
+    def forward(self, global_out: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
+        return layout.gather_codes(global_out)
+
+
 class DPAR(nn.Module):
     PARAM_GROUPS = {"tok_embeddings": "embeddings", "class_embedding": "embeddings",
                     "encoder_layers": "encoder", "patch_cross_attn": "encoder", "global_layers": "global",
@@ -67,35 +82,43 @@ class DPAR(nn.Module):
                  n_decoder_layers: int, vocab_size: int, num_classes: int, grid: tuple[int, int],
                  multiple_of: int = 256, ffn_dim_multiplier: float | None = None, dropout: float = 0.0,
                  class_dropout: float = 0.0, rope_base: float = 10000.0, global_rope: str = "dynamic",
-                 norm_eps: float = 1e-5, attention_backend: str = "sdpa"):
+                 norm_eps: float = 1e-5, attention_backend: str = "sdpa", decoder_injection: str = "every",
+                 cross_attn_ffn: bool = False):
         super().__init__()
         if num_classes < 1:
             raise ValueError("DPAR is class-conditional: num_classes must be >= 1")
         if global_rope not in ("dynamic", "1d"):
             raise ValueError(f"global_rope {global_rope!r} is not one of dynamic, 1d")
+        if decoder_injection not in DECODER_INJECTIONS:
+            raise ValueError(f"decoder_injection {decoder_injection!r} is not one of {', '.join(DECODER_INJECTIONS)}")
         self.dim, self.vocab_size, self.num_classes = dim, vocab_size, num_classes
         self.grid, self.head_dim, self.rope_base = tuple(grid), dim // n_heads, rope_base
         self.class_dropout, self.global_rope = class_dropout, global_rope
+        self.decoder_injection, self.cross_attn_ffn = decoder_injection, cross_attn_ffn
 
-        def blocks(n):
+        def blocks(n, block=TransformerBlock):
             return nn.ModuleList(
-                TransformerBlock(dim, n_heads, multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier,
-                                 dropout=dropout, norm_eps=norm_eps, backend=attention_backend)
+                block(dim, n_heads, multiple_of=multiple_of, ffn_dim_multiplier=ffn_dim_multiplier,
+                      dropout=dropout, norm_eps=norm_eps, backend=attention_backend)
                 for _ in range(n))
 
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
         self.class_embedding = nn.Embedding(num_classes + 1, dim)  # + the null class for CFG
         self.tok_dropout = nn.Dropout(dropout)
         self.encoder_layers = blocks(n_encoder_layers)
-        self.patch_cross_attn = CrossAttentionBlock(dim, n_heads, multiple_of=multiple_of,
+        self.patch_cross_attn = CrossAttentionBlock(dim, n_heads, ffn=cross_attn_ffn, multiple_of=multiple_of,
                                                     ffn_dim_multiplier=ffn_dim_multiplier, dropout=dropout,
                                                     norm_eps=norm_eps, backend=attention_backend)
         self.global_dropout = nn.Dropout(dropout)
         self.global_layers = blocks(n_global_layers)
+        self.global_to_codes = GlobalToCodes()
         self.dec_start = nn.Parameter(torch.zeros(dim))
-        self.global_to_local_norm = RMSNorm(dim, norm_eps)
-        self.global_to_local = nn.Linear(dim, dim, bias=False)
-        self.decoder_layers = blocks(n_decoder_layers)
+        if decoder_injection == "first":  # one injection before the stack (parameter names as before the option)
+            self.global_to_local_norm = RMSNorm(dim, norm_eps)
+            self.global_to_local = nn.Linear(dim, dim, bias=False)
+            self.decoder_layers = blocks(n_decoder_layers)
+        else:  # each decoder layer owns its RMSNorm + Linear
+            self.decoder_layers = blocks(n_decoder_layers, DecoderBlock)
         self.norm = RMSNorm(dim, norm_eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
         self.init_weights()
@@ -151,15 +174,22 @@ class DPAR(nn.Module):
             x = layer(x, mask, rope)
         return x[0]
 
+    def _inject_global(self, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(decoder input, keywords for every decoder layer): the global state g of each position's patch (h's
+        shape) enters once here (decoder_injection=first) or inside every layer (every)."""
+        if self.decoder_injection == "first":
+            return h + self.global_to_local(self.global_to_local_norm(g)), {}
+        return h, {"context": g}
+
     def decode(self, enc: torch.Tensor, global_out: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
         """Logits [B, N, vocab]: position t sees e_{t-1} (start vector at t = 0) + the global state of its patch."""
         b, n, d = enc.shape
         start = self.dec_start.to(enc.dtype)[None, None].expand(b, 1, d)
-        h = torch.cat([start, enc[:, :-1]], dim=1)
-        h = h + self.global_to_local(self.global_to_local_norm(layout.gather_codes(global_out)))
+        h, context = self._inject_global(torch.cat([start, enc[:, :-1]], dim=1),
+                                         self.global_to_codes(global_out, layout))
         rope, mask = self.code_rope(n, enc.device), AttentionMask(causal=True)
         for layer in self.decoder_layers:
-            h = layer(h, mask, rope)
+            h = layer(h, mask, rope, **context)
         return self.output(self.norm(h)).float()
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
@@ -271,10 +301,10 @@ class DPAR(nn.Module):
             h = self.dec_start.to(g.dtype)[None, None].expand(cache.batch, 1, g.shape[-1])
         else:
             h = cache.enc_states[:, t - 1:t]
-        h = h + self.global_to_local(self.global_to_local_norm(g[:, None]))
+        h, context = self._inject_global(h, g[:, None])
         rope = self._code_rope_at(cache, t, h.device)
         for i, layer in enumerate(self.decoder_layers):
-            h = layer.step(h, cache.decoder, i, rope)
+            h = layer.step(h, cache.decoder, i, rope, **context)
         cache.decoder.advance(1)
         cache.n_decoded = t + 1
         return self.output(self.norm(h)).float()[:, 0]

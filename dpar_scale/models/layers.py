@@ -129,24 +129,54 @@ class TransformerBlock(nn.Module):
         return x + self.ffn_dropout(self.feed_forward(self.ffn_norm(x)))
 
 
+class DecoderBlock(TransformerBlock):
+    """A `TransformerBlock` that first adds an injected state to its input through its own RMSNorm + Linear:
+    x + W·norm(context), then attention and FFN as usual. DPAR's decoder feeds each code its patch's global state
+    this way before every layer (the authors' "single-key cross-attention": one key per query makes the
+    attention weights 1 and q/k/v pointless, so only the output projection W remains). `context` has x's shape."""
+
+    def __init__(self, dim: int, n_heads: int, *, norm_eps: float = 1e-5, **kwargs):
+        super().__init__(dim, n_heads, norm_eps=norm_eps, **kwargs)
+        self.global_to_local_norm = RMSNorm(dim, norm_eps)
+        self.global_to_local = nn.Linear(dim, dim, bias=False)
+
+    def inject(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return x + self.global_to_local(self.global_to_local_norm(context))
+
+    # `context` is a keyword so that tensor-parallel plans of the (x, mask, rope) inputs apply unchanged.
+    def forward(self, x: torch.Tensor, mask: AttentionMask, rope: torch.Tensor | None = None, *,
+                context: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.inject(x, context), mask, rope)
+
+    def step(self, x: torch.Tensor, cache: KVCache, layer: int, rope: torch.Tensor | None = None,
+             rows: torch.Tensor | None = None, *, context: torch.Tensor) -> torch.Tensor:
+        return super().step(self.inject(x, context), cache, layer, rope, rows)
+
+
 class CrossAttentionBlock(nn.Module):
     """Queries x attend to `kv` (no RoPE: which keys a query sees is fixed by the mask, and the keys already carry
-    position through the self-attention that produced them), then a SwiGLU FFN, both pre-norm and residual.
-    Separate norms for queries and keys/values because they come from different streams (as BLT does)."""
+    position through the self-attention that produced them), pre-norm and residual; with `ffn` a pre-norm SwiGLU
+    FFN follows (the authors' DPAR has none). Separate norms for queries and keys/values because they come from
+    different streams (as BLT does)."""
 
-    def __init__(self, dim: int, n_heads: int, *, multiple_of: int = 256, ffn_dim_multiplier: float | None = None,
-                 dropout: float = 0.0, norm_eps: float = 1e-5, backend: str = "sdpa"):
+    def __init__(self, dim: int, n_heads: int, *, ffn: bool = False, multiple_of: int = 256,
+                 ffn_dim_multiplier: float | None = None, dropout: float = 0.0, norm_eps: float = 1e-5,
+                 backend: str = "sdpa"):
         super().__init__()
         self.query_norm = RMSNorm(dim, norm_eps)
         self.kv_norm = RMSNorm(dim, norm_eps)
         self.attention = Attention(dim, n_heads, backend)
-        self.ffn_norm = RMSNorm(dim, norm_eps)
-        self.feed_forward = FeedForward(dim, multiple_of, ffn_dim_multiplier)
         self.resid_dropout = nn.Dropout(dropout)
-        self.ffn_dropout = nn.Dropout(dropout)
+        self.has_ffn = ffn
+        if ffn:
+            self.ffn_norm = RMSNorm(dim, norm_eps)
+            self.feed_forward = FeedForward(dim, multiple_of, ffn_dim_multiplier)
+            self.ffn_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         x = x + self.resid_dropout(self.attention(self.query_norm(x), mask, kv_input=self.kv_norm(kv)))
+        if not self.has_ffn:
+            return x
         return x + self.ffn_dropout(self.feed_forward(self.ffn_norm(x)))
 
 

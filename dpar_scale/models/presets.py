@@ -34,8 +34,12 @@ PRESETS["gpt-tiny"] = _gpt("gpt", 128, 4, 4)
 PRESETS["entropy-tiny"] = _gpt("entropy", 128, 4, 4)
 PRESETS["dpar-tiny"] = _dpar(128, 4, (1, 2, 1))
 
-# The paper's / LlamaGen's reported sizes, for tools/count_params.py and the tests (millions of parameters).
-REPORTED_M = {"gpt-b": 111, "gpt-l": 343, "gpt-xl": 775, "gpt-xxl": 1400, "dpar-b": 120, "dpar-xl": (789, 853)}
+# Reported sizes in millions of parameters, for tools/count_params.py: "paper" is LlamaGen's paper for the GPTs and
+# the DPAR paper for DPAR (≈120M for B, 789M for XL); "authors_code" is the DPAR authors' public model code
+# instantiated with 16,384 codes and 1,000 classes (the structure the DPAR presets build by default).
+REPORTED_M = {"gpt-b": {"paper": 111}, "gpt-l": {"paper": 343}, "gpt-xl": {"paper": 775},
+              "gpt-xxl": {"paper": 1400}, "dpar-b": {"paper": 120, "authors_code": 115.0},
+              "dpar-xl": {"paper": 789, "authors_code": 789.5}}
 
 
 def count_params(model: nn.Module) -> int:
