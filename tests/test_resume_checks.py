@@ -134,3 +134,70 @@ def test_truncated_file_without_older_checkpoint(run):
     truncate(first / "train_state.pt")
     with pytest.raises(CheckpointError, match=r"train_state\.pt.*no older complete checkpoint"):
         resume(tmp_path, codes, f"checkpoint.resume={first}")
+
+
+# ------------------------------------------------------------------------------------- DPAR structure
+LEGACY = ["model.dpar.decoder_injection=first", "model.dpar.cross_attn_ffn=true"]
+
+
+def as_written_before_model_dpar(checkpoint):
+    """Rewrites the checkpoint's config.yaml as the code before model.dpar wrote it (no `dpar` section) and
+    records the file's new size and sha256 in complete.json, as that save would have."""
+    import yaml
+
+    from dpar_scale.checkpoint.save_load import MARKER, sha256_file
+
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    del config["model"]["dpar"]
+    (checkpoint / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    marker = json.loads((checkpoint / MARKER).read_text())
+    marker["files"]["config.yaml"] = {"bytes": (checkpoint / "config.yaml").stat().st_size,
+                                      "sha256": sha256_file(checkpoint / "config.yaml")}
+    (checkpoint / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def test_checkpoint_from_before_model_dpar_is_the_legacy_structure(tmp_path, code_dataset):
+    import torch
+
+    from dpar_scale.checkpoint.export import consolidated_weights, export_checkpoint, load_model_for_inference
+
+    Trainer(make_cfg(tmp_path, code_dataset, "dpar", "train.steps=1", *LEGACY)).fit()
+    checkpoint = list_checkpoints(tmp_path / "dpar")[-1]
+    weights = consolidated_weights(checkpoint, use_ema=False)[0]
+    assert "global_to_local.weight" in weights and "patch_cross_attn.feed_forward.w1.weight" in weights
+    as_written_before_model_dpar(checkpoint)
+
+    model, cfg = load_model_for_inference(checkpoint, use_ema=False)
+    assert (cfg.model.dpar.decoder_injection, cfg.model.dpar.cross_attn_ffn) == ("first", True)
+    assert (model.decoder_injection, model.cross_attn_ffn) == ("first", True)
+    state = model.state_dict()
+    assert sorted(state) == sorted(weights) and all(torch.equal(state[k], weights[k]) for k in weights)
+    # its export states the structure (config.json) and loads as the same model
+    export_checkpoint(checkpoint, tmp_path / "export", use_ema=False)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model"]["dpar"] == {
+        "decoder_injection": "first", "cross_attn_ffn": True}
+    exported, _ = load_model_for_inference(tmp_path / "export")
+    assert all(torch.equal(exported.state_dict()[k], weights[k]) for k in weights)
+
+    # Resuming it with today's defaults (the authors' structure) names the keys that resume it ...
+    with pytest.raises(ConfigError, match=r"model\.dpar\.decoder_injection: checkpoint first, config every; "
+                                          r"model\.dpar\.cross_attn_ffn: checkpoint true, config false — .*"
+                                          r"here: model\.dpar\.decoder_injection=first "
+                                          r"model\.dpar\.cross_attn_ffn=true"):
+        Trainer(make_cfg(tmp_path, code_dataset, "dpar", "train.steps=2", "checkpoint.resume=auto"))
+    # ... and with them it resumes (files intact, weights loaded into the legacy modules).
+    trainer = Trainer(make_cfg(tmp_path, code_dataset, "dpar", "train.steps=2", "checkpoint.resume=auto", *LEGACY))
+    assert trainer.state.step == 1
+
+
+def test_checkpoint_of_the_authors_structure_refuses_the_legacy_one(tmp_path, code_dataset):
+    Trainer(make_cfg(tmp_path, code_dataset, "dpar", "train.steps=1")).fit()
+    with pytest.raises(ConfigError, match=r"model\.dpar\.decoder_injection: checkpoint every, config first.*"
+                                          r"here: model\.dpar\.decoder_injection=every"):
+        Trainer(make_cfg(tmp_path, code_dataset, "dpar", "train.steps=2", "checkpoint.resume=auto",
+                         "model.dpar.decoder_injection=first"))
+    # a GPT's config also carries model.dpar, which does not describe it: no mismatch for the token models
+    gpt_run = tmp_path / "gpt_run"
+    Trainer(make_cfg(gpt_run, code_dataset, "gpt", "train.steps=1")).fit()
+    as_written_before_model_dpar(list_checkpoints(gpt_run / "gpt")[-1])
+    assert Trainer(make_cfg(gpt_run, code_dataset, "gpt", "train.steps=2", "checkpoint.resume=auto")).state.step == 1

@@ -13,16 +13,18 @@ from pathlib import Path
 import torch
 
 from dpar_scale.checkpoint.save_load import MARKER, CheckpointError, read_checkpoint_file
-from dpar_scale.config import Config, load_config, to_dict
+from dpar_scale.config import Config, load_saved_config, to_dict
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 
 
 def _config_of(path: Path) -> Config:
+    """The run config saved with a checkpoint or an export; one written before model.dpar existed describes the
+    legacy DPAR structure and is read as such (`load_saved_config`)."""
     for name in (EXPORT_CONFIG, "config.yaml"):
         if (path / name).is_file():
-            return read_checkpoint_file(path / name, load_config)  # JSON is YAML
+            return read_checkpoint_file(path / name, load_saved_config)  # JSON is YAML
     raise FileNotFoundError(f"{path} has no config.json / config.yaml: it is not a dpar-scale checkpoint or export")
 
 

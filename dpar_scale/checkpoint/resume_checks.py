@@ -17,6 +17,9 @@ from dpar_scale.config import ConfigError
 # resumes only into a model that agrees on all of them.
 MODEL_SHAPE_KEYS = ("kind", "dim", "n_heads", "n_layers", "n_encoder_layers", "n_global_layers", "n_decoder_layers",
                     "ffn_multiple_of", "ffn_dim_multiplier", "vocab_size", "num_classes", "grid", "global_rope")
+# DPAR's structure (which modules exist) is part of its shape too; a config saved before these keys existed
+# holds the legacy structure (dpar_scale.config.with_legacy_sections).
+DPAR_STRUCTURE_KEYS = ("dpar.decoder_injection", "dpar.cross_attn_ffn")
 
 
 def check_checkpoint_files(path: Path) -> None:
@@ -61,31 +64,53 @@ def check_checkpoint_files(path: Path) -> None:
     read_checkpoint_file(path / "train_state.pt", check_zip)
 
 
+_MISSING = object()
+
+
+def _dotted(values: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return _MISSING
+        values = values[part]
+    return values
+
+
+def _override_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
 def check_model_matches(path: Path, model_cfg) -> None:
     """Compares the checkpoint's saved (resolved) model config with `model_cfg` (resolved); raises ConfigError
-    naming every differing shape key with both values."""
+    naming every differing shape key with both values, and the overrides that resume the checkpoint."""
     import yaml
 
-    from dpar_scale.config import to_dict
+    from dpar_scale.config import to_dict, with_legacy_sections
 
     saved_file = Path(path) / "config.yaml"
     if not saved_file.is_file():
         return  # nothing recorded to compare with; the weights' shapes are checked when loading
     saved = read_checkpoint_file(saved_file, lambda f: yaml.safe_load(f.read_text()) or {})
-    saved_model = (saved.get("model") or {}) if isinstance(saved, dict) else {}
+    saved_model = (with_legacy_sections(saved).get("model") or {}) if isinstance(saved, dict) else {}
     current = to_dict(model_cfg)
-    diffs = []
-    for key in MODEL_SHAPE_KEYS:
-        if key not in saved_model:
+    keys = MODEL_SHAPE_KEYS + (DPAR_STRUCTURE_KEYS if current.get("kind") == "dpar" else ())
+    diffs, fixes = [], []
+    for key in keys:
+        a, b = _dotted(saved_model, key), _dotted(current, key)
+        if a is _MISSING:
             continue
-        a, b = saved_model[key], current.get(key)
         if isinstance(a, (list, tuple)):
             a = list(a)
         if a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
-            diffs.append(f"model.{key}: checkpoint {a}, config {b}")
+            diffs.append(f"model.{key}: checkpoint {_override_value(a)}, config {_override_value(b)}")
+            fixes.append(f"model.{key}={_override_value(a)}")
     if diffs:
         raise ConfigError(f"checkpoint {path} does not fit the configured model: {'; '.join(diffs)} — resume with "
-                          f"the checkpoint's model config (its config.yaml) or start a new run.output_dir")
+                          f"the checkpoint's model config (its config.yaml; here: {' '.join(fixes)}) or start a "
+                          f"new run.output_dir")
 
 
 def check_data_matches(path: Path, data_info: dict, allow_change: bool = False) -> None:
