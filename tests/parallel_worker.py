@@ -10,7 +10,8 @@ JOBS.json is a list of jobs run in order in the same process group:
                                                  and before its optimizer shards (a crash between shard writes)
   {"job": "packed_sp", "out": "result.json"}     DPAR forward/backward over packed batches with different patch
                                                  counts under TP=world (sequence parallel), against a one-process
-                                                 copy of the same model; rank 0 writes the comparison.
+                                                 copy of the same model, in the authors' structure and the legacy
+                                                 one (model.dpar); rank 0 writes the comparison.
 """
 from __future__ import annotations
 
@@ -51,21 +52,35 @@ def die_in_save(job: dict) -> None:
 
 def packed_sp(job: dict) -> None:
     """Different patch counts per image; one packed length (Σ M_i + 1) that is odd, so the layout pads it."""
+    from dpar_scale.config import load_config
+    from dpar_scale.parallel import LaunchEnv, ParallelDims
+
+    world = dist.get_world_size()
+    dims = ParallelDims.from_config(load_config(None, [f"parallel.tp={world}"]).parallel,
+                                    LaunchEnv.detect().world_size)
+    dims.build_mesh("cpu")
+    results = []
+    for structure in (["model.dpar.decoder_injection=every", "model.dpar.cross_attn_ffn=false"],
+                      ["model.dpar.decoder_injection=first", "model.dpar.cross_attn_ffn=true"]):
+        cfg = load_config(None, ["model.preset=dpar-tiny", "model.dim=32", "model.n_heads=4", "model.vocab_size=32",
+                                 "model.num_classes=3", "model.grid=[4,4]", "model.dropout=0",
+                                 "model.class_dropout=0", "model.n_global_layers=2", "model.n_decoder_layers=2",
+                                 f"parallel.tp={world}", *structure])
+        results += _packed_sp_compare(cfg, dims, world)
+    if dist.get_rank() == 0:
+        Path(job["out"]).write_text(json.dumps(results))
+
+
+def _packed_sp_compare(cfg, dims, world: int) -> list[dict]:
+    """The comparisons of one model config (see `packed_sp`), one record per batch."""
     import torch.nn.functional as F
     from torch.distributed.tensor import DTensor
 
-    from dpar_scale.config import load_config
     from dpar_scale.patching.layout import PatchLayout
     from dpar_scale.models import resolve_model_config
-    from dpar_scale.parallel import LaunchEnv, ParallelDims, build_parallel_model
+    from dpar_scale.parallel import ParallelDims, build_parallel_model
 
-    world = dist.get_world_size()
-    cfg = load_config(None, ["model.preset=dpar-tiny", "model.dim=32", "model.n_heads=4", "model.vocab_size=32",
-                             "model.num_classes=3", "model.grid=[4,4]", "model.dropout=0", "model.class_dropout=0",
-                             "model.n_global_layers=2", f"parallel.tp={world}"])
     mcfg = resolve_model_config(cfg.model)
-    dims = ParallelDims.from_config(cfg.parallel, LaunchEnv.detect().world_size)
-    dims.build_mesh("cpu")
     device = torch.device("cpu")
     model = build_parallel_model(mcfg, dims, cfg.parallel, "fp32", device, seed=1)
     ref = build_parallel_model(mcfg, ParallelDims(1, 1, 1, 1), cfg.parallel, "fp32", device, seed=1,
@@ -96,13 +111,13 @@ def packed_sp(job: dict) -> None:
         for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
             gp = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             grads[name] = (gp - q.grad).abs().max().item()
-        results.append({"positions": layout.num_global_positions, "packed_length": layout.packed_length,
-                        "cu_seqlens": layout.cu_seqlens.tolist(),
+        results.append({"structure": mcfg.dpar.decoder_injection, "positions": layout.num_global_positions,
+                        "packed_length": layout.packed_length, "cu_seqlens": layout.cu_seqlens.tolist(),
                         "logits_diff": (outs[0] - outs[1]).abs().max().item(),
                         "max_grad_diff": max(grads.values()), "grads_checked": len(grads),
+                        "params": len(list(ref.parameters())),
                         "sharded_params": sum(isinstance(p, DTensor) for p in model.parameters())})
-    if dist.get_rank() == 0:
-        Path(job["out"]).write_text(json.dumps(results))
+    return results
 
 
 def main() -> None:

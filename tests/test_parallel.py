@@ -108,12 +108,14 @@ def test_packed_sequence_parallel_with_ragged_patch_counts(workdir):
     """TP=2 + SP over packed global sequences of different lengths, one of which needed padding."""
     out = launch("tp2", workdir)
     results = json.loads((out / "packed_sp.json").read_text())
-    assert [r["positions"] for r in results] == [25, 22, 6]
-    assert [r["packed_length"] for r in results] == [26, 22, 6]  # padded only to a multiple of tp
+    # the authors' structure (global state before every decoder layer) and the legacy one (once, + FFN)
+    assert [r["structure"] for r in results] == ["every"] * 3 + ["first"] * 3
+    assert [r["positions"] for r in results] == [25, 22, 6] * 2
+    assert [r["packed_length"] for r in results] == [26, 22, 6] * 2  # padded only to a multiple of tp
     assert results[0]["cu_seqlens"] == [0, 8, 13, 22, 25]  # image boundaries are not moved by the padding
     for r in results:
         assert r["logits_diff"] < 1e-5 and r["max_grad_diff"] < 1e-5, r
-        assert r["sharded_params"] > 0
+        assert r["grads_checked"] == r["params"] and r["sharded_params"] > 0
 
 
 # ------------------------------------------------------------------------------------------ clear errors
@@ -189,3 +191,46 @@ def test_uneven_validation_shares_weight_padding_zero():
     assert [p[1].tolist() for p in parts] == [[1, 1, 1], [1, 1, 0]]
     ids_small = np.arange(3)
     assert rank_share(ids_small, 3, 4)[1].tolist() == [0.0]  # an empty share still runs one (weightless) image
+
+
+@pytest.mark.parametrize("injection, ffn, outside", [
+    ("every", "false", {"tok_embeddings", "class_embedding", "dec_start", "norm", "output"}),
+    ("first", "true", {"tok_embeddings", "class_embedding", "dec_start", "norm", "output", "global_to_local",
+                       "global_to_local_norm"}),
+])
+def test_blocks_hold_the_per_layer_injection(injection, ffn, outside):
+    """Checkpointing, compilation and FSDP wrap `transformer_blocks`: every decoder layer's global-state
+    injection lives inside its block; only embeddings, the start vector, the head (and the single injection of
+    decoder_injection=first) stay with the root. Full checkpointing computes the same logits and gradients."""
+    import torch
+
+    from dpar_scale.models import build_model
+    from dpar_scale.parallel.parallelize import apply_activation_checkpointing, transformer_blocks
+    from dpar_scale.patching.layout import PatchLayout
+
+    cfg = load_config(None, ["model.preset=dpar-tiny", "model.dim=32", "model.n_heads=4", "model.vocab_size=32",
+                             "model.num_classes=3", "model.grid=[4,4]", "model.dropout=0", "model.class_dropout=0",
+                             "model.n_decoder_layers=2",
+                             f"model.dpar.decoder_injection={injection}", f"model.dpar.cross_attn_ffn={ffn}"])
+    torch.manual_seed(0)
+    model, plain = build_model(cfg.model), build_model(cfg.model)
+    with torch.no_grad():
+        model.output.weight.normal_()
+    plain.load_state_dict(model.state_dict())
+    blocks = [getattr(parent, name) for parent, name in transformer_blocks(model)]
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    assert {n.split(".")[0] for n, p in model.named_parameters() if id(p) not in inside} == outside
+    assert len(blocks) == 1 + 1 + 2 + 2  # encoder, patch cross-attention, global, decoder
+    apply_activation_checkpointing(model, "full")
+    layout = PatchLayout.from_lengths([[1, 3, 4, 4, 4], [2] * 8], (4, 4))
+    codes, labels = torch.randint(0, 32, (2, 16)), torch.tensor([0, 2])
+    outs = []
+    for m in (model, plain):
+        logits = m.train()(codes, labels, layout)
+        logits.square().mean().backward()
+        outs.append(logits.detach())
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    grads = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name.replace("._checkpoint_wrapped_module", "")].grad,
+                                   atol=0, rtol=0)

@@ -21,7 +21,10 @@ The theoretical volume is derived independently from the model shape, the layout
     a stack's first block all-gathers its input gradient; a stack consumed whole all-gathers its output;
     head: all-gather of the normed input and of the logits (B·N·V), reduce-scatter of the input gradient;
     token embedding (vocabulary-sharded): all-reduce of its output; DPAR's patch cross-attention (TP without
-    SP): all-reduce after wo and w2 in the forward, after wq, wk, wv, w1, w3 in the backward.
+    SP): all-reduce after wo (and w2, with model.dpar.cross_attn_ffn) in the forward, after wq, wk, wv (w1, w3)
+    in the backward; DPAR's per-layer global-state injection (model.dpar.decoder_injection=every, on the
+    sequence shard with replicated weights): the all-gather of the gradient of its [B, N, D] input once, and two
+    all-reduces per decoder block for the weight gradients (norm D, Linear D²).
   Scalars: the step's code count and loss sum, and the gradient norm (the per-tensor partial norms of each device
   mesh, reduced once per mesh dimension that shards them).
 The theory assumes fp32 activations (the default); with --precision bf16 its TP part is approximate.
@@ -159,9 +162,13 @@ def tp_theory(cfg, dims, micro: list, act_bytes: int) -> dict:
         if m.kind == "dpar":
             out["all_reduce"] += b * n * dim * act_bytes  # token embedding
             stack(m.n_encoder_layers, b * n * dim, gather_output=True)
-            out["all_reduce"] += (2 * b * mp * dim + 3 * b * mp * dim + 2 * b * n * dim) * act_bytes  # cross-attn
+            ffn = m.dpar.cross_attn_ffn  # forward: wo (+ w2); backward: wq (+ w1, w3) on patches, wk, wv on codes
+            out["all_reduce"] += ((2 + 3 * ffn) * b * mp * dim + 2 * b * n * dim) * act_bytes
             stack(m.n_global_layers, t * dim, gather_output=True)
             stack(m.n_decoder_layers, b * n * dim)
+            if m.dpar.decoder_injection == "every":
+                out["all_gather"] += b * n * dim * act_bytes  # gradient of the injected global state
+                out["all_reduce"] += m.n_decoder_layers * (dim * dim + dim) * 4  # injection weights' gradients
         else:
             out["all_reduce"] += b * (n - 1) * dim * act_bytes  # token embedding of codes[:, :-1]
             stack(m.n_layers, b * n * dim)

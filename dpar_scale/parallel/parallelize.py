@@ -22,7 +22,9 @@ from dpar_scale.parallel.init import init_weights_sharded, record_init
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, child name) of every transformer block: the units of checkpointing, compilation and FSDP."""
+    """(parent, child name) of every transformer block: the units of checkpointing, compilation and FSDP. DPAR's
+    decoder blocks (`DecoderBlock`, a TransformerBlock) hold their own global-state injection, so it is
+    checkpointed, compiled and sharded with its layer."""
     from dpar_scale.models.layers import CrossAttentionBlock, TransformerBlock
 
     found, seen = [], set()

@@ -21,11 +21,21 @@ patch pooling and the decoder; the global transformer feeds `gather_codes`) all-
 The last stack (GPT layers, DPAR decoder) stays sharded into the final norm (SequenceParallel) and the head
 (ColwiseParallel over the vocabulary, all-gathering the input sequence and the output logits).
 
+DPAR's decoder (model.dpar.decoder_injection=every): every `DecoderBlock` first adds W_l·RMSNorm_l(g) of its
+patch's global state g to each code. That is a per-position map (code t's output reads only row t of g), so it
+runs on the rank's sequence shard with replicated weights, exactly like the norms (SequenceParallel): N/tp·D²
+multiply-adds per rank, as a column- or row-wise split would cost, but no activation collective at all; the
+weight gradients are partial sums reduced once per step like the norms' (D² + D per layer), whereas ColwiseParallel
+would all-gather the [B, N, D] input and need an all-to-all back to the sequence shard, and RowwiseParallel would
+reduce-scatter a [B, N, D] partial sum, in every layer. The shard of g is cut once, from the replicated global
+output gathered to codes (`global_to_codes`: Replicate -> Shard(1), a local slice; the backward all-gathers its
+gradient once). With decoder_injection=first the single injection runs before the stack on the replicated input.
+
 Embeddings: `tok_embeddings` RowwiseParallel (vocabulary rows sharded, output all-reduced, replicated). The class
-embedding, the entropy model's start vector, DPAR's decoder start vector and its global-to-local projection stay
-replicated (small). DPAR's patch cross-attention block runs TP without SP: its queries are the patches of each
-image ([B, M, D], M ragged), so it uses head-sharded attention and a column/row-sharded FFN on replicated
-activations, with its norms replicated.
+embedding, the entropy model's start vector, DPAR's decoder start vector and its single global-to-local
+projection (decoder_injection=first) stay replicated (small). DPAR's patch cross-attention block runs TP without
+SP: its queries are the patches of each image ([B, M, D], M ragged), so it uses head-sharded attention (and,
+with model.dpar.cross_attn_ffn, a column/row-sharded FFN) on replicated activations, with its norms replicated.
 """
 from __future__ import annotations
 
@@ -86,9 +96,15 @@ def block_plan(sequence_parallel: bool = True) -> dict:
     }
 
 
-def cross_attention_plan() -> dict:
+def decoder_block_plan() -> dict:
+    """`DecoderBlock`: a block's plan, plus its global-state injection on the sequence shard (module docstring)."""
+    return {**block_plan(), "global_to_local_norm": SequenceParallel(),
+            "global_to_local": SequenceParallel(use_local_output=True)}
+
+
+def cross_attention_plan(ffn: bool) -> dict:
     """`CrossAttentionBlock` (DPAR's patch queries attend to their codes): TP on replicated activations."""
-    return block_plan(sequence_parallel=False)
+    return {k: v for k, v in block_plan(sequence_parallel=False).items() if ffn or not k.startswith("feed_forward")}
 
 
 # A block's forward is (x, mask, rope): only x changes layout at the stack boundaries.
@@ -101,9 +117,9 @@ def _gather_stack_output() -> PrepareModuleOutput:
     return PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True)
 
 
-def _parallelize_stack(stack: nn.ModuleList, mesh, gather_output: bool) -> None:
+def _parallelize_stack(stack: nn.ModuleList, mesh, gather_output: bool, plan: dict | None = None) -> None:
     for block in stack:
-        parallelize_module(block, mesh, block_plan())
+        parallelize_module(block, mesh, plan or block_plan())
     if len(stack):
         parallelize_module(stack[0], mesh, _shard_stack_input())
         if gather_output:
@@ -127,9 +143,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
     elif isinstance(model, DPAR):
         parallelize_module(model, tp_mesh, embed)
         _parallelize_stack(model.encoder_layers, tp_mesh, gather_output=True)
-        parallelize_module(model.patch_cross_attn, tp_mesh, cross_attention_plan())
+        parallelize_module(model.patch_cross_attn, tp_mesh, cross_attention_plan(model.cross_attn_ffn))
         _parallelize_stack(model.global_layers, tp_mesh, gather_output=True)
-        _parallelize_stack(model.decoder_layers, tp_mesh, gather_output=False)
+        if model.decoder_injection == "every":
+            # each decoder block reads the global state of its own sequence shard (see the module docstring)
+            parallelize_module(model.global_to_codes, tp_mesh, PrepareModuleOutput(
+                output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=True))
+            _parallelize_stack(model.decoder_layers, tp_mesh, gather_output=False, plan=decoder_block_plan())
+        else:
+            _parallelize_stack(model.decoder_layers, tp_mesh, gather_output=False)
         parallelize_module(model, tp_mesh, _head_plan())
     else:
         raise TypeError(f"no tensor-parallel plan for {type(model).__name__}; known: GPT, DPAR")
