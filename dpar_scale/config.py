@@ -333,6 +333,16 @@ def _deep_merge(base: dict, update: dict) -> dict:
 DECODER_INJECTIONS = ("every", "first")
 
 
+def parse_dpar_structure(text: str) -> DPARConfig:
+    """The tools' `--dpar INJECTION,FFN` (e.g. every,false: the authors' structure; first,true: the legacy one)."""
+    injection, _, ffn = text.partition(",")
+    if injection not in DECODER_INJECTIONS or ffn not in ("true", "false"):
+        raise ConfigError(f"--dpar {text!r}: expected INJECTION,FFN with INJECTION one of "
+                          f"{', '.join(DECODER_INJECTIONS)} (model.dpar.decoder_injection) and FFN true or false "
+                          f"(model.dpar.cross_attn_ffn), e.g. --dpar first,true")
+    return DPARConfig(injection, ffn == "true")
+
+
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")

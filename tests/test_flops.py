@@ -12,7 +12,7 @@ import torch
 
 from dpar_scale.flops import counting as C
 from dpar_scale.flops import analytic as F
-from dpar_scale.config import ModelConfig
+from dpar_scale.config import DPARConfig, ModelConfig
 from dpar_scale.patching.layout import PatchLayout
 from dpar_scale.models.attention import AttentionMask
 from dpar_scale.patching.rule import patch_lengths
@@ -63,11 +63,17 @@ def test_attention_pairs_match_the_dense_mask(case):
         assert C.attention_pairs(mask, b, lq, lk, "full") == 4 ** 2 + 1 ** 2 + 6 ** 2
 
 
+# DPAR structures (model.dpar): the authors' (global state before every decoder layer, no FFN after the patch
+# cross-attention; the default) and the legacy one
+LEGACY = DPARConfig(decoder_injection="first", cross_attn_ffn=True)
+KINDS = {"dpar": {}, "dpar-legacy": {"dpar": LEGACY}, "gpt": {}}
+
+
 # --------------------------------------------------------------------------------- the three counts agree
-@pytest.mark.parametrize("kind", ["dpar", "gpt"])
+@pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("attention", ["full", "exact"])
 def test_fvcore_equals_analytic_and_flop_counter(kind, attention):
-    cfg = small_cfg(kind)
+    cfg = small_cfg(kind.split("-")[0], **KINDS[kind])
     model, scale = C.counting_model(cfg, probe=False)
     codes, labels, layout = batch(cfg)
     counts = C.count_ops(model, codes, labels, layout, attention=attention, scale=scale)
@@ -77,16 +83,16 @@ def test_fvcore_equals_analytic_and_flop_counter(kind, attention):
         assert counts[name].total == pytest.approx(analytic.total, rel=1e-9)  # in fact exact
         assert counts[name].attention == pytest.approx(analytic.attention, rel=1e-9)
     assert sum(analytic.attention.values()) > 0
-    if kind == "dpar":  # the global stack's attention is Σ (M_i + 1)² pairs (full) of 4·d FLOPs, not T²
+    if kind.startswith("dpar"):  # the global stack's attention is Σ (M_i + 1)² pairs (full) of 4·d FLOPs, not T²
         lengths = [len(x) + 1 for x in LENGTHS]
         pairs = sum(L * L if attention == "full" else L * (L + 1) // 2 for L in lengths)
         assert counts["fvcore"].attention["global"] == 3 * pairs * 4 * cfg.dim
         assert counts["fvcore"].attention["global"] < 3 * sum(lengths) ** 2 * 4 * cfg.dim
 
 
-@pytest.mark.parametrize("kind", ["dpar", "gpt"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_probe_count_equals_the_full_count(kind):
-    cfg = small_cfg(kind)
+    cfg = small_cfg(kind.split("-")[0], **KINDS[kind])
     codes, labels, layout = batch(cfg)
     full_model, full_scale = C.counting_model(cfg, probe=False)
     probe_model, probe_scale = C.counting_model(cfg, probe=True)
@@ -255,6 +261,16 @@ def test_count_flops_tool(tmp_path, capsys):
     rec = json.loads(out.read_text())
     assert rec["layout"]["batch_images"] == 3 and rec["dataset"]["images"] == 20
     assert "fewer" in capsys.readouterr().out
+    # the legacy structure: its own (larger: FFN after the cross-attention) count, the structure in the JSON
+    default = rec["models"]["dpar-tiny"]["train_flops_per_image"]
+    assert tool.main(common + ["--entropies", str(tmp_path / "ent.npy"), "--threshold", "8", "--batch-images", "3",
+                               "--dpar", "first,true", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["dpar_structure"] == {"decoder_injection": "first", "cross_attn_ffn": True}
+    assert rec["models"]["dpar-tiny"]["train_flops_per_image"] > default
+    with pytest.raises(SystemExit):
+        tool.main(common + ["--dpar", "all"])
+    assert "--dpar 'all': expected INJECTION,FFN" in capsys.readouterr().err
 
 
 def test_disagreement_fails_loudly():

@@ -128,3 +128,25 @@ def test_tiny_presets_run_and_materialise_from_meta():
             assert a.shape == b.shape and torch.isfinite(a).all(), k
         out = model(codes, torch.tensor([1, 2]), layout)
         assert out.shape == (2, 16, 64) and torch.isfinite(out).all()
+
+
+def test_count_params_tool(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "count_params_tool", Path(__file__).resolve().parent.parent / "tools" / "count_params.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for structure, every, ffn in (("every,false", True, False), ("first,true", False, True)):
+        out = tmp_path / f"{structure}.json"
+        assert tool.main(["--presets", "dpar-b", "gpt-b", "--dpar", structure, "--json", str(out)]) == 0
+        counts = json.loads(out.read_text())
+        assert counts["dpar-b"]["total"] == sum(dpar_count_by_hand(*DPAR_SHAPES["dpar-b"], every=every,
+                                                                   ffn=ffn).values())
+    printed = capsys.readouterr().out
+    assert "paper 120M, code 115.0M" in printed and "paper 111M" in printed
+    with pytest.raises(SystemExit):
+        tool.main(["--dpar", "every"])
+    assert "expected INJECTION,FFN" in capsys.readouterr().err

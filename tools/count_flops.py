@@ -6,6 +6,7 @@ FlopCounterMode) and cross-checked against an analytic formula.
     python tools/count_flops.py --model dpar-b --baseline gpt-b --image-size 256 \\
         --entropies runs/demo/data/codes/entropy --threshold 7.8 --max-patch-length 4 --json flops.json
     python tools/count_flops.py --all [--json grid.json]     # B/L/XL/XXL x 256/384 px at the paper's statistics
+    python tools/count_flops.py ... --dpar first,true        # DPAR in the legacy structure (default every,false)
 
 Layout: `--mean-patch-length ℓ` builds a valid layout (codes 0 and 1 start patches, row resets, P_max) with
 round(N/ℓ) patches per image spread evenly (FLOPs depend on a layout only through its patch counts); the default
@@ -34,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar_scale.config import ModelConfig  # noqa: E402
+from dpar_scale.config import ConfigError, DPARConfig, ModelConfig, parse_dpar_structure, to_dict  # noqa: E402
 from dpar_scale.flops.counting import measure  # noqa: E402
 from dpar_scale.flops.analytic import TRAIN_FACTOR, analytic_breakdown, lengths_with_mean  # noqa: E402
 from dpar_scale.models import PRESETS  # noqa: E402
@@ -63,11 +64,12 @@ def conventions(attention: str, probe: bool) -> dict:
     }
 
 
-def model_config(name: str, grid: tuple[int, int], vocab: int, classes: int) -> ModelConfig:
+def model_config(name: str, grid: tuple[int, int], vocab: int, classes: int,
+                 dpar: DPARConfig | None = None) -> ModelConfig:
     if name not in PRESETS:
         raise SystemExit(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return ModelConfig(kind=PRESETS[name]["kind"], preset=name, grid=tuple(grid), vocab_size=vocab,
-                       num_classes=classes)
+                       num_classes=classes, dpar=dpar or DPARConfig())
 
 
 def load_entropies(path: str, max_images: int) -> tuple[torch.Tensor, tuple[int, int] | None, int | None]:
@@ -108,7 +110,7 @@ def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple
             mean_length: float | None = None, entropies: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Counts both models on one layout; returns (the JSON record, the Measurement of each model).
     `image_size` is None when the grid is not a VQ-16 grid of a known image size (then no paper defaults)."""
-    cfgs = {name: model_config(name, grid, args.vocab, args.classes) for name in (baseline, model)}
+    cfgs = {name: model_config(name, grid, args.vocab, args.classes, args.structure) for name in (baseline, model)}
     layout_info: dict = {"max_patch_length": args.max_patch_length}
     dataset = None
     if entropies is not None:
@@ -247,10 +249,19 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--tolerance", type=float, default=0.02, help="largest allowed disagreement of the counters")
     ap.add_argument("--all", action="store_true", help="the B/L/XL/XXL x 256/384 px grid at the paper's statistics")
+    ap.add_argument("--dpar", default="every,false", metavar="INJECTION,FFN",
+                    help="DPAR structure: model.dpar.decoder_injection (every | first) and model.dpar.cross_attn_ffn "
+                         "(true | false); default every,false (the authors' code)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    try:
+        args.structure = parse_dpar_structure(args.dpar)
+    except ConfigError as err:
+        ap.error(str(err))
 
-    out = {"conventions": conventions(args.attention, not args.full_depth)}
+    out = {"conventions": conventions(args.attention, not args.full_depth), "dpar_structure": to_dict(args.structure)}
+    print(f"DPAR structure: model.dpar.decoder_injection={args.structure.decoder_injection} "
+          f"model.dpar.cross_attn_ffn={str(args.structure.cross_attn_ffn).lower()}\n")
     failures = []
     if args.all:
         args.vocab = args.vocab or 16384

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar_scale.config import DECODER_INJECTIONS, DPARConfig, ModelConfig  # noqa: E402
+from dpar_scale.config import ConfigError, DPARConfig, ModelConfig, parse_dpar_structure  # noqa: E402
 from dpar_scale.models import PRESETS, build_model, param_breakdown  # noqa: E402
 from dpar_scale.models.presets import REPORTED_M  # noqa: E402
 
@@ -51,11 +51,11 @@ def main(argv=None) -> int:
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
         ap.error(f"unknown presets {unknown}; known: {', '.join(sorted(PRESETS))}")
-    injection, _, ffn = args.dpar.partition(",")
-    if injection not in DECODER_INJECTIONS or ffn not in ("true", "false"):
-        ap.error(f"--dpar {args.dpar!r}: expected INJECTION,FFN with INJECTION one of "
-                 f"{', '.join(DECODER_INJECTIONS)} and FFN true or false (e.g. --dpar first,true)")
-    counts = count_all(args.presets, args.vocab, args.classes, DPARConfig(injection, ffn == "true"))
+    try:
+        structure = parse_dpar_structure(args.dpar)
+    except ConfigError as err:
+        ap.error(str(err))
+    counts = count_all(args.presets, args.vocab, args.classes, structure)
     print(f"{'preset':<13}" + "".join(f"{c:>12}" for c in COLUMNS) + f"  {'reported':<26}")
     for name, row in counts.items():
         rep = REPORTED_M.get(name, {})

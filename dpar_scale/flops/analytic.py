@@ -132,7 +132,9 @@ def analytic_breakdown(model_cfg, *, batch_images: int = 1, patch_lengths: Seque
 
     `model_cfg` is a ModelConfig (resolved or not). For DPAR give the per-image patch lengths (or patch counts
     M_i, or the PatchLayout); N (codes per image) defaults to the config's grid. Per matmul row: attention block
-    4·d², SwiGLU 3·d·h, head d·V, global-to-local d²; per attention pair 2·d multiply-adds.
+    4·d², SwiGLU 3·d·h, head d·V, global-to-local d² (per code and per decoder layer with
+    model.dpar.decoder_injection=every, once with first), patch cross-attention 4·d² (+ a SwiGLU with
+    model.dpar.cross_attn_ffn); per attention pair 2·d multiply-adds.
     """
     from dpar_scale.models.layers import ffn_hidden_dim
 
@@ -158,14 +160,17 @@ def analytic_breakdown(model_cfg, *, batch_images: int = 1, patch_lengths: Seque
         global_rows = -(-positions // pad) * pad if include_padding else positions
         query_rows = b * max(counts) if include_padding else sum(counts)
         codes = b * n
-        # encoder: causal self-attention blocks over the codes, then the patch cross-attention block (q, o and
-        # the FFN on the patch queries, k and v on the codes; each query sees its own codes: N pairs per image)
-        matmul["encoder"] = cfg.n_encoder_layers * codes * block + query_rows * (2 * d * d + 3 * d * h) \
-            + codes * 2 * d * d
+        # encoder: causal self-attention blocks over the codes, then the patch cross-attention block (q, o and,
+        # with model.dpar.cross_attn_ffn, the FFN on the patch queries, k and v on the codes; each query sees its
+        # own codes: N pairs per image)
+        ffn = 3 * d * h if cfg.dpar.cross_attn_ffn else 0
+        matmul["encoder"] = cfg.n_encoder_layers * codes * block + query_rows * (2 * d * d + ffn) + codes * 2 * d * d
         attn["encoder"] = (cfg.n_encoder_layers * b * causal_pairs(n, attention) + codes) * pair
         matmul["global"] = cfg.n_global_layers * global_rows * block
         attn["global"] = cfg.n_global_layers * sum(causal_pairs(m + 1, attention) for m in counts) * pair
-        matmul["decoder"] = codes * d * d + cfg.n_decoder_layers * codes * block  # global-to-local + blocks
+        # decoder: the global-to-local Linear on every code, before every layer (decoder_injection=every) or once
+        injections = cfg.n_decoder_layers if cfg.dpar.decoder_injection == "every" else 1
+        matmul["decoder"] = injections * codes * d * d + cfg.n_decoder_layers * codes * block
         attn["decoder"] = cfg.n_decoder_layers * b * causal_pairs(n, attention) * pair
         matmul["head"] = codes * d * v
     return FlopBreakdown(matmul={k: FLOPS_PER_MAC * x for k, x in matmul.items()},
