@@ -34,9 +34,9 @@ def write_export(folder: Path, model, overrides: list[str]) -> Path:
     return folder
 
 
-def write_sampling_setup(root: Path, *, gpt, entropy, dpar, grid, vocab, classes, theta, dim=64,
-                         layers=(2, 2, (1, 2, 1))) -> dict:
-    """Tokenizer, codes + entropy manifests and the three exports under `root`; returns their paths."""
+def write_sampling_setup(root: Path, *, gpt, entropy, dpar, grid, vocab, classes, theta, dim=64) -> dict:
+    """Tokenizer, codes + entropy manifests and the three exports under `root`; returns their paths. Each
+    export's config states the shape of the module it holds (depths and DPAR structure read off the modules)."""
     from dpar_scale.tokenizer.kmeans import KMeansTokenizer
 
     codes_dir = root / "codes"
@@ -48,7 +48,10 @@ def write_sampling_setup(root: Path, *, gpt, entropy, dpar, grid, vocab, classes
         "classes": [f"class{i}" for i in range(classes)]}))
     shape = [f"model.dim={dim}", "model.n_heads=4", f"model.vocab_size={vocab}", f"model.grid=[{grid[0]},{grid[1]}]",
              "model.ffn_multiple_of=32", f"data.codes_dir={codes_dir}"]
-    gpt_layers, entropy_layers, (enc, glob, dec) = layers
+    gpt_layers, entropy_layers = len(gpt.layers), len(entropy.layers)
+    enc, glob, dec = len(dpar.encoder_layers), len(dpar.global_layers), len(dpar.decoder_layers)
+    structure = [f"model.dpar.decoder_injection={dpar.decoder_injection}",
+                 f"model.dpar.cross_attn_ffn={str(dpar.cross_attn_ffn).lower()}"]
     out = {"codes": codes_dir, "tokenizer": root / "tok.safetensors"}
     out["entropy"] = write_export(root / "entropy", entropy,
                                   shape + ["model.kind=entropy", f"model.n_layers={entropy_layers}"])
@@ -56,7 +59,8 @@ def write_sampling_setup(root: Path, *, gpt, entropy, dpar, grid, vocab, classes
         "entropy_checkpoint": str(out["entropy"]), "dtype": "float16"}))
     out["dpar"] = write_export(root / "dpar", dpar, shape + [
         "model.kind=dpar", f"model.num_classes={classes}", f"model.n_encoder_layers={enc}",
-        f"model.n_global_layers={glob}", f"model.n_decoder_layers={dec}", f"model.patch.threshold={theta}"])
+        f"model.n_global_layers={glob}", f"model.n_decoder_layers={dec}", f"model.patch.threshold={theta}",
+        *structure])
     out["gpt"] = write_export(root / "gpt", gpt, shape + ["model.kind=gpt", f"model.num_classes={classes}",
                                                          f"model.n_layers={gpt_layers}"])
     return out
