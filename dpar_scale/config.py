@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from dpar_scale.errors import DparError
 
-class ConfigError(ValueError):
+
+class ConfigError(DparError, ValueError):
     """A config file or override that cannot be applied; the message names the dotted key."""
 
 
@@ -37,6 +39,9 @@ class DataConfig:
     global_tokens_per_microbatch: int = 0
     num_workers: int = 0
     log_sample_ids: bool = False
+    # checked when the data is opened (values always, chunked over the memory maps): full = sizes + sha256 of every
+    # shard against its manifest; size = sizes only. Verified files are cached per user (~/.cache/dpar_scale)
+    verify: str = "full"
 
 
 @dataclass
@@ -361,6 +366,7 @@ def validate(cfg: Config) -> None:
     _choice("train.precision", cfg.train.precision, ("fp32", "bf16"))
     _choice("parallel.activation_checkpoint", cfg.parallel.activation_checkpoint, ("none", "full", "selective"))
     _choice("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
+    _choice("data.verify", cfg.data.verify, ("full", "size"))
     for key, value in (("model.patch.max_patch_length", cfg.model.patch.max_patch_length),
                        ("model.patch.static_length", cfg.model.patch.static_length),
                        ("train.steps", cfg.train.steps), ("train.grad_accum", cfg.train.grad_accum),

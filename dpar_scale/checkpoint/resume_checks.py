@@ -26,10 +26,8 @@ def check_checkpoint_files(path: Path) -> None:
     """Every file listed in complete.json exists with the size it was written with, and the sha256 recorded
     for it (rank r hashing every world-size-th file; all ranks raise the same error), and train_state.pt is a
     complete zip archive. A truncated, corrupt or partly copied checkpoint fails here, naming the file."""
-    import torch.distributed as dist
-
-    from dpar_scale.checkpoint.save_load import sha256_file
-    from dpar_scale.parallel.process_group import get_rank, get_world_size
+    from dpar_scale.integrity import FileCheck, check_files
+    from dpar_scale.parallel.process_group import work_share
 
     path = Path(path)
     marker = read_checkpoint_file(path / MARKER, lambda f: json.loads(f.read_text()))
@@ -46,14 +44,8 @@ def check_checkpoint_files(path: Path) -> None:
                             f"it is corrupt or truncated (e.g. an interrupted copy or a full disk)")
     if not problems:
         hashed = sorted(rel for rel, record in files.items() if isinstance(record, dict) and "sha256" in record)
-        for rel in hashed[get_rank()::get_world_size()]:
-            if sha256_file(path / rel) != files[rel]["sha256"]:
-                problems.append(f"checkpoint file {path / rel} does not match the sha256 recorded when it was "
-                                f"written: it is corrupt (a disk or copy error changed its bytes)")
-        if dist.is_initialized() and get_world_size() > 1:
-            everyone: list = [None] * get_world_size()
-            dist.all_gather_object(everyone, problems)
-            problems = sorted({p for rank_problems in everyone for p in rank_problems})
+        problems = check_files([FileCheck(str(path / rel), files[rel]["sha256"], what="checkpoint file")
+                                for rel in hashed], work_share())
     if problems:
         raise CheckpointError(f"{'; '.join(problems)}. {older_hint(path)}")
 

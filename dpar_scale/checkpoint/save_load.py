@@ -23,7 +23,6 @@ Nothing here unpickles objects: train_state.pt and the RNG files hold tensors an
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -35,6 +34,8 @@ import torch.distributed as dist
 
 from dpar_scale.checkpoint.rng import reseed, rng_state, set_rng_state
 from dpar_scale.config import Config, save_config
+from dpar_scale.errors import DparError
+from dpar_scale.integrity import sha256_file
 from dpar_scale.parallel.process_group import barrier, get_rank, get_world_size
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -42,7 +43,7 @@ DATA_FILE = "data.json"
 MARKER = "complete.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DparError, RuntimeError):
     """A checkpoint file that cannot be read (corrupt / truncated); the message names the file and older ones."""
 
 
@@ -104,14 +105,6 @@ def checkpoint_files(folder: Path) -> list[str]:
     """Every file of a checkpoint folder (relative, sorted), the marker excepted."""
     folder = Path(folder)
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def shared_checksums(folder: Path, files: list[str]) -> dict[str, str]:

@@ -27,11 +27,12 @@ from dpar_scale.data.shards import (
     FORMAT, FORMAT_VERSION, MANIFEST_NAME, codes_fingerprint, read_shard_record, shard_stem, to_codes_dtype,
     write_code_shard, write_json_atomic, write_manifest,
 )
+from dpar_scale.errors import DparError
 
 CONFIG_NAME = "extract_config.json"
 
 
-class ExtractError(RuntimeError):
+class ExtractError(DparError, RuntimeError):
     """A user-facing problem with the images, the tokenizer or the output folder; printed as one line."""
 
 

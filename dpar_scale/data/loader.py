@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpar_scale.config import ConfigError
+from dpar_scale.data.shards import ShardError
 from dpar_scale.patching.rule import patch_starts, starts_to_lengths
 
 
@@ -40,7 +42,7 @@ class GlobalOrder:
 
     def __init__(self, sample_ids: np.ndarray, seed: int, shuffle: bool = True):
         if len(sample_ids) == 0:
-            raise ValueError("the training split is empty: extract more images or lower data.val_fraction")
+            raise ConfigError("the training split is empty: extract more images or lower data.val_fraction")
         self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self.seed = seed
         self.shuffle = shuffle
@@ -84,9 +86,9 @@ class CodeData:
         self.codes_dir, self.codes_fingerprint, self.entropy_dir, self.entropy_fingerprint = "", "", "", ""
         n = len(labels)
         if n == 0:
-            raise ValueError("the code dataset is empty: run tools/extract_codes.py on a folder with images first")
+            raise ShardError("the code dataset is empty: run tools/extract_codes.py on a folder with images first")
         if entropy is not None and len(entropy) != n:
-            raise ValueError(f"entropy rows ({len(entropy)}) do not match code rows ({n}): recompute entropies")
+            raise ShardError(f"entropy rows ({len(entropy)}) do not match code rows ({n}): recompute entropies")
         n_sources = n // copies_per_image
         n_val_sources = int(round(n_sources * val_fraction))
         if val_fraction > 0 and n_val_sources == 0 and n_sources > 1:
@@ -96,10 +98,17 @@ class CodeData:
         self.val_ids = np.arange(cut, n, dtype=np.int64)
 
     @classmethod
-    def open(cls, codes_dir: str, entropy_dir: str = "", need_entropy: bool = False, val_fraction: float = 0.0):
+    def open(cls, codes_dir: str, entropy_dir: str = "", need_entropy: bool = False, val_fraction: float = 0.0,
+             verify: str = "full", share=None, allow_null_label: bool = False):
+        """Opens and checks the data (dpar_scale.data.checks): every file's size, its sha256 (verify="full"; "size"
+        skips the hash) and its values, split over the ranks of `share` (an integrity.WorkShare; every rank of it
+        must call open) and cached per user. `allow_null_label`: labels may also be the null class num_classes."""
+        from dpar_scale.data.checks import check_code_shards, check_side_array
         from dpar_scale.data.shards import CodeShards, side_fingerprint
         from dpar_scale.data.side_arrays import open_side_array
+        from dpar_scale.integrity import WorkShare
 
+        share = share or WorkShare()
         shards = CodeShards(codes_dir)
         codes = _Rows(shards.codes)
         entropy = None
@@ -110,6 +119,9 @@ class CodeData:
                     f"no entropies at {path}: run tools/compute_entropy.py --codes {codes_dir} first "
                     f"(or set model.patch.mode=static, which needs none)")
             entropy = open_side_array(str(path), codes=shards)
+        check_code_shards(shards, verify, share, allow_null_label)
+        if entropy is not None:
+            check_side_array(entropy, shards.vocab_size, verify, share, codes_dir=shards.folder)
         data = cls(codes, shards.labels, grid=shards.grid, vocab_size=shards.vocab_size,
                    num_classes=shards.num_classes, entropy=entropy, copies_per_image=shards.copies_per_image,
                    val_fraction=val_fraction, manifest=shards.manifest)

@@ -26,6 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dpar_scale.errors import DparError
+from dpar_scale.integrity import FileCheck, check_files, sha256_file
+
 __all__ = [
     "CODES_DTYPE", "MANIFEST_NAME", "ShardError", "sha256_file", "save_npy_atomic", "write_json_atomic",
     "shard_stem", "code_shard_files", "write_code_shard", "read_shard_record", "check_shard_files",
@@ -41,7 +44,7 @@ FORMAT_VERSION = 1
 _REBUILD_HINT = "re-run tools/extract_codes.py with the same arguments: it rebuilds only missing or bad shards"
 
 
-class ShardError(RuntimeError):
+class ShardError(DparError, RuntimeError):
     """A shard folder is missing, incomplete, corrupt or inconsistent; the message names the file."""
 
 
@@ -58,14 +61,6 @@ class _HashingFile:
     def write(self, data) -> int:
         self.h.update(data)
         return self.f.write(data)
-
-
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tmp_name(path: str) -> str:
@@ -322,8 +317,9 @@ class RowArray:
         return self._range(0, len(self))
 
     def verify(self) -> list[str]:
-        """Problems found (missing/truncated files, checksum mismatches); empty when all is well."""
-        problems = []
+        """Problems found (missing/truncated files, checksum mismatches); empty when all is well. Hashes every
+        file in this process, uncached (dpar_scale.data.checks is what opening data for training runs)."""
+        problems, checks = [], []
         for k, (fname, n) in enumerate(zip(self.files, self.counts)):
             path = os.path.join(self.folder, fname)
             try:
@@ -331,10 +327,9 @@ class RowArray:
             except ShardError as e:
                 problems.append(str(e))
                 continue
-            if self.sha256 is not None and sha256_file(path) != self.sha256[k]:
-                problems.append(f"shard file {path} does not match the sha256 in the manifest (corrupt); "
-                                f"delete it and {_REBUILD_HINT}")
-        return problems
+            if self.sha256 is not None:
+                checks.append(FileCheck(path, self.sha256[k], what="shard file", fix=f"delete it and {_REBUILD_HINT}"))
+        return problems + check_files(checks)
 
 
 _REQUIRED = ("format", "format_version", "num_images", "num_source_images", "grid", "vocab_size", "tokenizer",

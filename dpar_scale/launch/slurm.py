@@ -13,10 +13,12 @@ import signal
 import sys
 from pathlib import Path
 
+from dpar_scale.errors import DparError
+
 SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"  # submitit reads the preemption signal's name from this variable
 
 
-class LaunchError(RuntimeError):
+class LaunchError(DparError, RuntimeError):
     """A launch that cannot work as asked; the message says what to change."""
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dpar_scale.config import ConfigError
+from dpar_scale.integrity import WorkShare
 
 
 @dataclass
@@ -139,6 +140,13 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def work_share() -> WorkShare:
+    """This process's share of file checks (dpar_scale.integrity): every rank of the live group, else all of it."""
+    if not is_initialized():
+        return WorkShare()
+    return WorkShare(dist.get_rank(), dist.get_world_size(), all_gather_object)
 
 
 def all_reduce_sum(values: torch.Tensor, group=None) -> torch.Tensor:

@@ -28,17 +28,20 @@ from dpar_scale.checkpoint.save_load import (
 from dpar_scale.checkpoint.resume_checks import check_resume
 from dpar_scale.config import Config, ConfigError, save_config, to_dict
 from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share, rank_slice
+from dpar_scale.errors import DparError
 from dpar_scale.flops.analytic import peak_flops, throughput, train_flops
 from dpar_scale.models.layers import class_drop_mask
 from dpar_scale.parallel.dims import ParallelDims
-from dpar_scale.parallel.process_group import LaunchEnv, all_reduce_sum, default_device, init_process_group
+from dpar_scale.parallel.process_group import (
+    LaunchEnv, all_reduce_sum, default_device, init_process_group, work_share,
+)
 from dpar_scale.train.ema import EMA
 from dpar_scale.train.loss import code_loss_per_image
 from dpar_scale.train.metrics_log import MetricsLogger, format_line
 from dpar_scale.train.optim import build_optimizer, lr_lambda
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DparError, RuntimeError):
     """The loss (or gradient norm) became NaN/Inf; the message names the step and the batch's samples."""
 
 
@@ -104,8 +107,10 @@ class Trainer:
         or anything is loaded: same model shape, same data (unless checkpoint.allow_data_change), readable files."""
         cfg, kind = self.cfg, self.cfg.model.kind
         needs_entropy = kind == "dpar" and cfg.model.patch.mode != "static"
+        # every rank opens the data: the checks are split over them (and agree on any error)
         self.data = CodeData.open(cfg.data.codes_dir, cfg.data.entropy_dir, need_entropy=needs_entropy,
-                                  val_fraction=cfg.data.val_fraction)
+                                  val_fraction=cfg.data.val_fraction, verify=cfg.data.verify, share=work_share(),
+                                  allow_null_label=kind in ("gpt", "dpar"))
         check_model_fits_data(cfg, self.data)
         self.data_info = self.data.identity()
         self.resumed_from = find_resume_checkpoint(self.out, cfg.checkpoint.resume)
