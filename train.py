@@ -13,34 +13,27 @@ rank 0; multi-process checkpoints add the sharded optimizer / DeepSpeed state).
 import argparse
 import sys
 
-from dpar_scale.config import ConfigError, load_config
+from dpar_scale.cli import entry_point, parser
 
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (configs/demo/dpar.yaml, ...)")
-    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
-                        help="DeepSpeed JSON (configs/deepspeed/zero{1,2,3}.json, zero3_offload.json): use the "
-                             "DeepSpeed engine")
+    p = parser(__doc__)
+    p.add_argument("--config", help="YAML config (configs/demo/dpar.yaml, ...)")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                   help="DeepSpeed JSON (configs/deepspeed/zero{1,2,3}.json, zero3_offload.json): use the "
+                        "DeepSpeed engine")
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment instead.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.dim=64")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from dpar_scale.checkpoint.save_load import CheckpointError
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 model.dim=64")
+    args = p.parse_args(argv)
+    from dpar_scale.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a ConfigError is one line (entry_point), before torch loads
     from dpar_scale.parallel.process_group import destroy_process_group, is_main_process
     from dpar_scale.train.trainer import Trainer
 
-    try:
-        result = Trainer(cfg, deepspeed_config=args.deepspeed_config).fit()
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        destroy_process_group()
-        return 2
+    result = Trainer(cfg, deepspeed_config=args.deepspeed_config).fit()
     if is_main_process():
         print(f"done: step {result.get('step')} loss {result.get('loss', float('nan')):.4f} "
               f"val_loss {result.get('val_loss', float('nan')):.4f} checkpoint {result['checkpoint']}")

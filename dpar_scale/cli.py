@@ -26,8 +26,9 @@ ExtractError, a tool's own error class: derive it from DparError), an argument m
 parser raises instead of printing argparse's usage block) or a file the user named that is missing or unreadable
 (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) is the user's to fix: it is printed as
 `error: <message>` on one line of stderr and `main` returns 2. Any other exception propagates with its traceback.
-Under torchrun / Slurm only global rank 0 prints; errors that can arise on some ranks only must be agreed across
-ranks before they are raised (as the data and checkpoint checks do), or rank 0 exits without saying why.
+Under torchrun / Slurm only global rank 0 prints: the checks agree across ranks before raising (as the data and
+checkpoint checks do). An error that one rank may raise alone sets `shared = False` (see dpar_scale.errors); every
+rank that raises it prints `error (rank N): ...`.
 
 Imports only the standard library and dpar_scale.errors.
 """
@@ -82,14 +83,16 @@ def _rank() -> int:
 
 
 def report(err: BaseException) -> None:
-    """`error: <message>` on stderr, once (rank 0)."""
-    if _rank() != 0:
+    """`error: <message>` on stderr, once: by rank 0, or by the raising rank for a DparError with shared=False."""
+    rank, shared = _rank(), getattr(err, "shared", True)
+    if rank != 0 and shared:
         return
     text = str(err) or type(err).__name__
     if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
         text = f"{text}: {err.filename}"
     text = text[len("error: "):] if text.startswith("error: ") else text
-    print(f"error: {one_line(text)}", file=sys.stderr, flush=True)
+    where = "" if shared else f" (rank {rank})"
+    print(f"error{where}: {one_line(text)}", file=sys.stderr, flush=True)
 
 
 def _destroy_process_group() -> None:
@@ -141,7 +144,7 @@ def _path(check: Callable[[str], bool], what: str):
     def convert(text: str) -> str:
         if not check(text):
             state = "is not a " + what if os.path.exists(text) else "does not exist"
-            raise argparse.ArgumentTypeError(f"{text!r} {state}")
+            raise argparse.ArgumentTypeError(f"{text} {state}")
         return text
 
     convert.__name__ = what

@@ -10,4 +10,10 @@ The bottom of the package: imports nothing, so every room may import it.
 
 
 class DparError(Exception):
-    """An error the user can fix (bad input, data, config or environment); the message names the fix."""
+    """An error the user can fix (bad input, data, config or environment); the message names the fix.
+
+    `shared`: every rank of a multi-process run raises the same error (the default: the checks agree across
+    ranks before raising), so only rank 0 prints it. An error one rank may raise alone sets it False; then each
+    rank that raises it prints it, naming its rank."""
+
+    shared = True

@@ -17,22 +17,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar_scale.config import ConfigError  # noqa: E402
-from dpar_scale.launch import LaunchError, TrainJob, free_port, validate_launch  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from dpar_scale.cli import (  # noqa: E402
+    entry_point, existing_file, non_negative_int, parser as cli_parser, positive_float, positive_int,
+)
+
+if TYPE_CHECKING:
+    from dpar_scale.launch import TrainJob
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config of the run")
-    p.add_argument("--nproc", type=int, default=1, help="processes (one per GPU on a GPU machine)")
+    p = cli_parser(__doc__)
+    p.add_argument("--config", required=True, type=existing_file, help="YAML config of the run")
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes (one per GPU on a GPU machine)")
     p.add_argument("--job-name", default="dpar")
     p.add_argument("--folder", default=None, help="submitit folder (logs, pickles); default runs/local/<job-name>")
     p.add_argument("--engine", choices=("fsdp", "deepspeed"), default="fsdp")
     p.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON (with --engine deepspeed)")
-    p.add_argument("--time", type=float, default=24 * 60, help="time limit in minutes (the signal comes "
-                                                               "--signal-delay seconds before it)")
-    p.add_argument("--signal-delay", type=int, default=120)
-    p.add_argument("--max-requeues", type=int, default=10)
+    p.add_argument("--time", type=positive_float, default=24 * 60, help="time limit in minutes (the signal "
+                                                                        "comes --signal-delay seconds before it)")
+    p.add_argument("--signal-delay", type=non_negative_int, default=120)
+    p.add_argument("--max-requeues", type=non_negative_int, default=10)
     p.add_argument("--simulate-preemption-at", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--no-wait", action="store_true", help="submit and return (the job runs in the background)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the trainer")
@@ -46,6 +52,8 @@ def submit_local(job: TrainJob, nproc: int, folder: str | Path, timeout_min: flo
     import submitit
     import torch
 
+    from dpar_scale.launch import free_port
+
     os.environ.setdefault("MASTER_PORT", str(free_port()))  # the tasks inherit it (and keep it across requeues)
     executor = submitit.LocalExecutor(folder=folder, max_num_timeout=max_requeues)
     executor.update_parameters(tasks_per_node=nproc, nodes=1, timeout_min=timeout_min, signal_delay_s=signal_delay,
@@ -53,14 +61,13 @@ def submit_local(job: TrainJob, nproc: int, folder: str | Path, timeout_min: flo
     return executor.submit(job)
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    from dpar_scale.launch import TrainJob, validate_launch
+
     deepspeed_config = args.deepspeed_config if args.engine == "deepspeed" else None
-    try:
-        cfg = validate_launch(args.config, args.overrides, args.nproc, args.engine, args.deepspeed_config)
-    except (LaunchError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = validate_launch(args.config, args.overrides, args.nproc, args.engine, args.deepspeed_config)
     folder = Path(args.folder or f"runs/local/{args.job_name}").absolute()
     job = TrainJob(str(Path(args.config).absolute()), list(args.overrides), deepspeed_config,
                    max_requeues=args.max_requeues, simulate_preemption_at=args.simulate_preemption_at)

@@ -20,20 +20,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-
-from dpar_scale.config import ConfigError, to_dict  # noqa: E402
-from dpar_scale.launch import (  # noqa: E402
-    LaunchError, TrainJob, render_sbatch, slurm_parameters, trainer_command, validate_launch,
+from dpar_scale.cli import (  # noqa: E402
+    entry_point, existing_file, non_negative_int, parser as cli_parser, positive_int,
 )
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config of the run")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8, help="also the tasks per node (one rank per GPU)")
-    p.add_argument("--cpus-per-task", type=int, default=None)
+    p = cli_parser(__doc__)
+    p.add_argument("--config", required=True, type=existing_file, help="YAML config of the run")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="also the tasks per node (one rank per GPU)")
+    p.add_argument("--cpus-per-task", type=positive_int, default=None)
     p.add_argument("--mem", default=None, help="sbatch --mem per node, e.g. 480G or 0 (all)")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
@@ -48,30 +45,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("fsdp", "deepspeed"), default="fsdp")
     p.add_argument("--deepspeed-config", default=None, help="DeepSpeed JSON (with --engine deepspeed)")
     p.add_argument("--signal", default="USR2", help="signal Slurm sends before preemption / the time limit")
-    p.add_argument("--signal-delay", type=int, default=120, help="seconds between that signal and the kill")
-    p.add_argument("--max-requeues", type=int, default=10, help="give up after this many requeues")
+    p.add_argument("--signal-delay", type=non_negative_int, default=120,
+                   help="seconds between that signal and the kill")
+    p.add_argument("--max-requeues", type=non_negative_int, default=10, help="give up after this many requeues")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config only")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the trainer, e.g. train.steps=100000")
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    import yaml
+
+    from dpar_scale.config import to_dict
+    from dpar_scale.launch import (
+        LaunchError, TrainJob, render_sbatch, slurm_parameters, trainer_command, validate_launch,
+    )
+
     world = args.nodes * args.gpus_per_node
     deepspeed_config = args.deepspeed_config if args.engine == "deepspeed" else None
-    try:
-        cfg = validate_launch(args.config, args.overrides, world, args.engine, args.deepspeed_config)
-        folder = Path(args.folder or f"runs/slurm/{args.job_name}").absolute()
-        command = trainer_command(args.config, args.overrides, deepspeed_config)
-        params = slurm_parameters(
-            nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time, job_name=args.job_name,
-            partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
-            cpus_per_task=args.cpus_per_task, mem=args.mem, signal_name=args.signal,
-            signal_delay=args.signal_delay, sbatch=args.sbatch,
-            comment=f"# each task runs (in-process, with the SLURM_* ranks mapped to torch.distributed): {command}")
-    except (LaunchError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = validate_launch(args.config, args.overrides, world, args.engine, args.deepspeed_config)
+    folder = Path(args.folder or f"runs/slurm/{args.job_name}").absolute()
+    command = trainer_command(args.config, args.overrides, deepspeed_config)
+    params = slurm_parameters(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time, job_name=args.job_name,
+        partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+        cpus_per_task=args.cpus_per_task, mem=args.mem, signal_name=args.signal,
+        signal_delay=args.signal_delay, sbatch=args.sbatch,
+        comment=f"# each task runs (in-process, with the SLURM_* ranks mapped to torch.distributed): {command}")
     job = TrainJob(str(Path(args.config).absolute()), list(args.overrides), deepspeed_config,
                    max_requeues=args.max_requeues)
     if args.dry_run:
@@ -80,9 +82,8 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
-        print("error: Slurm is not available here (no sbatch/srun on PATH). Use launchers/local.py --nproc N "
-              "for this machine, or add --dry-run to see the sbatch script that would be submitted.", file=sys.stderr)
-        return 2
+        raise LaunchError("Slurm is not available here (no sbatch/srun on PATH). Use launchers/local.py --nproc N "
+                          "for this machine, or add --dry-run to see the sbatch script that would be submitted.")
     import submitit
     from submitit.slurm.slurm import SlurmJobEnvironment
 

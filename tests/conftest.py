@@ -13,6 +13,16 @@ from dpar_scale.data import side_arrays as SA
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _verified_files_cache(tmp_path_factory):
+    """The per-user cache of verified data files (dpar_scale.integrity) lives in a temporary folder during tests,
+    for every process they start, instead of ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DPAR_CACHE_DIR", str(tmp_path_factory.mktemp("dpar_cache")))
+    yield
+    patch.undo()
+
+
 def write_code_dataset(folder, *, n_images=64, grid=(4, 4), vocab=32, num_classes=3, seed=0, shard_size=24,
                        entropy=True):
     """Codes with some structure (runs of repeated codes), labels, and optionally an entropy side array."""

@@ -264,36 +264,36 @@ def test_side_arrays_share_the_code_sharding(fresh, tmp_path):
 def test_errors(env, fresh, tmp_path, capsys):
     empty = tmp_path / "empty"
     (empty / "cls").mkdir(parents=True)
-    assert run(env, tmp_path / "o1", images=str(empty)) == 1
+    assert run(env, tmp_path / "o1", images=str(empty)) == 2
     assert "no images found" in capsys.readouterr().err
-    assert run(env, tmp_path / "o2", images=str(tmp_path / "does-not-exist")) == 1
+    assert run(env, tmp_path / "o2", images=str(tmp_path / "does-not-exist")) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "bare").mkdir()
-    assert run(env, tmp_path / "o2b", images=str(tmp_path / "bare")) == 1
+    assert run(env, tmp_path / "o2b", images=str(tmp_path / "bare")) == 2
     assert "no class folders" in capsys.readouterr().err
     corrupt_tok = tmp_path / "corrupt.safetensors"
     corrupt_tok.write_bytes(b"garbage" * 10)
     assert extract.main(["--images", env["images"], "--out", str(tmp_path / "o5"), "--tokenizer", "kmeans",
-                         "--tokenizer-path", str(corrupt_tok), "--image-size", "64"]) == 1
+                         "--tokenizer-path", str(corrupt_tok), "--image-size", "64"]) == 2
     assert "cannot load the kmeans tokenizer" in capsys.readouterr().err
-    assert run(env, tmp_path / "o3", size=62) == 1
+    assert run(env, tmp_path / "o3", size=62) == 2
     assert "not divisible" in capsys.readouterr().err
     assert extract.main(["--images", env["images"], "--out", str(tmp_path / "o4"), "--tokenizer", "kmeans",
-                         "--tokenizer-path", str(tmp_path / "nope.safetensors"), "--image-size", "64"]) == 1
+                         "--tokenizer-path", str(tmp_path / "nope.safetensors"), "--image-size", "64"]) == 2
     assert "not found" in capsys.readouterr().err
     # resuming into a folder made with other settings is refused, and the folder is left alone
     out = tmp_path / "other"
     shutil.copytree(fresh, out)
-    assert run(env, out, "--shard-size", "10", "--flip", size=32) == 1
+    assert run(env, out, "--shard-size", "10", "--flip", size=32) == 2
     err = capsys.readouterr().err
     assert "different settings" in err and "image_size" in err
-    assert run(env, out, "--shard-size", "10") == 1  # different augmentation
+    assert run(env, out, "--shard-size", "10") == 2  # different augmentation
     assert "copies_per_image" in capsys.readouterr().err
     other_tok = tmp_path / "tok2.safetensors"
     KMeansTokenizer(torch.rand(32, 48) * 2 - 1).save(str(other_tok))
     assert extract.main(["--images", env["images"], "--out", str(out), "--tokenizer", "kmeans", "--quiet",
                          "--tokenizer-path", str(other_tok), "--image-size", "64", "--shard-size", "10",
-                         "--flip"]) == 1
+                         "--flip"]) == 2
     assert "tokenizer" in capsys.readouterr().err
     assert (out / "manifest.json").exists()
     CodeShards(str(out)).verify()
@@ -332,7 +332,7 @@ def test_llamagen_vq16_through_dispatch(env, tmp_path, capsys):
     vq16.save_llamagen_format(vq16.VQ16Tokenizer(), path)  # random weights in LlamaGen's checkpoint layout
     base = ["--images", env["images"], "--tokenizer", "llamagen-vq16", "--tokenizer-path", path,
             "--num-workers", "0", "--quiet", "--flip", "--shard-size", "100", "--batch-size", "64"]
-    assert extract.main([*base, "--out", str(tmp_path / "bad"), "--image-size", "40"]) == 1
+    assert extract.main([*base, "--out", str(tmp_path / "bad"), "--image-size", "40"]) == 2
     assert "not divisible by the llamagen-vq16 tokenizer's downsampling factor 16" in capsys.readouterr().err
     out = tmp_path / "codes"
     assert extract.main([*base, "--out", str(out), "--image-size", "32"]) == 0

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from bench_parallel import LAYOUTS, write_random_codes  # noqa: E402
 
-from dpar_scale.launch import free_port  # noqa: E402
+from dpar_scale.cli import entry_point, parser, positive_int  # noqa: E402
 
 
 def _folder_bytes(path: Path) -> int:
@@ -91,6 +91,8 @@ def worker(args) -> None:
 
 
 def run_layout(args, layout: str, codes: Path, tmp: Path) -> dict:
+    from dpar_scale.launch import free_port
+
     nproc, parallel = LAYOUTS[layout]
     result = tmp / f"{layout}.json"
     overrides = [f"run.output_dir={tmp / f'run-{layout}'}", f"data.codes_dir={codes}", f"model.preset={args.preset}",
@@ -123,12 +125,14 @@ def table(results: dict, preset: str) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="dpar-b")
     ap.add_argument("--layouts", default="1,dp2")
-    ap.add_argument("--batch", type=int, default=2, help="images per step (the step only fills the optimizer)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=2,
+                    help="images per step (the step only fills the optimizer)")
+    ap.add_argument("--repeats", type=positive_int, default=2)
     ap.add_argument("--out", default="", help="JSON output path")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)

@@ -47,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpar_scale.launch import free_port  # noqa: E402
+from dpar_scale.cli import entry_point, non_negative_int, parser as cli_parser, positive_int  # noqa: E402
 
 LAYOUTS = {"1": (1, []), "dp2": (2, ["parallel.dp_shard=2"]), "tp2": (2, ["parallel.dp_shard=1", "parallel.tp=2"]),
            "dp2tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]), "hsdp2x2": (4, ["parallel.dp_replicate=2",
@@ -284,6 +284,8 @@ def model_overrides(args, codes: Path, out: Path) -> list[str]:
 
 
 def run_layout(args, layout: str, codes: Path, tmp: Path) -> dict:
+    from dpar_scale.launch import free_port
+
     nproc, parallel = LAYOUTS[layout]
     result = tmp / f"{layout}.json"
     overrides = model_overrides(args, codes, tmp / f"run-{layout}") + parallel + args.override
@@ -321,18 +323,19 @@ def table(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli_parser(__doc__)
     parser.add_argument("--kind", default="dpar", choices=("dpar", "gpt", "entropy"))
     parser.add_argument("--layouts", default="1,dp2,tp2,dp2tp2", help=f"comma list of {', '.join(LAYOUTS)}")
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--grid", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=8, help="global batch (images per step)")
+    parser.add_argument("--dim", type=positive_int, default=128)
+    parser.add_argument("--heads", type=positive_int, default=4)
+    parser.add_argument("--grid", type=positive_int, default=8)
+    parser.add_argument("--vocab", type=positive_int, default=1024)
+    parser.add_argument("--batch", type=positive_int, default=8, help="global batch (images per step)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--out", default="", help="write the results as JSON here")
     parser.add_argument("--override", action="append", default=[], help="extra dotted override (repeatable)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

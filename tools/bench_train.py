@@ -12,7 +12,6 @@ two models are interleaved so that drift in machine load hits both alike. Report
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -24,6 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dpar_scale.cli import (  # noqa: E402
+    entry_point, existing_dir, non_negative_int, parser, positive_float, positive_int,
+)
 from dpar_scale.config import load_config  # noqa: E402
 from dpar_scale.flops.analytic import train_flops  # noqa: E402
 from dpar_scale.patching.layout import PatchLayout  # noqa: E402
@@ -53,22 +55,24 @@ def batch_layouts(args, n_codes: int, width: int):
     return codes, labels, starts_to_lengths(starts)
 
 
+@entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--dpar", default="dpar-tiny")
     p.add_argument("--gpt", default="gpt-tiny")
-    p.add_argument("--dim", type=int, default=0, help="override both presets' width")
-    p.add_argument("--heads", type=int, default=0)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--grid", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--mean-patch-length", type=float, default=1.81)
-    p.add_argument("--max-patch-length", type=int, default=4)
-    p.add_argument("--codes", default="", help="take codes, labels and entropies from an extracted folder")
+    p.add_argument("--dim", type=non_negative_int, default=0, help="override both presets' width")
+    p.add_argument("--heads", type=non_negative_int, default=0)
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--grid", type=positive_int, default=16)
+    p.add_argument("--vocab", type=positive_int, default=512)
+    p.add_argument("--classes", type=positive_int, default=10)
+    p.add_argument("--mean-patch-length", type=positive_float, default=1.81)
+    p.add_argument("--max-patch-length", type=positive_int, default=4)
+    p.add_argument("--codes", type=existing_dir, default=None,
+                   help="take codes, labels and entropies from an extracted folder")
     p.add_argument("--threshold", type=float, default=7.8, help="θ with --codes")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="")
     args = p.parse_args(argv)

@@ -9,42 +9,46 @@ positions) and the histogram of patch lengths.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpar_scale.data.side_arrays import open_side_array  # noqa: E402
-from dpar_scale.patching.rule import calibrate_threshold  # noqa: E402
+from dpar_scale.cli import UsageError, entry_point, existing_dir, parser, positive_float, positive_int  # noqa: E402
 
 
+@entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--entropy", required=True, help="entropy folder written by tools/compute_entropy.py")
-    p.add_argument("--target-mean-length", type=float, required=True)
-    p.add_argument("--max-patch-length", type=int, default=4)
+    p = parser(__doc__)
+    p.add_argument("--entropy", required=True, type=existing_dir,
+                   help="entropy folder written by tools/compute_entropy.py")
+    p.add_argument("--target-mean-length", type=positive_float, required=True)
+    p.add_argument("--max-patch-length", type=positive_int, default=4)
     p.add_argument("--mode", default="global", choices=["global", "monotonic"])
     p.add_argument("--alignment", default="reference", choices=["reference", "blt"])
-    p.add_argument("--max-images", type=int, default=20000, help="calibrate on at most this many rows")
+    p.add_argument("--max-images", type=positive_int, default=20000, help="calibrate on at most this many rows")
+    p.add_argument("--verify", default="full", choices=("full", "size"),
+                   help="check the entropy shards' sha256 (full) or only their sizes (values always)")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)
 
-    entropy = open_side_array(args.entropy)
-    meta = json.loads((Path(args.entropy) / "manifest.json").read_text())
+    import numpy as np
+    import torch
+
+    from dpar_scale.data.checks import open_checked_side_array
+    from dpar_scale.patching.rule import calibrate_threshold
+
+    entropy = open_checked_side_array(args.entropy, args.verify)
+    meta = entropy.manifest
     width = int(meta["grid"][1])
     rows = np.linspace(0, len(entropy) - 1, num=min(len(entropy), args.max_images)).astype(np.int64)
     e = torch.from_numpy(np.asarray(entropy[np.unique(rows)]).astype(np.float32))
     try:
         cal = calibrate_threshold(e, width=width, target_mean_length=args.target_mean_length,
                                   max_patch_length=args.max_patch_length, mode=args.mode, alignment=args.alignment)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:  # an unreachable target: say which and why
+        raise UsageError(str(err)) from None
     total = sum(cal.histogram.values())
     print(f"θ = {cal.threshold:.4f} nats  ->  mean patch length {cal.mean_patch_length:.4f} "
           f"(target {cal.target}) over {cal.num_images} images, grid width {width}, P_max {args.max_patch_length}")

@@ -16,7 +16,6 @@ and, with --json, writes it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -29,11 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpar_scale.launch import free_port, kill_process_tree  # noqa: E402
+from dpar_scale.cli import UsageError, entry_point, existing_file, parser, positive_float, positive_int  # noqa: E402
 
 
 
 def train_command(nproc: int, out: Path, args, *extra: str) -> list[str]:
+    from dpar_scale.launch import free_port
+
     launch = [sys.executable, "train.py"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), "train.py"]
@@ -56,21 +57,23 @@ def run(cmd: list[str], what: str) -> str:
     return done.stdout + done.stderr
 
 
+@entry_point
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--nproc", type=int, default=2, help="processes of the run that is killed")
+    ap = parser(__doc__)
+    ap.add_argument("--config", required=True, type=existing_file)
+    ap.add_argument("--nproc", type=positive_int, default=2, help="processes of the run that is killed")
     ap.add_argument("--resume-on", default="1,4", help="comma-separated process counts to resume on")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--interval", type=int, default=10)
+    ap.add_argument("--steps", type=positive_int, default=40)
+    ap.add_argument("--interval", type=positive_int, default=10)
     ap.add_argument("--kill-step", type=int, default=0, help="default: random")
-    ap.add_argument("--rtol", type=float, default=1e-5)
+    ap.add_argument("--rtol", type=positive_float, default=1e-5)
     ap.add_argument("--out", default="runs/check_resume")
     ap.add_argument("--json", default="")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = ap.parse_args(argv)
     if args.steps < args.interval + 7:
-        ap.error("--steps must leave room for a checkpoint and a kill before the end (>= interval + 7)")
+        raise UsageError("--steps must leave room for a checkpoint and a kill before the end (>= interval + 7)")
+    from dpar_scale.launch import kill_process_tree
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

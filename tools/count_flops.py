@@ -25,21 +25,21 @@ agree within --tolerance (default 2%) or the tool exits with status 1.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar_scale.config import ConfigError, DPARConfig, ModelConfig, parse_dpar_structure, to_dict  # noqa: E402
-from dpar_scale.flops.counting import measure  # noqa: E402
-from dpar_scale.flops.analytic import TRAIN_FACTOR, analytic_breakdown, lengths_with_mean  # noqa: E402
-from dpar_scale.models import PRESETS  # noqa: E402
-from dpar_scale.patching.rule import patch_lengths  # noqa: E402
+from dpar_scale.cli import (  # noqa: E402
+    UsageError, entry_point, existing_path, non_negative_int, parser, positive_float, positive_int,
+)
+
+if TYPE_CHECKING:  # torch and the counters load after the arguments are parsed
+    import torch
+
+    from dpar_scale.config import DPARConfig, ModelConfig
 
 PAPER_MEAN_LENGTH = {256: 1.81, 384: 2.06}  # mean patch length of the paper's θ (7.8 @256, 7.9 @384), P_max 4
 PAPER_THRESHOLD = {256: 7.8, 384: 7.9}
@@ -48,6 +48,8 @@ GROUP_COLUMNS = ("encoder", "global", "decoder", "head", "attention")
 
 
 def conventions(attention: str, probe: bool) -> dict:
+    from dpar_scale.flops.analytic import TRAIN_FACTOR
+
     return {
         "flops": "2 x multiply-adds (fvcore's counts, one per multiply-add, are doubled)",
         "train_factor": TRAIN_FACTOR,
@@ -66,33 +68,53 @@ def conventions(attention: str, probe: bool) -> dict:
 
 def model_config(name: str, grid: tuple[int, int], vocab: int, classes: int,
                  dpar: DPARConfig | None = None) -> ModelConfig:
+    from dpar_scale.config import DPARConfig, ModelConfig
+    from dpar_scale.models import PRESETS
+
     if name not in PRESETS:
-        raise SystemExit(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise UsageError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return ModelConfig(kind=PRESETS[name]["kind"], preset=name, grid=tuple(grid), vocab_size=vocab,
                        num_classes=classes, dpar=dpar or DPARConfig())
 
 
-def load_entropies(path: str, max_images: int) -> tuple[torch.Tensor, tuple[int, int] | None, int | None]:
+def load_entropies(path: str, max_images: int, verify: str = "full", vocab: int | None = None,
+                   ) -> tuple[torch.Tensor, tuple[int, int] | None, int | None]:
     """([n, H*W] float32 entropies, rows evenly spaced; the grid and vocabulary of their codes when known) from a
-    tools/compute_entropy.py folder (grid and vocabulary from its manifests) or an .npy file."""
-    p = Path(path)
-    grid = vocab = None
-    if p.is_dir():
-        from dpar_scale.data.side_arrays import open_side_array
+    tools/compute_entropy.py folder (checked like training checks it; grid and vocabulary from its manifests) or
+    an .npy file (its values checked: finite, and within [0, ln --vocab] when given)."""
+    import numpy as np
+    import torch
 
-        array = open_side_array(str(p))
-        manifest = json.loads((p / "manifest.json").read_text())
+    from dpar_scale.data.checks import check_entropy_values, open_checked_side_array
+
+    p = Path(path)
+    grid = None
+    if p.is_dir():
+        array = open_checked_side_array(str(p), verify)
+        manifest = array.manifest
         codes_manifest = Path(manifest.get("codes_dir") or p.parent) / "manifest.json"
         codes = json.loads(codes_manifest.read_text()) if codes_manifest.exists() else {}
         grid = manifest.get("grid") or codes.get("grid")
-        grid, vocab = (tuple(int(x) for x in grid) if grid else None), codes.get("vocab_size")
+        grid = tuple(int(x) for x in grid) if grid else None
+        vocab = manifest.get("vocab_size", codes.get("vocab_size"))
     else:
-        array = np.load(p, mmap_mode="r")
+        try:
+            array = np.load(p, mmap_mode="r")
+        except ValueError as e:
+            raise UsageError(f"--entropies {path}: not a .npy array ({e})") from None
+        if array.ndim != 2:
+            raise UsageError(f"--entropies {path}: expected [n, H*W] entropies, got shape {list(array.shape)}")
+        bad = check_entropy_values(np.asarray(array), vocab)
+        if bad is not None:
+            raise UsageError(f"--entropies {path}: row {bad[0]} holds entropy {float(array[bad])} at position "
+                             f"{bad[1]}; entropies must be finite and in [0, ln vocab] nats")
     rows = np.unique(np.linspace(0, len(array) - 1, num=min(len(array), max_images)).astype(np.int64))
     return torch.from_numpy(np.asarray(array[rows]).astype(np.float32)), grid, vocab
 
 
 def describe(name: str, m) -> dict:
+    from dpar_scale.models import PRESETS
+
     per_image = {k: b.groups() for k, b in m.counters().items()}
     return {
         "kind": PRESETS[name]["kind"], "params": m.params,
@@ -110,13 +132,20 @@ def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple
             mean_length: float | None = None, entropies: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Counts both models on one layout; returns (the JSON record, the Measurement of each model).
     `image_size` is None when the grid is not a VQ-16 grid of a known image size (then no paper defaults)."""
+    import numpy as np
+
+    from dpar_scale.flops.analytic import TRAIN_FACTOR, analytic_breakdown, lengths_with_mean
+    from dpar_scale.flops.counting import measure
+    from dpar_scale.models import PRESETS
+    from dpar_scale.patching.rule import patch_lengths
+
     cfgs = {name: model_config(name, grid, args.vocab, args.classes, args.structure) for name in (baseline, model)}
     layout_info: dict = {"max_patch_length": args.max_patch_length}
     dataset = None
     if entropies is not None:
         theta = args.threshold if args.threshold is not None else PAPER_THRESHOLD.get(image_size)
         if theta is None and args.mode != "static":
-            raise SystemExit(f"no paper threshold for a {grid[0]}x{grid[1]} grid: give --threshold")
+            raise UsageError(f"no paper threshold for a {grid[0]}x{grid[1]} grid: give --threshold")
         all_lengths = patch_lengths(entropies, width=grid[1], threshold=theta or 0.0,
                                     max_patch_length=args.max_patch_length,
                                     mode=args.mode, alignment=args.alignment, static_length=args.static_length)
@@ -130,7 +159,7 @@ def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple
     else:
         target = mean_length or PAPER_MEAN_LENGTH.get(image_size)
         if target is None:
-            raise SystemExit(f"no paper statistics for a {grid[0]}x{grid[1]} grid: give --mean-patch-length")
+            raise UsageError(f"no paper statistics for a {grid[0]}x{grid[1]} grid: give --mean-patch-length")
         lengths = lengths_with_mean(grid, target, args.max_patch_length, args.batch_images or 1)
         layout_info.update(source="even layout of the given mean length", target_mean_patch_length=target)
     results = {name: measure(cfg, patch_lengths=lengths, batch_images=len(lengths), attention=args.attention,
@@ -171,6 +200,8 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def print_compare(record: dict, tolerance: float) -> None:
+    from dpar_scale.flops.analytic import TRAIN_FACTOR
+
     lay = record["layout"]
     where = f"{record['image_size']} px (" if record["image_size"] else "a "
     print(f"{record['model']} vs {record['baseline']} at {where}{record['grid'][0]}x{record['grid'][1]} grid = "
@@ -225,39 +256,46 @@ def print_grid(records: list[dict]) -> None:
                  "global positions", "max diff"], rows)
 
 
+@entry_point
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--model", default="dpar-xl")
     ap.add_argument("--baseline", default="gpt-xl")
-    ap.add_argument("--image-size", type=int, default=384,
+    ap.add_argument("--image-size", type=positive_int, default=384,
                     help="pixels; the VQ-16 grid is image-size / 16 (a --entropies folder's own grid wins)")
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--mean-patch-length", type=float, help="default: the paper's (1.81 @256, 2.06 @384)")
-    src.add_argument("--entropies", help="entropy folder (tools/compute_entropy.py) or .npy [n, H*W]")
+    src.add_argument("--mean-patch-length", type=positive_float, help="default: the paper's (1.81 @256, 2.06 @384)")
+    src.add_argument("--entropies", type=existing_path,
+                     help="entropy folder (tools/compute_entropy.py) or .npy [n, H*W]")
     ap.add_argument("--threshold", type=float, help="θ in nats (default: the paper's, 7.8 @256, 7.9 @384)")
-    ap.add_argument("--max-patch-length", type=int, default=4)
+    ap.add_argument("--max-patch-length", type=positive_int, default=4)
     ap.add_argument("--mode", default="global", choices=["global", "monotonic", "static"])
     ap.add_argument("--alignment", default="reference", choices=["reference", "blt"])
-    ap.add_argument("--static-length", type=int, default=2)
-    ap.add_argument("--batch-images", type=int, default=0,
+    ap.add_argument("--static-length", type=positive_int, default=2)
+    ap.add_argument("--batch-images", type=non_negative_int, default=0,
                     help="images in the counted forward (default 1 with --mean-patch-length, 8 with --entropies)")
-    ap.add_argument("--max-images", type=int, default=20000, help="entropy rows read for the data-set mean")
+    ap.add_argument("--max-images", type=positive_int, default=20000, help="entropy rows read for the data-set mean")
     ap.add_argument("--attention", default="full", choices=["full", "exact"],
                     help="causal attention as the full L² (default) or the L(L+1)/2 pairs the mask allows")
     ap.add_argument("--full-depth", action="store_true", help="count the full-depth model, not the probe")
-    ap.add_argument("--vocab", type=int, help="codebook size (default: the entropies' codes, else 16384)")
-    ap.add_argument("--classes", type=int, default=1000)
-    ap.add_argument("--tolerance", type=float, default=0.02, help="largest allowed disagreement of the counters")
+    ap.add_argument("--vocab", type=positive_int, help="codebook size (default: the entropies' codes, else 16384)")
+    ap.add_argument("--classes", type=positive_int, default=1000)
+    ap.add_argument("--tolerance", type=positive_float, default=0.02,
+                    help="largest allowed disagreement of the counters")
     ap.add_argument("--all", action="store_true", help="the B/L/XL/XXL x 256/384 px grid at the paper's statistics")
     ap.add_argument("--dpar", default="every,false", metavar="INJECTION,FFN",
                     help="DPAR structure: model.dpar.decoder_injection (every | first) and model.dpar.cross_attn_ffn "
                          "(true | false); default every,false (the authors' code)")
+    ap.add_argument("--verify", default="full", choices=("full", "size"),
+                    help="an --entropies folder: check its shards' sha256 (full) or only their sizes (values always)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    from dpar_scale.config import ConfigError, parse_dpar_structure, to_dict
+
     try:
         args.structure = parse_dpar_structure(args.dpar)
     except ConfigError as err:
-        ap.error(str(err))
+        raise UsageError(f"--dpar: {err}") from None
 
     out = {"conventions": conventions(args.attention, not args.full_depth), "dpar_structure": to_dict(args.structure)}
     print(f"DPAR structure: model.dpar.decoder_injection={args.structure.decoder_injection} "
@@ -274,13 +312,14 @@ def main(argv=None) -> int:
     else:
         grid, image_size, entropies = (args.image_size // 16,) * 2, args.image_size, None
         if args.entropies:
-            entropies, data_grid, data_vocab = load_entropies(args.entropies, args.max_images)
+            entropies, data_grid, data_vocab = load_entropies(args.entropies, args.max_images, args.verify,
+                                                              args.vocab)
             args.vocab = args.vocab or data_vocab
             if data_grid and data_grid != grid:
                 print(f"note: the entropies are on a {data_grid[0]}x{data_grid[1]} grid; counting on it")
                 grid, image_size = data_grid, None
             if entropies.shape[1] != grid[0] * grid[1]:
-                raise SystemExit(f"{args.entropies}: rows of {entropies.shape[1]} entropies, a {grid[0]}x{grid[1]} "
+                raise UsageError(f"{args.entropies}: rows of {entropies.shape[1]} entropies, a {grid[0]}x{grid[1]} "
                                  f"grid has {grid[0] * grid[1]} codes (set --image-size)")
         args.vocab = args.vocab or 16384
         counted = [compare(args, args.model, args.baseline, image_size, grid, args.mean_patch_length, entropies)]

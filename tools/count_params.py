@@ -10,24 +10,28 @@ patch cross-attention). The "reported" column gives the paper's figure and, for 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar_scale.config import ConfigError, DPARConfig, ModelConfig, parse_dpar_structure  # noqa: E402
-from dpar_scale.models import PRESETS, build_model, param_breakdown  # noqa: E402
-from dpar_scale.models.presets import REPORTED_M  # noqa: E402
+from dpar_scale.cli import UsageError, entry_point, parser, positive_int  # noqa: E402
+
+if TYPE_CHECKING:
+    from dpar_scale.config import DPARConfig
 
 COLUMNS = ("embeddings", "encoder", "global", "decoder", "head", "total")
 
 
 def count_all(names, vocab_size: int = 16384, num_classes: int = 1000,
               dpar: DPARConfig | None = None) -> dict[str, dict[str, int]]:
+    import torch
+
+    from dpar_scale.config import DPARConfig, ModelConfig
+    from dpar_scale.models import PRESETS, build_model, param_breakdown
+
     out = {}
     for name in names:
         cfg = ModelConfig(kind=PRESETS[name]["kind"], preset=name, vocab_size=vocab_size, num_classes=num_classes,
@@ -38,24 +42,30 @@ def count_all(names, vocab_size: int = 16384, num_classes: int = 1000,
     return out
 
 
+@entry_point
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="*", default=list(PRESETS), help="preset names (default: all)")
-    ap.add_argument("--vocab", type=int, default=16384)
-    ap.add_argument("--classes", type=int, default=1000)
+    ap = parser(__doc__)
+    ap.add_argument("--presets", nargs="*", default=None, help="preset names (default: all)")
+    ap.add_argument("--vocab", type=positive_int, default=16384)
+    ap.add_argument("--classes", type=positive_int, default=1000)
     ap.add_argument("--dpar", default="every,false", metavar="INJECTION,FFN",
                     help="DPAR structure: model.dpar.decoder_injection (every | first) and model.dpar.cross_attn_ffn "
                          "(true | false); default every,false (the authors' code)")
     ap.add_argument("--json", type=Path, help="also write the counts (exact integers) to this file")
     args = ap.parse_args(argv)
-    unknown = [p for p in args.presets if p not in PRESETS]
+    from dpar_scale.config import ConfigError, parse_dpar_structure
+    from dpar_scale.models import PRESETS
+    from dpar_scale.models.presets import REPORTED_M
+
+    presets = list(PRESETS) if args.presets is None else args.presets
+    unknown = [p for p in presets if p not in PRESETS]
     if unknown:
-        ap.error(f"unknown presets {unknown}; known: {', '.join(sorted(PRESETS))}")
+        raise UsageError(f"--presets: unknown presets {unknown}; known: {', '.join(sorted(PRESETS))}")
     try:
         structure = parse_dpar_structure(args.dpar)
     except ConfigError as err:
-        ap.error(str(err))
-    counts = count_all(args.presets, args.vocab, args.classes, structure)
+        raise UsageError(f"--dpar: {err}") from None
+    counts = count_all(presets, args.vocab, args.classes, structure)
     print(f"{'preset':<13}" + "".join(f"{c:>12}" for c in COLUMNS) + f"  {'reported':<26}")
     for name, row in counts.items():
         rep = REPORTED_M.get(name, {})
@@ -70,4 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

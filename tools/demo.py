@@ -9,7 +9,6 @@ Each stage is skipped when its output is already complete, so a second run reuse
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -20,8 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpar_scale.checkpoint.save_load import is_complete  # noqa: E402
-from dpar_scale.train.metrics_log import read_metrics  # noqa: E402
+from dpar_scale.cli import entry_point, non_negative_int, parser, positive_int  # noqa: E402
 
 TARGET_MEAN_PATCH_LENGTH = 1.81  # the paper's 256 px statistic (16x16 codes)
 
@@ -48,14 +46,17 @@ def final_checkpoint(run_dir: Path, steps: int) -> Path:
     return run_dir / "checkpoints" / f"step-{steps:06d}"
 
 
+@entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--out", default="runs/demo", help="demo folder (data, runs, samples, summary)")
     p.add_argument("--fresh", action="store_true", help="delete the demo folder first")
     p.add_argument("--quick", action="store_true", help="tiny sizes and step counts (seconds, for tests)")
-    p.add_argument("--num-per-class", type=int, default=300)
-    p.add_argument("--steps", type=int, default=0, help="override train.steps of the GPT and DPAR runs")
+    p.add_argument("--num-per-class", type=positive_int, default=300)
+    p.add_argument("--steps", type=non_negative_int, default=0, help="override train.steps of the GPT and DPAR "
+                                                                      "runs (0: the demo's own)")
     args = p.parse_args(argv)
+    from dpar_scale.checkpoint.save_load import is_complete
 
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     if args.fresh and out.exists():
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
 
 
 def summarize(out: Path, theta_file: Path, grids: dict) -> dict:
+    from dpar_scale.train.metrics_log import read_metrics
+
     calibration = json.loads(theta_file.read_text())
     rows = {}
     for name in ("gpt", "dpar"):

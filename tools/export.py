@@ -16,7 +16,6 @@ checkpoint) so it can resume on a different number of processes. train.py does t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,20 +23,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar_scale.checkpoint.save_load import STEP_DIR, CheckpointError  # noqa: E402
-from dpar_scale.config import ConfigError  # noqa: E402
-from dpar_scale.checkpoint.export import export_checkpoint  # noqa: E402
+from dpar_scale.cli import entry_point, parser  # noqa: E402
 
 
 def default_out(checkpoint: Path) -> Path:
     """RUN/checkpoints/step-N -> RUN/exports/step-N; anything else -> CHECKPOINT-export."""
+    from dpar_scale.checkpoint.save_load import STEP_DIR
+
     if STEP_DIR.match(checkpoint.name) and checkpoint.parent.name == "checkpoints":
         return checkpoint.parent.parent / "exports" / checkpoint.name
     return checkpoint.with_name(checkpoint.name + "-export")
 
 
+@entry_point
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("checkpoint", help="checkpoint folder, e.g. runs/demo/dpar/checkpoints/step-000300")
     ap.add_argument("--out", default="", help="output folder (default: RUN/exports/step-N)")
     ap.add_argument("--no-ema", action="store_true", help="export the raw weights even when EMA weights exist")
@@ -50,20 +50,14 @@ def main(argv=None) -> int:
     if args.universal:
         from dpar_scale.train.deepspeed_engine import make_universal
 
-        try:
-            target = make_universal(checkpoint)
-        except FileNotFoundError as e:
-            print(f"export.py: error: {e}", file=sys.stderr)
-            return 2
+        target = make_universal(checkpoint)
         print(f"universal DeepSpeed checkpoint: {target} ({time.perf_counter() - t0:.1f} s); resume on any number "
               f"of processes with checkpoint.resume={checkpoint}")
         return 0
+    from dpar_scale.checkpoint.export import export_checkpoint
+
     out = Path(args.out) if args.out else default_out(checkpoint)
-    try:
-        summary = export_checkpoint(checkpoint, out, use_ema=not args.no_ema)
-    except (FileNotFoundError, CheckpointError, ConfigError) as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 2
+    summary = export_checkpoint(checkpoint, out, use_ema=not args.no_ema)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     print(f"{summary['kind']} model, {summary['parameters']:,} parameters in {summary['tensors']} tensors "
           f"({summary['weights']} weights of {summary['source']}) -> {summary['out']} + {summary['config']} "

@@ -30,44 +30,43 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from dpar_scale.data.extraction import (  # noqa: E402
-    ExtractError, build_shards, extraction_identity, prepare_out_dir, print_summary, write_codes_manifest,
-)
-from dpar_scale.data.images import list_image_folder  # noqa: E402
-from dpar_scale.data.shards import check_shard_files, read_shard_record, sha256_file, shard_stem  # noqa: E402
-from dpar_scale.parallel import process_group as D  # noqa: E402
-from dpar_scale.tokenizer import TOKENIZER_NAMES, load_tokenizer  # noqa: E402
+from dpar_scale.cli import entry_point, existing_dir, non_negative_int, parser, positive_int  # noqa: E402
+from dpar_scale.tokenizer import TOKENIZER_NAMES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="ImageFolder root: DIR/<class>/<image>")
+    p = parser(__doc__)
+    p.add_argument("--images", required=True, type=existing_dir, help="ImageFolder root: DIR/<class>/<image>")
     p.add_argument("--out", required=True, help="output folder for shards + manifest.json")
     p.add_argument("--tokenizer", required=True, choices=TOKENIZER_NAMES)
     p.add_argument("--tokenizer-path", required=True, help="local tokenizer file (never downloaded)")
-    p.add_argument("--image-size", type=int, required=True)
+    p.add_argument("--image-size", type=positive_int, required=True)
     p.add_argument("--ten-crop", action="store_true", help="LlamaGen ten-crop: 10 views per image")
     p.add_argument("--flip", action="store_true", help="add the horizontal mirror (2 views; implied by ten-crop)")
     p.add_argument("--crop-range", type=float, default=1.1, help="ten-crop enlargement (LlamaGen: 1.1)")
-    p.add_argument("--shard-size", type=int, default=1024, help="source images per shard")
-    p.add_argument("--batch-size", type=int, default=64, help="views per tokenizer call")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="source images per shard")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="views per tokenizer call")
     p.add_argument("--device", default="cpu", help="cpu, cuda (= cuda:LOCAL_RANK under torchrun), cuda:N")
-    p.add_argument("--num-workers", type=int, default=None,
+    p.add_argument("--num-workers", type=non_negative_int, default=None,
                    help="image decoding processes per rank (default: min(8, cpus/ranks - 1))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def run(args) -> int:
+    from dpar_scale.data.extraction import (
+        ExtractError, build_shards, extraction_identity, prepare_out_dir, print_summary, write_codes_manifest,
+    )
+    from dpar_scale.data.images import list_image_folder
+    from dpar_scale.data.shards import check_shard_files, read_shard_record, sha256_file, shard_stem
+    from dpar_scale.parallel import process_group as D
+    from dpar_scale.tokenizer import load_tokenizer
+
     t0 = time.time()
     # only barriers/objects cross ranks: gloo works anywhere; ranks wait for the slowest at barriers
     env = D.init_process_group(backend="gloo", timeout_s=2 * 3600)
     rank, world = env.rank, env.world_size
     try:
-        if args.shard_size < 1 or args.batch_size < 1:
-            raise ExtractError("--shard-size and --batch-size must be >= 1")
-        if args.image_size < 1:
-            raise ExtractError(f"--image-size must be positive, got {args.image_size}")
         if args.crop_range < 1.0:
             raise ExtractError(f"--crop-range must be >= 1 (ten-crop enlarges before cropping), got {args.crop_range}")
         try:
@@ -131,13 +130,9 @@ def run(args) -> int:
         D.destroy_process_group()
 
 
+@entry_point
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except ExtractError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,30 +18,31 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-import torch  # noqa: E402
-
-from dpar_scale.data.images import center_crop_arr, list_image_folder, load_rgb, pil_to_tensor  # noqa: E402
-from dpar_scale.tokenizer.kmeans import KMeansTokenizer, psnr  # noqa: E402
+from dpar_scale.cli import UsageError, entry_point, existing_dir, fraction, parser, positive_int  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="ImageFolder root")
+    p = parser(__doc__)
+    p.add_argument("--images", required=True, type=existing_dir, help="ImageFolder root")
     p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--codebook-size", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=4, help="pixels per block side (= downsampling factor)")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--codebook-size", type=positive_int, default=512)
+    p.add_argument("--block-size", type=positive_int, default=4, help="pixels per block side (= downsampling factor)")
+    p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iters", type=int, default=10, help="Lloyd iterations")
-    p.add_argument("--max-blocks", type=int, default=200_000, help="blocks sampled for the fit")
-    p.add_argument("--max-images", type=int, default=20_000, help="cap on images read for the fit")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of images held out for the PSNR")
+    p.add_argument("--iters", type=positive_int, default=10, help="Lloyd iterations")
+    p.add_argument("--max-blocks", type=positive_int, default=200_000, help="blocks sampled for the fit")
+    p.add_argument("--max-images", type=positive_int, default=20_000, help="cap on images read for the fit")
+    p.add_argument("--holdout", type=fraction, default=0.1, help="fraction of images held out for the PSNR")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
 
-def load_images(samples, image_size: int, progress: bool) -> tuple[torch.Tensor, int]:
+def load_images(samples, image_size: int, progress: bool):
+    """(images [n, 3, S, S] as pil_to_tensor gives them, number of unreadable files skipped)."""
+    import torch
     from tqdm import tqdm
+
+    from dpar_scale.data.images import center_crop_arr, load_rgb, pil_to_tensor
 
     out, bad = [], 0
     for path, _ in tqdm(samples, desc="loading", unit="img", disable=not progress):
@@ -53,21 +54,20 @@ def load_images(samples, image_size: int, progress: bool) -> tuple[torch.Tensor,
     return (torch.stack(out) if out else torch.empty(0, 3, image_size, image_size)), bad
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     if args.image_size % args.block_size:
-        print(f"error: --image-size {args.image_size} is not divisible by --block-size {args.block_size}",
-              file=sys.stderr)
-        return 1
-    try:
-        _, samples = list_image_folder(args.images)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UsageError(f"--image-size {args.image_size} is not divisible by --block-size {args.block_size}")
+    import torch
+
+    from dpar_scale.data.images import list_image_folder
+    from dpar_scale.tokenizer.kmeans import KMeansTokenizer, psnr
+
+    _, samples = list_image_folder(args.images)
     if len(samples) < 2:
-        print(f"error: need at least 2 images under {args.images!r}, found {len(samples)}", file=sys.stderr)
-        return 1
+        raise UsageError(f"need at least 2 images under {args.images!r}, found {len(samples)}")
     gen = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(samples), generator=gen).tolist()[: args.max_images]
     n_hold = min(len(order) - 1, max(1, int(round(len(order) * args.holdout))))
@@ -78,9 +78,8 @@ def main(argv=None) -> int:
     x_hold, bad_h = load_images(hold, args.image_size, not args.quiet)
     blocks = x_train.shape[0] * (args.image_size // args.block_size) ** 2
     if blocks < args.codebook_size:
-        print(f"error: only {blocks} blocks from {x_train.shape[0]} images; need >= --codebook-size "
-              f"{args.codebook_size}", file=sys.stderr)
-        return 1
+        raise UsageError(f"only {blocks} blocks from {x_train.shape[0]} images; need >= --codebook-size "
+                         f"{args.codebook_size}")
     print(f"fitting k-means: {args.codebook_size} codes on {min(blocks, args.max_blocks)} of {blocks} "
           f"{args.block_size}x{args.block_size} blocks from {x_train.shape[0]} images")
     tok = KMeansTokenizer.fit(x_train, codebook_size=args.codebook_size, block_size=args.block_size,

@@ -10,7 +10,6 @@ Deterministic: the same arguments write byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -19,15 +18,17 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
+from dpar_scale.cli import UsageError, entry_point, parser, positive_int  # noqa: E402
 from dpar_scale.data.synthetic import CLASS_NAMES, generate_dataset  # noqa: E402
 
 
+@entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--out", required=True)
-    p.add_argument("--num-per-class", type=int, default=200)
-    p.add_argument("--classes", type=int, default=10, help=f"number of classes (max {len(CLASS_NAMES)})")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--num-per-class", type=positive_int, default=200)
+    p.add_argument("--classes", type=positive_int, default=10, help=f"number of classes (max {len(CLASS_NAMES)})")
+    p.add_argument("--image-size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -35,9 +36,8 @@ def main(argv=None) -> int:
     try:
         info = generate_dataset(args.out, args.num_per_class, args.classes, args.image_size, args.seed,
                                 progress=not args.quiet)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except ValueError as e:  # --classes / --image-size out of the generator's range
+        raise UsageError(str(e)) from None
     n = len(info["classes"]) * args.num_per_class
     print(f"wrote {n} images ({len(info['classes'])} classes: {', '.join(info['classes'])}) of "
           f"{args.image_size}x{args.image_size} to {args.out} in {time.time() - t0:.1f}s")

@@ -17,11 +17,12 @@ import shlex
 
 import numpy as np
 
-from dpar_scale.data.shards import CODES_DTYPE, CodeShards, RowArray, ShardError, shard_stem
+from dpar_scale.data.shards import CODES_DTYPE, MANIFEST_NAME, CodeShards, RowArray, ShardError, _read_json, shard_stem
+from dpar_scale.data.side_arrays import SideArray
 from dpar_scale.integrity import FileCheck, VerifiedCache, WorkShare, check_files
 
-__all__ = ["VERIFY_MODES", "check_code_shards", "check_side_array", "entropy_bounds", "check_entropy_values",
-           "extract_command", "entropy_command"]
+__all__ = ["VERIFY_MODES", "check_code_shards", "check_side_array", "open_checked_side_array", "entropy_bounds",
+           "check_entropy_values", "extract_command", "entropy_command"]
 
 VERIFY_MODES = ("full", "size")
 CHUNK_BYTES = 32 << 20  # values are checked this many bytes of a shard at a time
@@ -224,6 +225,17 @@ def check_side_array(side: RowArray, vocab: int | None, verify: str = "full", sh
         checks.append(FileCheck(os.path.join(side.folder, fname), sha, validate, tag, what=f"{name} shard file",
                                 fix=fix))
     _run(checks, side.folder, share, f"{name} shard", progress)
+
+
+def open_checked_side_array(side_dir: str, verify: str = "full", share: WorkShare = WorkShare()) -> SideArray:
+    """A side array opened on its own (calibration, FLOP counting), checked like CodeData.open checks it; the
+    vocabulary bounding entropies comes from its manifest or its codes' manifest (None: finite and >= 0 only)."""
+    side = SideArray(side_dir)
+    vocab = side.manifest.get("vocab_size")
+    if vocab is None and side.manifest.get("codes_dir"):
+        vocab = (_read_json(os.path.join(side.manifest["codes_dir"], MANIFEST_NAME)) or {}).get("vocab_size")
+    check_side_array(side, vocab, verify, share)
+    return side
 
 
 assert CODES_DTYPE == np.uint16  # _code_check relies on unsigned codes (no value below 0)

@@ -46,10 +46,13 @@ def read_side_shard_record(side_dir: str, index: int, name: str = "entropy") -> 
 
 
 def side_shard_complete(side_dir: str, index: int, expected_count: int, name: str = "entropy",
-                        verify_sha: bool = True) -> bool:
-    """True if side shard `index` was completed with `expected_count` rows and its file is intact."""
+                        verify_sha: bool = True, codes_sha256: str | None = None) -> bool:
+    """True if side shard `index` was completed with `expected_count` rows and its file is intact (and, given
+    `codes_sha256`, was computed from that code shard: a rebuilt code shard gets its side shard recomputed)."""
     rec = read_side_shard_record(side_dir, index, name)
     if rec is None or rec["count"] != expected_count:
+        return False
+    if codes_sha256 is not None and rec.get("codes_sha256", codes_sha256) != codes_sha256:
         return False
     path = os.path.join(side_dir, rec["file"])
     try:

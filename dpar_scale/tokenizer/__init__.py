@@ -8,9 +8,10 @@ Every tokenizer exposes `name`, `vocab_size`, `downsample`, `encode(images [-1,1
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads with the tokenizer itself, so entry points can list TOKENIZER_NAMES cheaply
+    import torch
 
 __all__ = ["TOKENIZER_NAMES", "load_tokenizer", "load_llamagen_vq16", "KMeansTokenizer", "VQ16Tokenizer"]
 
