@@ -62,8 +62,12 @@ class _Parser(argparse.ArgumentParser):
 
 def parser(doc: str | None = None, **kwargs) -> argparse.ArgumentParser:
     """An ArgumentParser whose mistakes raise UsageError (one line through `entry_point`); the module docstring
-    is shown by --help as written."""
+    is shown by --help as written, and the program is named after the calling file (also when a test imports the
+    tool and calls its main)."""
     kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    caller = sys._getframe(1).f_globals.get("__file__")
+    if caller and "prog" not in kwargs:
+        kwargs["prog"] = os.path.basename(caller)
     return _Parser(description=doc, **kwargs)
 
 

@@ -18,24 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dpar_scale.cli import (  # noqa: E402
     entry_point, existing_dir, non_negative_int, parser, positive_float, positive_int,
 )
-from dpar_scale.config import load_config  # noqa: E402
-from dpar_scale.flops.analytic import train_flops  # noqa: E402
-from dpar_scale.patching.layout import PatchLayout  # noqa: E402
-from dpar_scale.models import build_model, resolve_model_config  # noqa: E402
-from dpar_scale.patching.rule import calibrate_threshold, patch_starts, starts_to_lengths  # noqa: E402
-from dpar_scale.train.loss import code_loss  # noqa: E402
 
 
 def batch_layouts(args, n_codes: int, width: int):
     """(codes, labels, patch lengths) for `args.batch` images."""
+    import numpy as np
+    import torch
+
+    from dpar_scale.patching.rule import calibrate_threshold, patch_starts, starts_to_lengths
+
     g = torch.Generator().manual_seed(args.seed)
     if args.codes:
         from dpar_scale.data.loader import CodeData
@@ -76,6 +72,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
+    import torch
+
+    from dpar_scale.config import load_config
+    from dpar_scale.flops.analytic import train_flops
+    from dpar_scale.models import build_model, resolve_model_config
+    from dpar_scale.patching.layout import PatchLayout
+    from dpar_scale.train.loss import code_loss
 
     n_codes, width = args.grid * args.grid, args.grid
     shape = [f"model.vocab_size={args.vocab}", f"model.num_classes={args.classes}",

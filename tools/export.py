@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar_scale.cli import entry_point, parser  # noqa: E402
+from dpar_scale.cli import entry_point, existing_path, parser  # noqa: E402
 
 
 def default_out(checkpoint: Path) -> Path:
@@ -38,7 +38,7 @@ def default_out(checkpoint: Path) -> Path:
 @entry_point
 def main(argv=None) -> int:
     ap = parser(__doc__)
-    ap.add_argument("checkpoint", help="checkpoint folder, e.g. runs/demo/dpar/checkpoints/step-000300")
+    ap.add_argument("checkpoint", type=existing_path, help="checkpoint folder, e.g. runs/demo/dpar/checkpoints/step-000300")
     ap.add_argument("--out", default="", help="output folder (default: RUN/exports/step-N)")
     ap.add_argument("--no-ema", action="store_true", help="export the raw weights even when EMA weights exist")
     ap.add_argument("--json", default="", help="also write the summary here")
