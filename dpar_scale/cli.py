@@ -22,9 +22,9 @@ are parsed, so `--help` and argument mistakes answer at once:
         sys.exit(main())
 
 The rule `entry_point` applies: a `DparError` (ConfigError, ShardError, CheckpointError, LaunchError,
-ExtractError, a tool's own error class: derive it from DparError), an argument mistake (`UsageError`, which the
-parser raises instead of printing argparse's usage block) or a file the user named that is missing or unreadable
-(FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) is the user's to fix: it is printed as
+ExtractError, MissingFileError, a tool's own error class: derive it from DparError), an argument mistake
+(`UsageError`, which the parser raises instead of printing argparse's usage block; the `existing_*` argument types
+reject a missing file at parse time) or a PermissionError is the user's to fix: it is printed as
 `error: <message>` on one line of stderr and `main` returns 2. Any other exception propagates with its traceback.
 Under torchrun / Slurm only global rank 0 prints: the checks agree across ranks before raising (as the data and
 checkpoint checks do). An error that one rank may raise alone sets `shared = False` (see dpar_scale.errors); every
@@ -51,8 +51,9 @@ class UsageError(DparError):
     """A command-line argument that is out of range, names a missing file, or does not combine with another."""
 
 
-# Missing or unreadable files are the user's environment, not a bug; the message names the path.
-USER_ERRORS = (DparError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Ours (DparError, MissingFileError included) and a file the OS will not let us read or write (the user's
+# environment; the message names the path). A bare FileNotFoundError or KeyError is a bug: it keeps its traceback.
+USER_ERRORS = (DparError, PermissionError)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,3 +17,8 @@ class DparError(Exception):
     rank that raises it prints it, naming its rank."""
 
     shared = True
+
+
+class MissingFileError(DparError, FileNotFoundError):
+    """A file or folder the user named (or a tool should have written) does not exist; the message says which
+    and how to make it. Still a FileNotFoundError for callers that catch that."""

@@ -278,8 +278,14 @@ def test_a_bug_keeps_its_traceback_and_user_errors_are_one_line(capsys, monkeypa
     def user_mistake(argv=None):
         raise ShardError("two\n  lines")
 
+    @entry_point
+    def opens_a_file_it_never_wrote(argv=None):
+        return open("/nonexistent/dpar-scale-internal.json")
+
     with pytest.raises(KeyError):
         buggy()
+    with pytest.raises(FileNotFoundError):  # a bare OSError from our code is a bug, not the user's missing file
+        opens_a_file_it_never_wrote()
     assert user_mistake() == 2 and capsys.readouterr().err == "error: two; lines\n"
     monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
     assert user_mistake() == 2 and capsys.readouterr().err == ""

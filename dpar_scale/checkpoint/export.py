@@ -14,6 +14,7 @@ import torch
 
 from dpar_scale.checkpoint.save_load import MARKER, CheckpointError, read_checkpoint_file
 from dpar_scale.config import Config, load_saved_config, to_dict
+from dpar_scale.errors import MissingFileError
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -25,7 +26,7 @@ def _config_of(path: Path) -> Config:
     for name in (EXPORT_CONFIG, "config.yaml"):
         if (path / name).is_file():
             return read_checkpoint_file(path / name, load_saved_config)  # JSON is YAML
-    raise FileNotFoundError(f"{path} has no config.json / config.yaml: it is not a dpar-scale checkpoint or export")
+    raise MissingFileError(f"{path} has no config.json / config.yaml: it is not a dpar-scale checkpoint or export")
 
 
 def _from_dcp(folder: Path, cfg: Config) -> dict[str, torch.Tensor]:
@@ -68,11 +69,11 @@ def consolidated_weights(path: str | Path, use_ema: bool = True) -> tuple[dict[s
         cfg.model = resolve_model_config(cfg.model)
         return read_checkpoint_file(path, load_file), cfg, path.name
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist; pass a checkpoint folder (e.g. "
+        raise MissingFileError(f"{path} does not exist; pass a checkpoint folder (e.g. "
                                 f"runs/demo/dpar/checkpoints/step-000300) or an export from tools/export.py")
     exported = (path / EXPORT_WEIGHTS).is_file() and not (path / MARKER).is_file()
     if not exported and not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{path} is neither a complete checkpoint (no {MARKER}: its save was interrupted, "
+        raise MissingFileError(f"{path} is neither a complete checkpoint (no {MARKER}: its save was interrupted, "
                                 f"or it is not a checkpoint) nor an export ({EXPORT_WEIGHTS} + {EXPORT_CONFIG})")
     cfg = _config_of(path)
     cfg.model = resolve_model_config(cfg.model)

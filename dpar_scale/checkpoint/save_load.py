@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from dpar_scale.checkpoint.rng import reseed, rng_state, set_rng_state
 from dpar_scale.config import Config, save_config
-from dpar_scale.errors import DparError
+from dpar_scale.errors import DparError, MissingFileError
 from dpar_scale.integrity import sha256_file
 from dpar_scale.parallel.process_group import barrier, get_rank, get_world_size
 
@@ -90,7 +90,7 @@ def find_resume_checkpoint(output_dir, resume: str) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete checkpoint folder (no {MARKER}: "
+        raise MissingFileError(f"checkpoint.resume={resume!r} is not a complete checkpoint folder (no {MARKER}: "
                                 f"not a checkpoint, or its save was interrupted); use checkpoint.resume=auto to take "
                                 f"the newest complete one")
     return path

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dpar_scale.errors import MissingFileError
+
 __all__ = [
     "IMG_EXTENSIONS", "list_image_folder", "load_rgb", "center_crop_arr", "five_crop", "ten_crop",
     "pil_to_tensor", "view_names", "make_views", "ImageViews",
@@ -50,10 +52,10 @@ def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
     callers decide whether an empty sample list is an error.
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
+        raise MissingFileError(f"image folder {root!r} does not exist or is not a directory")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no class folders in {root!r}: expected an ImageFolder layout {root}/<class_name>/<image>")
     samples: list[tuple[str, int]] = []
     for label, name in enumerate(classes):

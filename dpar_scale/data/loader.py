@@ -18,6 +18,7 @@ import torch
 
 from dpar_scale.config import ConfigError
 from dpar_scale.data.shards import ShardError
+from dpar_scale.errors import MissingFileError
 from dpar_scale.patching.rule import patch_starts, starts_to_lengths
 
 
@@ -115,7 +116,7 @@ class CodeData:
         if need_entropy or entropy_dir:
             path = Path(entropy_dir or Path(codes_dir) / "entropy")
             if not (path / "manifest.json").is_file():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"no entropies at {path}: run tools/compute_entropy.py --codes {codes_dir} first "
                     f"(or set model.patch.mode=static, which needs none)")
             entropy = open_side_array(str(path), codes=shards)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from dpar_scale.errors import MissingFileError
+
 if TYPE_CHECKING:  # torch loads with the tokenizer itself, so entry points can list TOKENIZER_NAMES cheaply
     import torch
 
@@ -36,7 +38,7 @@ def load_tokenizer(name: str, path: str, device: str | torch.device = "cpu") -> 
     if name not in TOKENIZER_NAMES:
         raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_NAMES)}")
     if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"{name} tokenizer file {path!r} not found: {_HINTS[name]}")
+        raise MissingFileError(f"{name} tokenizer file {path!r} not found: {_HINTS[name]}")
     if name == "kmeans":
         from .kmeans import KMeansTokenizer
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpar_scale.errors import MissingFileError
+
 __all__ = ["KMeansTokenizer", "image_blocks", "fit_kmeans", "psnr", "load_kmeans_tokenizer"]
 
 FORMAT = "dpar-kmeans-vq"
@@ -223,7 +225,7 @@ class KMeansTokenizer(nn.Module):
         from safetensors import safe_open
 
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"k-means tokenizer file {path!r} not found; fit one with "
+            raise MissingFileError(f"k-means tokenizer file {path!r} not found; fit one with "
                                     f"`python tools/fit_tokenizer.py --images DIR --out {path}`")
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dpar_scale.errors import MissingFileError
+
 CODEBOOK_SIZE = 16384
 CODEBOOK_DIM = 8
 Z_CHANNELS = 256
@@ -256,7 +258,7 @@ def _first(items, n: int = 5) -> str:
 def load_llamagen_vq16(path: str | os.PathLike, device: str | torch.device = "cpu") -> VQ16Tokenizer:
     """Build the tokenizer from LlamaGen's ``vq_ds16_c2i.pt`` (or a file in the same layout)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"LlamaGen VQ-16 tokenizer checkpoint not found at {str(path)!r}. This is LlamaGen's "
             f"vq_ds16_c2i.pt (16x-downsampling VQ tokenizer, 16,384 codes); nothing is downloaded "
             f"automatically: {_DOWNLOAD_HINT}."

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dpar_scale.config import ConfigError
+from dpar_scale.errors import MissingFileError
 
 
 def load_deepspeed_json(path: str | Path) -> dict:
@@ -228,7 +229,7 @@ class DeepSpeedEngine:
         path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder / 'deepspeed'}")
+            raise MissingFileError(f"no DeepSpeed checkpoint under {folder / 'deepspeed'}")
 
 
 UNIVERSAL_TAG = "state_universal"
@@ -247,7 +248,7 @@ def make_universal(checkpoint: Path) -> Path:
     if target.is_dir():
         return target
     if not (root / "state").is_dir():
-        raise FileNotFoundError(f"{checkpoint} has no DeepSpeed checkpoint (deepspeed/state); only DeepSpeed "
+        raise MissingFileError(f"{checkpoint} has no DeepSpeed checkpoint (deepspeed/state); only DeepSpeed "
                                 f"checkpoints need a universal conversion")
     tmp = root / (UNIVERSAL_TAG + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
