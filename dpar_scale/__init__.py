@@ -13,8 +13,10 @@ One folder per concept. A room may import the rooms below it in this list, never
     data/        embedded dataset, images, code shards, batches      tokenizer/  k-means and LlamaGen VQ-16
     patching/    the entropy patch rule, packed patch layouts, next-code entropies
     config.py    typed configuration (dataclasses, YAML, dotted overrides)
+    errors.py    DparError, the base of every error a user can fix      integrity.py  sha256 checks, verified cache
 
-Rooms on the same line do not import each other.
+Rooms on the same line do not import each other; errors.py and integrity.py import nothing of ours, so every room
+may use them. cli.py (one-line user errors, argument types) is for the entry points: train.py, tools/, launchers/.
 
 `dpar_scale.load_pretrained(path)` is the one-line entry point to a trained (or imported) model.
 """

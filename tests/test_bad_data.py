@@ -137,23 +137,36 @@ def test_entropy_bounds_allow_float16_rounding_only():
     assert -0.01 < lo < 0 and ln < hi < ln + 0.01
 
 
-def test_launcher_with_zero_nodes_is_one_line(capsys):
+def load(relative: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("slurm_cli", REPO / "launchers" / "slurm.py")
-    slurm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(slurm)
+    spec = importlib.util.spec_from_file_location(Path(relative).stem + "_cli", REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flop_counting_refuses_nan_entropies(copy, tmp_path, capsys):
+    count_flops = load("tools/count_flops.py")
+    common = ["--model", "dpar-tiny", "--baseline", "gpt-tiny", "--vocab", str(VOCAB), "--classes", str(CLASSES)]
+    rewrite_entropy_shard(copy, 1, lambda e: e.__setitem__((4, 0), np.nan))
+    assert count_flops.main(common + ["--entropies", str(copy / "entropy")]) == 2
+    assert "shard_00001.entropy.npy: row 4 (row 28 of the data set) at position 0 holds entropy nan" in \
+        capsys.readouterr().err
+    np.save(tmp_path / "e.npy", np.load(copy / "entropy" / "shard_00001.entropy.npy"))
+    assert count_flops.main(common + ["--entropies", str(tmp_path / "e.npy")]) == 2
+    assert "row 4 holds entropy nan at position 0" in capsys.readouterr().err
+
+
+def test_launcher_with_zero_nodes_is_one_line(capsys):
+    slurm = load("launchers/slurm.py")
     assert slurm.main(["--config", str(REPO / "configs/demo/dpar.yaml"), "--nodes", "0", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err == "error: argument --nodes: must be an integer >= 1, got 0 (see slurm.py --help)\n"
 
 
 def test_missing_codes_dir_is_one_line_without_traceback(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load("train.py")
     assert train.main(["--config", str(REPO / "configs/demo/gpt.yaml"), "data.codes_dir=/nonexistent",
                        "wandb.enabled=false"]) == 2
     assert capsys.readouterr().err == "error: code shards folder '/nonexistent' does not exist\n"

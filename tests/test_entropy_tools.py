@@ -113,3 +113,45 @@ def test_calibration_tool(trained, tmp_path):
     assert sum(int(k) * v for k, v in result["histogram"].items()) == 60 * 16
     assert tool("calibrate_threshold").main(["--entropy", str(out), "--target-mean-length", "9",
                                              "--max-patch-length", "4"]) == 2
+
+
+def test_entropy_tools_check_what_they_read(trained, tmp_path, capsys):
+    """compute_entropy checks the codes at open; a code shard rebuilt with other codes gets its entropies
+    recomputed (and no other); calibrate_threshold refuses NaN entropies."""
+    import shutil
+
+    from dpar_scale.data import shards as S
+    from dpar_scale.data import side_arrays as SA
+
+    codes_dir, ckpt = trained
+    codes = Path(shutil.copytree(codes_dir, tmp_path / "codes"))
+    out = tmp_path / "ent"
+    run = ["--checkpoint", str(ckpt), "--codes", str(codes), "--out", str(out)]
+    assert tool("compute_entropy").main(run) == 0
+    before = {f.name: f.read_bytes() for f in out.glob("shard_*.entropy.*")}
+    manifest = json.loads((codes / "manifest.json").read_text())
+    shard = manifest["shards"][1]
+    rows = np.load(codes / shard["files"]["codes"])
+    labels = np.load(codes / shard["files"]["labels"])
+    manifest["shards"][1] = S.write_code_shard(str(codes), 1, (rows + 1) % 32, labels)  # as if re-extracted
+    S.write_manifest(str(codes), manifest)
+    assert tool("compute_entropy").main(run) == 0
+    after = {f.name: f.read_bytes() for f in out.glob("shard_*.entropy.*")}
+    assert [n for n in sorted(before) if after[n] != before[n]] == ["shard_00001.entropy.json",
+                                                                     "shard_00001.entropy.npy"]
+    bad = np.load(codes / shard["files"]["codes"], mmap_mode="r+")
+    bad[3, 2] = 40  # outside the 32 codes, edited in place
+    bad.flush()
+    del bad
+    capsys.readouterr()
+    assert tool("compute_entropy").main(run) == 2
+    assert "shard_00001.codes.npy does not match the sha256" in capsys.readouterr().err
+    assert tool("compute_entropy").main(run + ["--verify", "size"]) == 2
+    assert "row 3 (row 19 of the data set) at position 2 holds code 40" in capsys.readouterr().err
+    values = np.load(out / "shard_00002.entropy.npy")
+    values[0, 0] = np.nan
+    SA.write_side_shard(str(out), 2, values)  # as if the entropy model had written it
+    SA.write_side_manifest(str(out), S.CodeShards(str(codes)), extra={"grid": [4, 4]})
+    assert tool("calibrate_threshold").main(["--entropy", str(out), "--target-mean-length", "1.5"]) == 2
+    assert "shard_00002.entropy.npy: row 0 (row 32 of the data set) at position 0 holds entropy nan" in \
+        capsys.readouterr().err

@@ -77,18 +77,18 @@ def model_config(name: str, grid: tuple[int, int], vocab: int, classes: int,
                        num_classes=classes, dpar=dpar or DPARConfig())
 
 
-def load_entropies(path: str, max_images: int, verify: str = "full", vocab: int | None = None,
+def load_entropies(path: str, max_images: int, verify: str = "full",
                    ) -> tuple[torch.Tensor, tuple[int, int] | None, int | None]:
     """([n, H*W] float32 entropies, rows evenly spaced; the grid and vocabulary of their codes when known) from a
     tools/compute_entropy.py folder (checked like training checks it; grid and vocabulary from its manifests) or
-    an .npy file (its values checked: finite, and within [0, ln --vocab] when given)."""
+    an .npy file (its values checked: finite and >= 0; it records no vocabulary to bound them by)."""
     import numpy as np
     import torch
 
     from dpar_scale.data.checks import check_entropy_values, open_checked_side_array
 
     p = Path(path)
-    grid = None
+    grid = vocab = None
     if p.is_dir():
         array = open_checked_side_array(str(p), verify)
         manifest = array.manifest
@@ -104,10 +104,10 @@ def load_entropies(path: str, max_images: int, verify: str = "full", vocab: int 
             raise UsageError(f"--entropies {path}: not a .npy array ({e})") from None
         if array.ndim != 2:
             raise UsageError(f"--entropies {path}: expected [n, H*W] entropies, got shape {list(array.shape)}")
-        bad = check_entropy_values(np.asarray(array), vocab)
+        bad = check_entropy_values(np.asarray(array), None)
         if bad is not None:
             raise UsageError(f"--entropies {path}: row {bad[0]} holds entropy {float(array[bad])} at position "
-                             f"{bad[1]}; entropies must be finite and in [0, ln vocab] nats")
+                             f"{bad[1]}; entropies must be finite and >= 0 nats")
     rows = np.unique(np.linspace(0, len(array) - 1, num=min(len(array), max_images)).astype(np.int64))
     return torch.from_numpy(np.asarray(array[rows]).astype(np.float32)), grid, vocab
 
@@ -312,8 +312,7 @@ def main(argv=None) -> int:
     else:
         grid, image_size, entropies = (args.image_size // 16,) * 2, args.image_size, None
         if args.entropies:
-            entropies, data_grid, data_vocab = load_entropies(args.entropies, args.max_images, args.verify,
-                                                              args.vocab)
+            entropies, data_grid, data_vocab = load_entropies(args.entropies, args.max_images, args.verify)
             args.vocab = args.vocab or data_vocab
             if data_grid and data_grid != grid:
                 print(f"note: the entropies are on a {data_grid[0]}x{data_grid[1]} grid; counting on it")
