@@ -25,6 +25,7 @@ BAD_ARGUMENTS = {
     "tools/bench_parallel.py": ["--layouts", "dp3"],
     "tools/bench_sample.py": ["--batch", "-1"],
     "tools/bench_train.py": ["--codes", MISSING],
+    "tools/bench_verify.py": ["--rows", "0"],
     "tools/calibrate_threshold.py": ["--entropy", MISSING, "--target-mean-length", "1.8"],
     "tools/check_resume.py": ["--config", f"{MISSING}.yaml"],
     "tools/compute_entropy.py": ["--checkpoint", MISSING, "--codes", MISSING],
@@ -37,6 +38,9 @@ BAD_ARGUMENTS = {
     "tools/fit_tokenizer.py": ["--images", MISSING, "--out", f"{MISSING}.safetensors"],
     "tools/make_dataset.py": ["--out", MISSING, "--classes", "0"],
     "tools/sample.py": ["--checkpoint", MISSING, "--classes", "0", "--out", MISSING],
+    "tools/sample_ddp.py": ["--checkpoint", MISSING, "--out", MISSING],
+    "tools/evaluate.py": ["--samples", f"{MISSING}.npz", "--reference", MISSING, "--inception", f"{MISSING}.pt"],
+    "tools/import_llamagen.py": [f"{MISSING}.pt", "--out", MISSING, "--image-size", "256"],
     "launchers/local.py": ["--config", f"{MISSING}.yaml", "--nproc", "2"],
     "launchers/slurm.py": ["--config", "configs/demo/dpar.yaml", "--nodes", "0", "--dry-run"],
 }

@@ -22,7 +22,6 @@ patch length of the DPAR samples is reported).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -34,6 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dpar_scale.cli import (  # noqa: E402
+    UsageError, entry_point, non_negative_int, parser, positive_float, positive_int,
+)
 from dpar_scale.config import ModelConfig, PatchConfig  # noqa: E402
 from dpar_scale.flops.analytic import forward_flops  # noqa: E402
 from dpar_scale.patching.entropy import code_entropies  # noqa: E402
@@ -44,25 +46,25 @@ from dpar_scale.patching.rule import calibrate_threshold  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", type=int, nargs=2, default=(16, 16))
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--gpt-layers", type=int, default=12)
+    p = parser(__doc__)
+    p.add_argument("--grid", type=positive_int, nargs=2, default=(16, 16))
+    p.add_argument("--dim", type=positive_int, default=256)
+    p.add_argument("--n-heads", type=positive_int, default=4)
+    p.add_argument("--gpt-layers", type=positive_int, default=12)
     p.add_argument("--dpar-layers", default="1,8,3", help="encoder,global,decoder (total = --gpt-layers)")
-    p.add_argument("--entropy-layers", type=int, default=4)
+    p.add_argument("--entropy-layers", type=positive_int, default=4)
     p.add_argument("--proportions", default="", help="e.g. b,xl: cached GPT vs DPAR at these sizes' depths")
-    p.add_argument("--width-scale", type=float, default=0.25, help="--proportions: widths = preset's x this")
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--batch", type=int, default=4, help="images per generation call")
+    p.add_argument("--width-scale", type=positive_float, default=0.25, help="--proportions: widths = preset's x this")
+    p.add_argument("--vocab", type=positive_int, default=1024)
+    p.add_argument("--classes", type=positive_int, default=10)
+    p.add_argument("--batch", type=positive_int, default=4, help="images per generation call")
     p.add_argument("--cfg-scale", type=float, default=2.0)
-    p.add_argument("--target-mean-length", type=float, default=1.81)
-    p.add_argument("--max-patch-length", type=int, default=4)
+    p.add_argument("--target-mean-length", type=positive_float, default=1.81)
+    p.add_argument("--max-patch-length", type=positive_int, default=4)
     p.add_argument("--skip-uncached", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=non_negative_int, default=1,
                    help="torch CPU threads (0 = torch's default); 1 by default: one code per step is too little "
                         "work to split, and on a 2-vCPU VM OpenMP barriers made 2 threads 2-7x slower than 1")
     p.add_argument("--json", default="", help="write the results here")
@@ -206,7 +208,7 @@ def depth_comparison(args) -> int:
     results = []
     for size in [s.strip() for s in args.proportions.split(",") if s.strip()]:
         if f"dpar-{size}" not in PRESETS:
-            raise SystemExit(f"--proportions: unknown size {size!r} (b, l, xl, xxl)")
+            raise UsageError(f"--proportions: unknown size {size!r} (b, l, xl, xxl)")
         g, d = PRESETS[f"gpt-{size}"], PRESETS[f"dpar-{size}"]
         dim = _width(g["dim"], args.width_scale)
         dpar_layers = (d["n_encoder_layers"], d["n_global_layers"], d["n_decoder_layers"])
@@ -266,6 +268,7 @@ def depth_comparison(args) -> int:
     return 0
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:

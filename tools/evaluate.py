@@ -25,14 +25,13 @@ if _REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from dpar_scale.config import ConfigError  # noqa: E402
-from dpar_scale.evaluation import EvaluationError  # noqa: E402
+from dpar_scale.cli import entry_point, parser  # noqa: E402
 from dpar_scale.evaluation.cli import add_evaluation_arguments, evaluate_from_args  # noqa: E402
 from dpar_scale.parallel import process_group as pg  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--samples", required=True, help="samples npz: arr_0 uint8 [N, H, W, 3] (+ labels)")
     add_evaluation_arguments(p, required=True)
     p.add_argument("--device", default=None, help="default: this rank's GPU when there is one, else cpu")
@@ -51,13 +50,9 @@ def run(args: argparse.Namespace) -> dict:
         pg.destroy_process_group()
 
 
+@entry_point
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (EvaluationError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run(parse_args(argv))
     return 0
 
 

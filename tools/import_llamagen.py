@@ -21,28 +21,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpar_scale.checkpoint.llamagen import LlamaGenImportError, import_llamagen  # noqa: E402
+from dpar_scale.cli import entry_point, existing_file, parser, positive_int  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="LlamaGen GPT checkpoint (.pt): {'model': ...}, {'module': ...}, "
+    p = parser(__doc__)
+    p.add_argument("checkpoint", type=existing_file, help="LlamaGen GPT checkpoint (.pt): {'model': ...}, {'module': ...}, "
                                       "{'state_dict': ...} or a bare state dict")
     p.add_argument("--out", required=True, help="export folder to write")
-    p.add_argument("--image-size", type=int, required=True, help="the size the model was trained at (256, 384)")
+    p.add_argument("--image-size", type=positive_int, required=True, help="the size the model was trained at (256, 384)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="load with weights_only=False (only for files you trust)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.preset=gpt-b")
     return p.parse_intermixed_args(argv)  # overrides may follow the options
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        summary = import_llamagen(args.checkpoint, args.out, args.image_size, args.overrides, args.trust_pickle)
-    except (FileNotFoundError, LlamaGenImportError) as e:
-        print(f"import_llamagen.py: error: {e}", file=sys.stderr)
-        return 2
+    from dpar_scale.checkpoint.llamagen import import_llamagen
+
+    summary = import_llamagen(args.checkpoint, args.out, args.image_size, args.overrides, args.trust_pickle)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -23,23 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpar_scale.checkpoint.sampling_inputs import (SamplingInputError, describe_rule,  # noqa: E402
-                                                   load_sampling_inputs)
-from dpar_scale.sampling.generate import GenerationStats, generate_dpar, generate_gpt  # noqa: E402
-from dpar_scale.sampling.images import decode_to_uint8  # noqa: E402
+from dpar_scale.cli import entry_point, parser  # noqa: E402
 from dpar_scale.sampling.options import (add_sampling_arguments, check_sampling_arguments,  # noqa: E402
                                          patch_rule_overrides)
-from dpar_scale.sampling.streams import sample_uniforms  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     add_sampling_arguments(p, batch_size=64)
     p.add_argument("--classes", required=True, help="comma-separated class indices, e.g. 0,1,2")
     p.add_argument("--num-per-class", type=int, default=4)
@@ -49,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:
+    from dpar_scale.checkpoint.sampling_inputs import SamplingInputError
+
     try:
         classes = [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
@@ -61,7 +56,7 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
     return classes
 
 
-def save_grid(images: np.ndarray, classes: list[int], per_class: int, names: list[str] | None, path: Path) -> None:
+def save_grid(images, classes: list[int], per_class: int, names: list[str] | None, path: Path) -> None:
     """One row per class, the class index (and name) drawn with PIL's default font in a left margin."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -83,16 +78,20 @@ def save_grid(images: np.ndarray, classes: list[int], per_class: int, names: lis
     canvas.save(path)
 
 
+@entry_point
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except SamplingInputError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
+    return run(parse_args(argv))
 
 
 def run(args) -> int:
+    import numpy as np
+    import torch
+
+    from dpar_scale.checkpoint.sampling_inputs import SamplingInputError, describe_rule, load_sampling_inputs
+    from dpar_scale.sampling.generate import GenerationStats, generate_dpar, generate_gpt
+    from dpar_scale.sampling.images import decode_to_uint8
+    from dpar_scale.sampling.streams import sample_uniforms
+
     problem = check_sampling_arguments(args)
     if problem or args.num_per_class < 1:
         raise SamplingInputError(problem or "--num-per-class must be >= 1")

@@ -32,17 +32,16 @@ sys.path.insert(0, str(ROOT))
 
 from dpar_scale.checkpoint.sampling_inputs import (SamplingInputError, describe_rule,  # noqa: E402
                                                    load_sampling_inputs)
-from dpar_scale.config import ConfigError  # noqa: E402
-from dpar_scale.evaluation import EvaluationError  # noqa: E402
+from dpar_scale.cli import entry_point, parser  # noqa: E402
 from dpar_scale.evaluation.cli import add_evaluation_arguments, detector_spec, evaluate_from_args  # noqa: E402
 from dpar_scale.parallel import process_group as pg  # noqa: E402
-from dpar_scale.sampling.chunked import ChunkSettingsError, SampleSettings, sample_to_folder  # noqa: E402
+from dpar_scale.sampling.chunked import SampleSettings, sample_to_folder  # noqa: E402
 from dpar_scale.sampling.options import (add_sampling_arguments, check_sampling_arguments,  # noqa: E402
                                          patch_rule_overrides)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     add_sampling_arguments(p, batch_size=32)
     p.add_argument("--num-samples", type=int, default=50_000)
     labels = p.add_mutually_exclusive_group()
@@ -112,25 +111,20 @@ def run(args):
     return result
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
+    env = pg.LaunchEnv.detect()
+    # nccl on GPUs, gloo on CPU; nothing with one process. Ranks may wait long for the slowest one's chunks.
+    pg.init_process_group(env, pick_device(args.device), timeout_s=2 * 3600)
     try:
-        env = pg.LaunchEnv.detect()
-        # nccl on GPUs, gloo on CPU; nothing with one process. Ranks may wait long for the slowest one's chunks.
-        pg.init_process_group(env, pick_device(args.device), timeout_s=2 * 3600)
-        try:
-            result = run(args)
-            if args.evaluate:
-                args.json = args.json or str(Path(args.out) / "metrics.json")
-                evaluate_from_args(args, result.samples_path, pick_device(args.device),
-                                   progress=not args.no_progress)
-        finally:
-            pg.destroy_process_group()
-        return 0
-    except (SamplingInputError, ChunkSettingsError, ConfigError, EvaluationError) as e:
-        if pg.get_rank() == 0:
-            print(f"sample_ddp.py: error: {e}", file=sys.stderr)
-        return 2
+        result = run(args)
+        if args.evaluate:
+            args.json = args.json or str(Path(args.out) / "metrics.json")
+            evaluate_from_args(args, result.samples_path, pick_device(args.device), progress=not args.no_progress)
+    finally:
+        pg.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

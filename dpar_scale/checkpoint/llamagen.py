@@ -31,6 +31,7 @@ import torch
 
 from dpar_scale.checkpoint.export import write_export
 from dpar_scale.config import Config, ConfigError, apply_overrides, load_config
+from dpar_scale.errors import DparError
 
 __all__ = ["LlamaGenImportError", "read_llamagen_state", "llamagen_config", "convert_llamagen_state",
            "import_llamagen"]
@@ -41,7 +42,7 @@ _IGNORED = re.compile(r"(^|\.)freqs_cis$|\.kv_cache\.|(^|\.)causal_mask$")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
-class LlamaGenImportError(ValueError):
+class LlamaGenImportError(DparError, ValueError):
     """A checkpoint that is not a LlamaGen c2i GPT, or does not fit the requested shape."""
 
 

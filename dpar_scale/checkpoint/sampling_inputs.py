@@ -26,6 +26,7 @@ import torch
 from dpar_scale.checkpoint.export import load_model_for_inference
 from dpar_scale.checkpoint.save_load import CheckpointError
 from dpar_scale.config import Config, ConfigError, PatchConfig, override
+from dpar_scale.errors import DparError
 
 __all__ = ["SamplingInputError", "SamplingInputs", "load_sampling_inputs", "resolve_dir", "describe_rule"]
 
@@ -33,7 +34,7 @@ SUFFIX_TOKENIZER = {".safetensors": "kmeans", ".pt": "llamagen-vq16", ".pth": "l
 _REPO = Path(__file__).resolve().parents[2]
 
 
-class SamplingInputError(ValueError):
+class SamplingInputError(DparError, ValueError):
     """A problem with what sampling was pointed at, reported as one clear line."""
 
 

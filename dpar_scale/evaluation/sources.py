@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from dpar_scale.data.images import center_crop_arr, list_image_folder, load_rgb
+from dpar_scale.errors import DparError
 
 __all__ = ["ArrayImages", "EvaluationError", "FolderImages", "ImageSource", "NpzImages", "open_images"]
 
 ADM_LAYOUT = "uint8 [N, H, W, 3] under the key arr_0 (np.savez(path, arr_0=images, labels=labels))"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(DparError, ValueError):
     """Bad evaluation input (a file, an array, a detector): the message names it and says how to fix it."""
 
 

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dpar_scale.errors import DparError
+
 CHUNK_DIR = "chunks"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can hold: fixed, so the bytes depend on content only
 
 
-class ChunkSettingsError(RuntimeError):
+class ChunkSettingsError(DparError, RuntimeError):
     """Output from other settings is in the way; the message says which settings differ and what to do."""
 
 
