@@ -31,7 +31,7 @@ import torch
 
 from dpar_scale.checkpoint.export import write_export
 from dpar_scale.config import Config, ConfigError, apply_overrides, load_config
-from dpar_scale.errors import DparError
+from dpar_scale.errors import DparError, MissingFileError
 
 __all__ = ["LlamaGenImportError", "read_llamagen_state", "llamagen_config", "convert_llamagen_state",
            "import_llamagen"]
@@ -52,7 +52,7 @@ def read_llamagen_state(path: str | Path, trust_pickle: bool = False) -> dict[st
     allowed); `trust_pickle` loads arbitrary pickles (only for files you trust)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LlamaGen checkpoint {path} not found (e.g. c2i_B_256.pt from the LlamaGen "
+        raise MissingFileError(f"LlamaGen checkpoint {path} not found (e.g. c2i_B_256.pt from the LlamaGen "
                                 f"release; nothing is downloaded)")
     try:
         if trust_pickle:
