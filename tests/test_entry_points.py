@@ -17,8 +17,8 @@ from parallel_helpers import REPO
 ENTRY_POINTS = sorted(["train.py"] + [f"tools/{p.name}" for p in (REPO / "tools").glob("*.py")]
                       + [f"launchers/{p.name}" for p in (REPO / "launchers").glob("*.py")])
 MISSING = "/nonexistent/dpar-scale-test"
-# A mistake a user makes with each known entry point (a missing file or an out-of-range count); every entry point,
-# listed or not, also gets an option that does not exist.
+# A mistake a user makes with each known entry point (a missing file or an out-of-range count); an entry point not
+# listed here (a new tool) gets an option that does not exist instead.
 BAD_ARGUMENTS = {
     "train.py": ["--config", f"{MISSING}.yaml"],
     "tools/bench_checkpoint.py": ["--batch", "0"],
@@ -44,8 +44,8 @@ BAD_ARGUMENTS = {
     "launchers/local.py": ["--config", f"{MISSING}.yaml", "--nproc", "2"],
     "launchers/slurm.py": ["--config", "configs/demo/dpar.yaml", "--nodes", "0", "--dry-run"],
 }
-CASES = [(e, "--help") for e in ENTRY_POINTS] + [(e, "unknown option") for e in ENTRY_POINTS] + \
-        [(e, "bad argument") for e in ENTRY_POINTS if e in BAD_ARGUMENTS]
+CASES = [(e, "--help") for e in ENTRY_POINTS] + [(e, "bad argument" if e in BAD_ARGUMENTS else "unknown option")
+                                                  for e in ENTRY_POINTS] + [("train.py", "unknown option")]
 
 
 def arguments(entry: str, case: str) -> list[str]:
