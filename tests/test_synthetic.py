@@ -111,7 +111,7 @@ def test_make_dataset_cli(tmp_path, capsys):
     spec.loader.exec_module(mod)
     assert mod.main(["--out", str(tmp_path), "--num-per-class", "2", "--classes", "3", "--quiet"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["00_disc", "01_square", "02_ring", "classes.json"]
-    assert mod.main(["--out", str(tmp_path), "--classes", "99", "--quiet"]) == 1
+    assert mod.main(["--out", str(tmp_path), "--classes", "99", "--quiet"]) == 2  # a user error: one line, exit 2
 
 
 def test_bad_arguments():

@@ -121,4 +121,4 @@ def test_fit_tokenizer_cli(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "held-out" in text and "dB" in text
     assert load_tokenizer("kmeans", out).vocab_size == 64
-    assert mod.main(["--images", str(tmp_path / "img"), "--out", out, "--image-size", "62", "--quiet"]) == 1
+    assert mod.main(["--images", str(tmp_path / "img"), "--out", out, "--image-size", "62", "--quiet"]) == 2  # a user error: one line, exit 2
