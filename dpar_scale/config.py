@@ -119,7 +119,14 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     ema: float = 0.0  # 0 = off; else the EMA decay, e.g. 0.9999
     progress_bar: bool = True
-    peak_tflops: float = 0.0  # device bf16 dense peak for MFU; 0 = look the GPU up in dpar_scale.flops.analytic's table
+    # device dense peak for MFU, of the precision the matmuls use (bf16, or TF32 / fp32 for train.precision=fp32);
+    # 0 = look the GPU up in dpar_scale.flops.analytic's table
+    peak_tflops: float = 0.0
+    # CUDA: fp32 matmuls (train.precision=fp32) run on TF32 tensor cores; false = full fp32 (slower, exact fp32)
+    tf32: bool = True
+    # deterministic kernels where torch has them (torch.use_deterministic_algorithms, cuDNN, cuBLAS workspace);
+    # torch warns, naming the op, where it has none (see the README's "Checkpoints and resume")
+    deterministic: bool = False
 
 
 @dataclass

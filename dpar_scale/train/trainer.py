@@ -38,6 +38,7 @@ from dpar_scale.parallel.process_group import (
 from dpar_scale.train.ema import EMA
 from dpar_scale.train.loss import code_loss_per_image
 from dpar_scale.train.metrics_log import MetricsLogger, format_line
+from dpar_scale.train.numerics import configure_numerics
 from dpar_scale.train.optim import build_optimizer, lr_lambda
 
 
@@ -70,6 +71,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir)
         cfg.model = resolve_model_config(cfg.model)
+        configure_numerics(cfg.train)  # before anything runs on the device (cuBLAS reads its setting once)
         ds_cfg = self._setup_processes(device, dp_rank, dp_size, is_main, deepspeed_config)
         self._setup_data()
         model = self._setup_model(model, native=ds_cfg is None)
