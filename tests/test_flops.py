@@ -232,6 +232,21 @@ def test_peak_flops_table():
     assert F.peak_flops("cpu", override=5e12) == 5e12
 
 
+@pytest.mark.parametrize("name,bf16,tf32,fp32", [("NVIDIA H100 80GB HBM3", 989e12, 494.7e12, 66.9e12),
+                                                 ("NVIDIA A100-SXM4-80GB", 312e12, 156e12, 19.5e12)])
+def test_peak_of_the_precision_in_use(monkeypatch, name, bf16, tf32, fp32):
+    """A GPU as torch would name it: bf16 runs are measured against the bf16 peak, fp32 runs against TF32's (TF32
+    on, the default) or plain fp32's (train.tf32=false)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    peak = {(p, t): F.peak_flops("cuda:0", precision=F.matmul_precision(p, t))
+            for p in ("bf16", "fp32") for t in (True, False)}
+    assert peak == {("bf16", True): bf16, ("bf16", False): bf16, ("fp32", True): tf32, ("fp32", False): fp32}
+    assert F.peak_flops("cuda:0", precision="fp32", override=7e12) == 7e12  # train.peak_tflops wins
+    with pytest.raises(ValueError, match="precision 'fp8' is not one of bf16, tf32, fp32"):
+        F.peak_flops_for_name(name, "fp8")
+
+
 # -------------------------------------------------------------------------------------------------- the tool
 def _tool():
     spec = importlib.util.spec_from_file_location("tool_count_flops", os.path.join(ROOT, "tools", "count_flops.py"))

@@ -4,7 +4,8 @@ For every model kind, the same run (same seed, data, init, 4 optimizer steps wit
 trained in one process and under torchrun with dp_shard=2 (FSDP2), tp=2 (TP + sequence parallelism) and
 dp_shard=2 × tp=2 (4 processes); losses, gradient norms, validation losses and the final weights must agree to fp32
 precision. One torchrun launch per layout trains all kinds (plus the extras named in LAYOUTS) to keep the suite
-short; each (layout, kind) is still its own test.
+short; each (layout, kind) is still its own test. The extras: the per-device FLOPs logged under dp=2 and tp=2
+against an independent count of each step's samples.
 """
 from __future__ import annotations
 
@@ -24,12 +25,16 @@ from parallel_helpers import REPO, assert_same_run, overrides, torchrun
 
 WORKER = REPO / "tests" / "parallel_worker.py"
 KINDS = ("gpt", "entropy", "dpar")
+IDS = ["data.log_sample_ids=true"]
+TP2 = ["parallel.dp_shard=1", "parallel.tp=2"]
 
 # layout -> (processes, parallel overrides, extra overrides per kind, extra runs [(name, kind, overrides)])
 LAYOUTS = {
     "dp2": (2, ["parallel.dp_shard=2"], {"gpt": ["parallel.activation_checkpoint=full"]},
-            [("entropy-hsdp", "entropy", ["parallel.dp_replicate=2", "parallel.dp_shard=1"])]),
-    "tp2": (2, ["parallel.dp_shard=1", "parallel.tp=2"], {"gpt": ["parallel.compile=true"]}, []),
+            [("entropy-hsdp", "entropy", ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
+             ("dpar-ids", "dpar", ["parallel.dp_shard=2", *IDS])]),
+    "tp2": (2, TP2, {"gpt": ["parallel.compile=true"]},
+            [("dpar-ids", "dpar", [*TP2, *IDS])]),
     "dp2tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"],
                {"dpar": ["parallel.activation_checkpoint=selective"], "entropy": ["train.grad_accum=2"]}, []),
 }
@@ -102,6 +107,41 @@ def test_resume_in_parallel_layout_matches_single_process(workdir, references):
     assert_same_run(references / "gpt", out / "gpt-resumed")
     records = read_metrics(out / "gpt-resumed" / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def independent_step_flops(run: Path, codes: Path, sample_ids: list[int]) -> float:
+    """Training FLOPs of one step from its logged samples: their entropies through the patch rule (not the
+    trainer's batches), counted by the analytic formula."""
+    import numpy as np
+
+    from dpar_scale.data.loader import CodeData
+    from dpar_scale.flops.analytic import train_flops
+    from dpar_scale.models import resolve_model_config
+    from dpar_scale.patching.rule import patch_lengths
+
+    cfg = load_config(str(run / "config.yaml"))
+    model = resolve_model_config(cfg.model)
+    if model.kind != "dpar":
+        return train_flops(model, batch_images=len(sample_ids))
+    p = cfg.model.patch
+    entropy = CodeData.open(str(codes), need_entropy=True).read_entropy(np.array(sample_ids))
+    lengths = patch_lengths(entropy, width=model.grid[1], threshold=p.threshold, max_patch_length=p.max_patch_length,
+                            mode=p.mode, alignment=p.alignment, static_length=p.static_length)
+    return train_flops(model, batch_images=len(sample_ids), patch_lengths=lengths)
+
+
+@pytest.mark.parametrize("layout,name", [("dp2", "dpar-ids"), ("tp2", "dpar-ids")])
+def test_per_device_flops_add_up_to_the_step(workdir, layout, name):
+    """MFU's numerator: the step's FLOPs over all devices. Under tp=2 the two ranks of a TP group share one batch,
+    so each is credited half of it (crediting each with the whole batch doubled MFU); under dp=2 the ranks' own
+    batches, with their own patch counts, add up."""
+    out = launch(layout, workdir)
+    nproc = LAYOUTS[layout][0]
+    rows = [r for r in read_metrics(out / name / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 4
+    for row in rows:
+        expected = independent_step_flops(out / name, workdir[1], row["sample_ids"])
+        assert row["flops_per_device"] * nproc == pytest.approx(expected, rel=1e-12)
 
 
 def test_packed_sequence_parallel_with_ragged_patch_counts(workdir):

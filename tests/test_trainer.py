@@ -184,6 +184,28 @@ def test_logs_achieved_tflops_and_mfu_from_the_analytic_count(tmp_path, code_dat
     assert record["mfu"] == pytest.approx(record["tflops"] / 0.5, rel=1e-9)
 
 
+def test_mfu_is_measured_against_the_peak_of_the_precision_in_use(tmp_path, code_dataset, monkeypatch):
+    """No GPU here: the peak lookup is replaced by a table of distinct numbers, so the logged MFU says which
+    precision's peak the trainer asked for (the real table per GPU name is tested in test_flops.py)."""
+    from dpar_scale.train import trainer as trainer_module
+
+    peaks = {"bf16": 4e9, "tf32": 2e9, "fp32": 1e9}
+    asked = []
+
+    def fake_peak(device, *, precision, override=None):
+        asked.append(precision)
+        return peaks[precision]
+
+    monkeypatch.setattr(trainer_module, "peak_flops", fake_peak)
+    for extra, precision in ((["train.tf32=false"], "fp32"), ([], "tf32"), (["train.precision=bf16"], "bf16")):
+        cfg = make_cfg(tmp_path / precision, code_dataset, "gpt", "train.steps=1", "train.log_every=1", *extra)
+        Trainer(cfg).fit()
+        assert torch.backends.cuda.matmul.allow_tf32 == cfg.train.tf32  # the trainer applied train.tf32
+        record = [r for r in read_metrics(tmp_path / precision / "gpt" / "metrics.jsonl") if "loss" in r][0]
+        assert record["mfu"] == pytest.approx(record["tflops"] * 1e12 / peaks[precision], rel=1e-9)
+    assert asked == ["fp32", "tf32", "bf16"]
+
+
 def test_position_budget_packing_varies_images_and_keeps_the_data_order(tmp_path, code_dataset):
     from dpar_scale.data.packing import padded
 

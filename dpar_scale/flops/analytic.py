@@ -193,29 +193,59 @@ def train_flops(model_cfg, *, batch_images: int, patch_lengths=None, **kwargs) -
 
 
 # ------------------------------------------------------------------------------------------ GPU peak table
-# bf16 dense tensor-core peaks (no sparsity) from the vendors' data sheets, per device as torch sees it (an MI250X
-# is two devices). First match wins, so the specific names come before the general ones.
-PEAK_BF16_DENSE: tuple[tuple[str, float], ...] = (
-    (r"H100.*NVL", 835e12), (r"H100.*PCIe", 756e12), (r"\bH100\b", 989e12),
-    (r"H200.*NVL", 835e12), (r"\bG?H200\b", 989e12), (r"\bH800\b", 989e12), (r"\bH20\b", 148e12),
-    (r"\bGB200\b", 2.5e15), (r"\bB200\b", 2.25e15), (r"\bB100\b", 1.75e15),
-    (r"\bA100\b", 312e12), (r"\bA800\b", 312e12), (r"\bA30\b", 165e12),
-    (r"\bL40S\b", 362e12), (r"\bL40\b", 181e12), (r"\bL4\b", 121e12),
-    (r"MI325X", 1307e12), (r"MI300X", 1307e12), (r"MI300A", 980e12), (r"MI250X", 191.5e12),
-    (r"MI250\b", 181e12), (r"MI210", 181e12),
+# Dense peaks (no sparsity) from the vendors' data sheets, per device as torch sees it (an MI250X is two devices),
+# in FLOP/s, per precision of the matmuls: bf16 tensor cores; TF32 tensor cores (what fp32 matmuls run on when
+# TF32 is allowed, as the trainer does on CUDA unless train.tf32=false); plain fp32 (CUDA cores / fp32 matrix
+# cores; for AMD the fp32 matrix peak, and its "tf32" entry is the XF32 peak where the chip has one, else the fp32
+# one). First match wins, so the specific names come before the general ones.
+PEAKS_DENSE: tuple[tuple[str, dict[str, float]], ...] = (
+    (r"H100.*NVL", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    (r"H100.*PCIe", {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
+    (r"\bH100\b", {"bf16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+    (r"H200.*NVL", {"bf16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
+    (r"\bG?H200\b", {"bf16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+    (r"\bH800\b", {"bf16": 989e12, "tf32": 494.7e12, "fp32": 66.9e12}),
+    (r"\bH20\b", {"bf16": 148e12, "tf32": 74e12, "fp32": 44e12}),
+    (r"\bGB200\b", {"bf16": 2.5e15, "tf32": 1.25e15, "fp32": 80e12}),
+    (r"\bB200\b", {"bf16": 2.25e15, "tf32": 1.125e15, "fp32": 75e12}),
+    (r"\bB100\b", {"bf16": 1.75e15, "tf32": 0.875e15, "fp32": 60e12}),
+    (r"\bA100\b", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    (r"\bA800\b", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    (r"\bA30\b", {"bf16": 165e12, "tf32": 82e12, "fp32": 10.3e12}),
+    (r"\bL40S\b", {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    (r"\bL40\b", {"bf16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
+    (r"\bL4\b", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+    (r"MI325X", {"bf16": 1307e12, "tf32": 653.7e12, "fp32": 163.4e12}),
+    (r"MI300X", {"bf16": 1307e12, "tf32": 653.7e12, "fp32": 163.4e12}),
+    (r"MI300A", {"bf16": 980.6e12, "tf32": 490.3e12, "fp32": 122.6e12}),
+    (r"MI250X", {"bf16": 191.5e12, "tf32": 47.9e12, "fp32": 47.9e12}),
+    (r"MI250\b", {"bf16": 181e12, "tf32": 45.3e12, "fp32": 45.3e12}),
+    (r"MI210", {"bf16": 181e12, "tf32": 45.3e12, "fp32": 45.3e12}),
 )
+PEAK_PRECISIONS = ("bf16", "tf32", "fp32")
 
 
-def peak_flops_for_name(name: str) -> float | None:
-    """bf16 dense peak FLOP/s for a device name as `torch.cuda.get_device_name()` spells it; None if unknown."""
-    for pattern, peak in PEAK_BF16_DENSE:
+def matmul_precision(precision: str, tf32: bool = True) -> str:
+    """The precision the matmuls of a run use: bf16 for train.precision=bf16, else TF32 when allowed, else fp32."""
+    if precision == "bf16":
+        return "bf16"
+    return "tf32" if tf32 else "fp32"
+
+
+def peak_flops_for_name(name: str, precision: str = "bf16") -> float | None:
+    """Dense peak FLOP/s of `precision` (bf16 | tf32 | fp32) for a device name as `torch.cuda.get_device_name()`
+    spells it; None if the device is unknown."""
+    if precision not in PEAK_PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PEAK_PRECISIONS)}")
+    for pattern, peaks in PEAKS_DENSE:
         if re.search(pattern, name, flags=re.IGNORECASE):
-            return peak
+            return peaks[precision]
     return None
 
 
-def peak_flops(device=None, *, override: float | None = None) -> float | None:
-    """Peak bf16 dense FLOP/s of one device: `override` if given (> 0), else looked up by the GPU's name.
+def peak_flops(device=None, *, precision: str = "bf16", override: float | None = None) -> float | None:
+    """Dense peak FLOP/s of one device for matmuls in `precision` (see `matmul_precision`): `override` if given
+    (> 0), else looked up by the GPU's name.
 
     None on CPU / MPS and for GPUs not in the table (then log achieved TFLOP/s only, or configure the peak).
     `device` is a torch.device, a string, or None for the current CUDA device if there is one.
@@ -229,7 +259,7 @@ def peak_flops(device=None, *, override: float | None = None) -> float | None:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return peak_flops_for_name(torch.cuda.get_device_name(device))
+    return peak_flops_for_name(torch.cuda.get_device_name(device), precision)
 
 
 def throughput(flops: float, seconds: float, *, peak: float | None = None, num_devices: int = 1) -> dict:

@@ -29,7 +29,7 @@ from dpar_scale.checkpoint.resume_checks import check_resume
 from dpar_scale.config import Config, ConfigError, save_config, to_dict
 from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share, rank_slice
 from dpar_scale.errors import DparError
-from dpar_scale.flops.analytic import peak_flops, throughput, train_flops
+from dpar_scale.flops.analytic import matmul_precision, peak_flops, throughput, train_flops
 from dpar_scale.models.layers import class_drop_mask
 from dpar_scale.parallel.dims import ParallelDims
 from dpar_scale.parallel.process_group import (
@@ -267,8 +267,14 @@ class Trainer:
         # (A single process standing in for one rank of a bigger run, dp_size > 1 without a process group, has
         # nothing to reduce with: it uses its own codes, as if alone.)
         local_codes = sum(b.num_codes for b in batches)
+        # Analytic training FLOPs of this rank's batches (actual patch counts; attention from the real lengths),
+        # summed with the code counts over the data-parallel ranks only: the ranks of a TP group share one batch.
+        local_flops = sum(train_flops(self.cfg.model, batch_images=len(b.codes), patch_lengths=b.patch_lengths,
+                                      n_codes=b.codes.shape[1]) for b in batches)
         reduced = self.env.world_size > 1 or self.dp_size == 1
-        total_codes = float(all_reduce_sum(torch.tensor([float(local_codes)], device=self.device), self.dp_group))
+        totals = all_reduce_sum(torch.tensor([float(local_codes), local_flops], dtype=torch.float64,
+                                             device=self.device), self.dp_group)
+        total_codes, step_flops = float(totals[0]), float(totals[1])
         scale = (self.dp_size if reduced else 1) / total_codes
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
@@ -295,11 +301,10 @@ class Trainer:
         self.state.samples_seen += len(step_ids)
         self.state.codes_seen += int(total_codes)
         self.state.global_positions_seen += positions * self.dp_size
-        # Analytic training FLOPs of this rank's batches (actual patch counts; attention from the real lengths).
-        flops = sum(train_flops(self.cfg.model, batch_images=len(b.codes), patch_lengths=b.patch_lengths,
-                                n_codes=b.codes.shape[1]) for b in batches)
+        # The whole step's model FLOPs spread over every device (dp × tp): what MFU compares with one device's peak.
         record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "images": images, "codes": local_codes, "global_positions": positions, "flops": flops}
+                  "images": images, "codes": local_codes, "global_positions": positions,
+                  "flops_per_device": step_flops / self.env.world_size}
         if self.cfg.data.log_sample_ids:
             record["sample_ids"] = step_ids.tolist()  # the whole step's, every rank's micro-batches
         return record
@@ -386,7 +391,8 @@ class Trainer:
         say = (bar.write if bar is not None else print) if self.is_main else (lambda *_: None)
         if self.resumed_from is not None:
             say(f"resumed from {self.resumed_from} at step {self.state.step} (sample {self.state.samples_seen})")
-        peak = peak_flops(self.device, override=cfg.train.peak_tflops * 1e12 or None)
+        peak = peak_flops(self.device, precision=matmul_precision(cfg.train.precision, cfg.train.tf32),
+                          override=cfg.train.peak_tflops * 1e12 or None)
         window = {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0}
         last: dict = {}
         while self.state.step < cfg.train.steps:
@@ -405,8 +411,9 @@ class Trainer:
                 raise
             window["time"] += time.perf_counter() - t0
             window["steps"] += 1
-            for key in ("images", "codes", "global_positions", "flops"):
+            for key in ("images", "codes", "global_positions"):
                 window[key] += record.pop(key)
+            window["flops"] += record["flops_per_device"]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -422,7 +429,8 @@ class Trainer:
                     "mean_patch_length": window["codes"] / max(1, window["global_positions"] - window["images"])
                     if cfg.model.kind == "dpar" else 1.0,
                     "step_time_s": seconds / window["steps"],
-                    # per device; MFU only where the device's bf16 dense peak is known (GPU table or train.peak_tflops)
+                    # per device; MFU only where the device's peak for the precision in use is known (GPU table or
+                    # train.peak_tflops)
                     **throughput(window["flops"], seconds, peak=peak),
                 })
                 window = {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0}
