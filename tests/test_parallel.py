@@ -4,8 +4,9 @@ For every model kind, the same run (same seed, data, init, 4 optimizer steps wit
 trained in one process and under torchrun with dp_shard=2 (FSDP2), tp=2 (TP + sequence parallelism) and
 dp_shard=2 × tp=2 (4 processes); losses, gradient norms, validation losses and the final weights must agree to fp32
 precision. One torchrun launch per layout trains all kinds (plus the extras named in LAYOUTS) to keep the suite
-short; each (layout, kind) is still its own test. The extras: the per-device FLOPs logged under dp=2 and tp=2
-against an independent count of each step's samples.
+short; each (layout, kind) is still its own test. The extras: tp=2 with dropout on (GPT, and DPAR with static
+patches, whose packed global sequence needs no padding) against one process with the same dropout; and the
+per-device FLOPs logged under dp=2 and tp=2 against an independent count of each step's samples.
 """
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ from parallel_helpers import REPO, assert_same_run, overrides, torchrun
 WORKER = REPO / "tests" / "parallel_worker.py"
 KINDS = ("gpt", "entropy", "dpar")
 IDS = ["data.log_sample_ids=true"]
+# Static patches: every image has the same patch count M, so a micro-batch of 8 images packs 8 (M + 1) global
+# positions, a multiple of tp=2: no padding, so every dropout acts on the tensor shape one process has.
+STATIC = ["model.patch.mode=static", "model.patch.static_length=2"]
+DROPOUT_RUNS = {"gpt-dropout": ("gpt", ["model.dropout=0.1"]),
+                "dpar-dropout": ("dpar", ["model.dropout=0.1", *STATIC, *IDS])}
 TP2 = ["parallel.dp_shard=1", "parallel.tp=2"]
 
 # layout -> (processes, parallel overrides, extra overrides per kind, extra runs [(name, kind, overrides)])
@@ -34,7 +40,7 @@ LAYOUTS = {
             [("entropy-hsdp", "entropy", ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
              ("dpar-ids", "dpar", ["parallel.dp_shard=2", *IDS])]),
     "tp2": (2, TP2, {"gpt": ["parallel.compile=true"]},
-            [("dpar-ids", "dpar", [*TP2, *IDS])]),
+            [(name, kind, [*TP2, *more]) for name, (kind, more) in DROPOUT_RUNS.items()]),
     "dp2tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"],
                {"dpar": ["parallel.activation_checkpoint=selective"], "entropy": ["train.grad_accum=2"]}, []),
 }
@@ -109,6 +115,31 @@ def test_resume_in_parallel_layout_matches_single_process(workdir, references):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
 
 
+@pytest.fixture(scope="module")
+def dropout_references(workdir):
+    """One-process runs with dropout on, and the static-patch DPAR without it."""
+    root, codes = workdir
+    for name, (kind, more) in DROPOUT_RUNS.items():
+        Trainer(load_config(None, overrides(root / "single" / name, codes, kind, *more))).fit()
+    Trainer(load_config(None, overrides(root / "single" / "dpar-static", codes, "dpar", *STATIC))).fit()
+    return root / "single"
+
+
+def train_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.parametrize("name", list(DROPOUT_RUNS))
+def test_tensor_parallel_with_dropout_matches_single_process(workdir, references, dropout_references, name):
+    """Sequence-parallel shards draw their slice of the whole sequence's mask, replicated regions the same mask on
+    every rank: tp=2 trains exactly what one process trains, dropout included."""
+    out = launch("tp2", workdir)
+    assert_same_run(dropout_references / name, out / name)
+    without = references / "gpt" if name == "gpt-dropout" else dropout_references / "dpar-static"
+    # dropout acts (from step 2: the zero-initialised head gives every model the same first loss)
+    assert all(a != b for a, b in zip(train_losses(dropout_references / name)[1:], train_losses(without)[1:]))
+
+
 def independent_step_flops(run: Path, codes: Path, sample_ids: list[int]) -> float:
     """Training FLOPs of one step from its logged samples: their entropies through the patch rule (not the
     trainer's batches), counted by the analytic formula."""
@@ -130,7 +161,7 @@ def independent_step_flops(run: Path, codes: Path, sample_ids: list[int]) -> flo
     return train_flops(model, batch_images=len(sample_ids), patch_lengths=lengths)
 
 
-@pytest.mark.parametrize("layout,name", [("dp2", "dpar-ids"), ("tp2", "dpar-ids")])
+@pytest.mark.parametrize("layout,name", [("dp2", "dpar-ids"), ("tp2", "dpar-dropout")])
 def test_per_device_flops_add_up_to_the_step(workdir, layout, name):
     """MFU's numerator: the step's FLOPs over all devices. Under tp=2 the two ranks of a TP group share one batch,
     so each is credited half of it (crediting each with the whole batch doubled MFU); under dp=2 the ranks' own
@@ -142,6 +173,29 @@ def test_per_device_flops_add_up_to_the_step(workdir, layout, name):
     for row in rows:
         expected = independent_step_flops(out / name, workdir[1], row["sample_ids"])
         assert row["flops_per_device"] * nproc == pytest.approx(expected, rel=1e-12)
+
+
+def test_sequence_sharded_dropout_is_the_unsharded_dropout():
+    """The two shards of a sequence-parallel activation, each dropped by its rank from the same RNG state, are the
+    one-process dropout of the whole tensor (distinct masks per shard), and leave the RNG where it leaves it."""
+    import torch
+    import torch.nn.functional as F
+
+    from dpar_scale.parallel.tensor_parallel import SequenceShardedDropout
+
+    x = torch.randn(3, 10, 8)
+    torch.manual_seed(5)
+    whole = F.dropout(x, 0.25, training=True)
+    after = torch.rand(4)
+    shards = []
+    for rank, part in enumerate(x.chunk(2, dim=1)):
+        torch.manual_seed(5)
+        shards.append(SequenceShardedDropout(0.25, rank, 2)(part))
+        assert torch.equal(torch.rand(4), after)
+    assert torch.equal(torch.cat(shards, dim=1), whole)
+    assert not torch.equal(shards[0] == 0, shards[1] == 0)
+    part = x[:, :5]
+    assert SequenceShardedDropout(0.25, 0, 2).eval()(part) is part  # evaluation: no dropout
 
 
 def test_packed_sequence_parallel_with_ragged_patch_counts(workdir):

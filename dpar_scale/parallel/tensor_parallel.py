@@ -36,9 +36,20 @@ embedding, the entropy model's start vector, DPAR's decoder start vector and its
 projection (decoder_injection=first) stay replicated (small). DPAR's patch cross-attention block runs TP without
 SP: its queries are the patches of each image ([B, M, D], M ragged), so it uses head-sharded attention (and,
 with model.dpar.cross_attn_ffn, a column/row-sharded FFN) on replicated activations, with its norms replicated.
+
+Dropout: the ranks of a TP group share one RNG state (same seed, same draws in the same order). Dropout on
+replicated activations therefore draws the same mask on every rank, the mask one process draws. The residual
+dropouts of sequence-parallel blocks act on sequence shards (local tensors, so DTensor's RNG tracker never sees
+them; it is CUDA-only, and it would give shards offset philox streams, not the unsharded tensor's values): each is
+replaced by `SequenceShardedDropout`, which draws the whole sequence's mask and keeps its own slice. The draws, and
+the RNG state after them, are then what one process draws for the same shapes. (DPAR's packed global sequence is
+padded to a multiple of tp, so when padding was added its masks are drawn for the padded length: still distinct
+per shard and identical across the group, but not the one-process masks.)
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -117,9 +128,42 @@ def _gather_stack_output() -> PrepareModuleOutput:
     return PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True)
 
 
+class SequenceShardedDropout(nn.Module):
+    """Dropout of an activation sharded on dim 1 (the sequence) over a TP group of `size` ranks, this rank holding
+    shard `rank` ([B, L/size, ...] of [B, L, ...]). Every rank draws the mask of the whole [B, L, ...] tensor,
+    exactly as `nn.Dropout` on the unsharded tensor would (same op, shape and dtype; the group shares its RNG
+    state), and multiplies its shard by its own slice. The extra cost is drawing size× the mask; only the slice is
+    kept for the backward."""
+
+    def __init__(self, p: float, rank: int, size: int):
+        super().__init__()
+        self.p, self.rank, self.size = p, rank, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        full = list(x.shape)
+        full[1] *= self.size
+        with torch.no_grad():
+            keep = F.dropout(x.new_ones(full), self.p, training=True)  # 0 or 1 / (1 - p), as nn.Dropout scales
+            keep = keep.narrow(1, self.rank * x.shape[1], x.shape[1]).clone()
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, shard {self.rank} of {self.size} on dim 1"
+
+
+def _shard_block_dropout(block: nn.Module, mesh) -> None:
+    for name in ("resid_dropout", "ffn_dropout"):
+        dropout = getattr(block, name)
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            setattr(block, name, SequenceShardedDropout(dropout.p, mesh.get_local_rank(), mesh.size()))
+
+
 def _parallelize_stack(stack: nn.ModuleList, mesh, gather_output: bool, plan: dict | None = None) -> None:
     for block in stack:
         parallelize_module(block, mesh, plan or block_plan())
+        _shard_block_dropout(block, mesh)
     if len(stack):
         parallelize_module(stack[0], mesh, _shard_stack_input())
         if gather_output:

@@ -96,7 +96,8 @@ class Trainer:
             dp_rank, dp_size, is_main = self.dims.dp_rank, self.dims.dp, self.env.rank == 0
         self.dp_rank, self.dp_size, self.is_main = dp_rank, dp_size, is_main
         self.dp_group = self.dims.dp_group()
-        # TP ranks of one group share a seed (replicated regions must draw the same dropout / class-dropout).
+        # TP ranks of one group share a seed: replicated regions draw the same dropout masks, and sequence-parallel
+        # ones draw the whole sequence's mask and keep their slice (dpar_scale.parallel.tensor_parallel).
         torch.manual_seed(cfg.train.seed + self.dp_rank)
         if ds_raw is None:
             return None
