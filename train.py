@@ -9,8 +9,13 @@
 
 The run folder is the config's run.output_dir: config.yaml, metrics.jsonl, checkpoints/step-XXXXXX/ (written by
 rank 0; multi-process checkpoints add the sharded optimizer / DeepSpeed state).
+
+SIGTERM (a scheduler's preemption; torchrun forwards it to every worker) or SIGUSR2 stops the run at the next
+step boundary with a checkpoint; the exit status is then 128 + the signal's number (143 for SIGTERM), and
+`checkpoint.resume=auto` continues from that checkpoint.
 """
 import argparse
+import signal
 import sys
 
 from dpar_scale.cli import entry_point, parser
@@ -31,13 +36,26 @@ def main(argv=None) -> int:
 
     cfg = load_config(args.config, args.overrides)  # a ConfigError is one line (entry_point), before torch loads
     from dpar_scale.parallel.process_group import destroy_process_group, is_main_process
+    from dpar_scale.train.stop_signals import StopOnSignals
     from dpar_scale.train.trainer import Trainer
 
-    result = Trainer(cfg, deepspeed_config=args.deepspeed_config).fit()
-    if is_main_process():
+    stop = StopOnSignals((signal.SIGTERM, signal.SIGUSR2))
+    try:
+        trainer = Trainer(cfg, deepspeed_config=args.deepspeed_config)
+        stop.attach(trainer)
+        result = trainer.fit()
+    finally:
+        stop.restore()
+    main_process = is_main_process()
+    destroy_process_group()
+    if result.get("preempted"):
+        if main_process:
+            print(f"stopped by {stop.caught[0].name} at step {result['step']}: checkpoint {result['checkpoint']}; "
+                  f"continue with checkpoint.resume=auto")
+        return 128 + int(stop.caught[0]) if stop.caught else 1
+    if main_process:
         print(f"done: step {result.get('step')} loss {result.get('loss', float('nan')):.4f} "
               f"val_loss {result.get('val_loss', float('nan')):.4f} checkpoint {result['checkpoint']}")
-    destroy_process_group()
     return 0
 
 

@@ -1,9 +1,12 @@
 """Cluster launchers without a cluster: the sbatch script of a dry run, the rank environment from faked SLURM_*
-variables, clear errors, and the preemption path (signal -> checkpoint -> requeue -> resume) of a real 2-process
-job through submitit's local executor."""
+variables, clear errors, and the preemption paths of a real 2-process job through submitit's local executor: the
+time-limit signal (USR2 -> checkpoint -> requeue -> resume) and a scheduler's SIGTERM (checkpoint, no requeue of
+its own, the resubmission left for the scheduler)."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import signal
 import time
 
@@ -16,7 +19,7 @@ from dpar_scale.train.metrics_log import read_metrics
 from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
-from parallel_helpers import REPO, free_port, overrides
+from parallel_helpers import REPO, free_port, overrides, start_torchrun
 
 
 def load_launcher(name: str):
@@ -158,6 +161,81 @@ def test_preempted_two_process_job_checkpoints_requeues_and_resumes(tmp_path, mo
     got = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in got] == [1, 2, 3, 4]  # no step lost or repeated
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5)
+
+
+def wait_for_step(metrics, step: int, alive, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = metrics.read_text().split("\n")[:-1] if metrics.is_file() else []
+        if any(json.loads(line).get("step", 0) >= step for line in lines if line.strip()):
+            return
+        assert alive(), "the job ended before the step was reached"
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached within {timeout} s")
+
+
+def test_sigterm_checkpoints_and_leaves_the_requeue_to_the_scheduler(tmp_path, monkeypatch):
+    """Slurm preempts (or cancels) a job by sending SIGTERM to every task; submitit itself ignores it. The job
+    saves at the next step boundary, writes the resubmission a requeueing scheduler would run (requeue count + 1,
+    checkpoint.resume=auto) without requeuing itself, and the checkpoint continues the run."""
+    from submitit.core.utils import DelayedSubmission
+
+    from dpar_scale.checkpoint.save_load import list_checkpoints, step_of
+
+    local_cli = load_launcher("local")
+    codes = write_code_dataset(tmp_path / "codes")
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  steps: 400\n")
+    for key, value in {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    run = tmp_path / "run"
+    job = launch.TrainJob(str(config), overrides(run, codes, "gpt", "parallel.dp_shard=2", "train.steps=400"))
+    submitted = local_cli.submit_local(job, nproc=2, folder=tmp_path / "submitit", timeout_min=5)
+    wait_for_step(run / "metrics.jsonl", 2, alive=lambda: not submitted.done())
+    os.kill(submitted._process.pid, signal.SIGTERM)  # the local executor's controller forwards it to both tasks
+    submitted.wait()
+    log = "".join(p.read_text() for p in sorted((tmp_path / "submitit").glob("*_log.out")))
+    assert log.count("caught SIGTERM") == 2 and "stop requested: saved" in log
+    assert "Requeued job" not in log
+    saved = list_checkpoints(run)
+    assert len(saved) == 1 and 2 <= step_of(saved[0]) < 400, saved
+    resubmission = DelayedSubmission.load(submitted.paths.submitted_pickle).function
+    assert resubmission.requeues == 1
+    assert launch.job_overrides(resubmission.overrides, requeued=True)[-1] == "checkpoint.resume=auto"
+    # the checkpoint continues the run: one process from it, against one process from the start
+    stop = step_of(saved[0])
+    Trainer(load_config(str(config), overrides(tmp_path / "ref", codes, "gpt", f"train.steps={stop + 2}"))).fit()
+    Trainer(load_config(str(config), overrides(run, codes, "gpt", f"train.steps={stop + 2}",
+                                               "checkpoint.resume=auto"))).fit()
+    ref = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss" in r]
+    got = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in got] == list(range(1, stop + 3))
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5)
+
+
+def test_sigterm_to_torchrun_checkpoints_every_worker(tmp_path):
+    """Plain `torchrun train.py`: torchrun forwards SIGTERM to its workers (and SIGKILLs them after its
+    --shutdown-timeout, 30 s by default); they stop at the next step boundary with one checkpoint and exit."""
+    from dpar_scale.checkpoint.save_load import list_checkpoints, step_of
+
+    codes = write_code_dataset(tmp_path / "codes")
+    run = tmp_path / "run"
+    proc = start_torchrun(2, ["train.py", *overrides(run, codes, "gpt", "parallel.dp_shard=2", "train.steps=400")],
+                          tmp_path / "torchrun.log")
+    try:
+        wait_for_step(run / "metrics.jsonl", 2, alive=lambda: proc.poll() is None)
+        proc.send_signal(signal.SIGTERM)  # to torchrun only (its own session): the workers hear it from torchrun
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            launch.kill_process_tree(proc.pid)
+    log = (tmp_path / "torchrun.log").read_text()
+    assert log.count("caught SIGTERM") == 2, log[-3000:]
+    saved = list_checkpoints(run)
+    assert len(saved) == 1 and 2 <= step_of(saved[0]) < 400, saved
+    assert f"stopped by SIGTERM at step {step_of(saved[0])}: checkpoint {saved[0]}" in log
+    assert "Unable to shutdown process" not in log  # they exited by themselves, before torchrun's SIGKILL
 
 
 def test_submission_through_a_fake_sbatch(slurm_cli, capsys, monkeypatch, tmp_path):

@@ -1,12 +1,16 @@
 """The submitit job that trains, and the checks made before anything is submitted.
 
 - `TrainJob`: the submitit callable. `__call__` maps the job's ranks to the torch.distributed environment
-  (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), builds the `Trainer` and runs it. The preemption
-  signal (submitit's, USR2 unless `SUBMITIT_PREEMPT_SIGNAL` says otherwise) only asks the trainer to stop
-  (`Trainer.request_stop`): at the next step boundary every rank agrees, saves one checkpoint and returns. Then
-  submitit's own handler is called as the signal would have called it: on rank 0 it calls `checkpoint()`, which
-  returns the resubmission (same job, `checkpoint.resume=auto`, one more requeue counted), requeues the job and
-  exits. The requeued job resumes from the newest complete checkpoint and the same wandb run (its id is in the
+  (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT), builds the `Trainer` and runs it. Two signals
+  only ask the trainer to stop (`Trainer.request_stop`; at the next step boundary every rank agrees, saves one
+  checkpoint and returns):
+  * the time-limit signal (submitit's, USR2 unless `SUBMITIT_PREEMPT_SIGNAL` says otherwise). Then submitit's
+    own handler is called as the signal would have called it: on rank 0 it calls `checkpoint()`, which returns
+    the resubmission (same job, `checkpoint.resume=auto`, one more requeue counted), requeues the job and exits;
+  * SIGTERM, what Slurm sends on preemption (and on `scancel`, and at the time limit before the kill; submitit
+    itself ignores it). Then rank 0 writes the resubmission for a scheduler that requeues the job
+    (PreemptMode=REQUEUE) but does not requeue it itself (a cancelled job should stay cancelled), and exits.
+  A requeued job resumes from the newest complete checkpoint and the same wandb run (its id is in the
   checkpoint's TrainState).
 - `validate_launch`: config path, dotted overrides and the parallel layout against the number of processes, before
   anything is submitted.
@@ -101,15 +105,15 @@ class TrainJob:
         from dpar_scale.parallel.process_group import destroy_process_group
         from dpar_scale.train.trainer import Trainer
 
+        from dpar_scale.train.stop_signals import StopOnSignals
+
         os.environ.update(rank_env())
         os.chdir(self.workdir)  # relative config / data paths mean the same thing on every node
         sig = _preempt_signal()
-        self._trainer, self._signalled = None, False
-        submitit_handler = signal.signal(sig, self._on_signal)
+        stop = StopOnSignals((sig, signal.SIGTERM), reason="checkpoint (and requeue on the time-limit signal)")
         cfg = load_config(self.config, job_overrides(self.overrides, requeued=self.requeues > 0))
-        trainer = self._trainer = Trainer(cfg, deepspeed_config=self.deepspeed_config)
-        if self._signalled:
-            trainer.request_stop()
+        trainer = Trainer(cfg, deepspeed_config=self.deepspeed_config)
+        stop.attach(trainer)
         if self.simulate_preemption_at and self.requeues == 0:
             step, at = trainer.train_step, self.simulate_preemption_at
 
@@ -120,21 +124,21 @@ class TrainJob:
                 return record
 
             trainer.train_step = train_step
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        finally:
+            submitit_handlers = stop.restore()
         destroy_process_group()
-        signal.signal(sig, submitit_handler)
-        if result.get("preempted") and callable(submitit_handler):
-            # The checkpoint is on disk; now what the signal would have done under submitit: rank 0 calls
-            # self.checkpoint(), writes the resubmission, requeues and exits. Other ranks just return.
-            submitit_handler(sig, None)
+        if result.get("preempted"):
+            # The checkpoint is on disk; now what submitit does for that signal. Rank 0 exits in there; the other
+            # ranks just return.
+            if sig in stop.caught and callable(submitit_handlers[sig]):
+                submitit_handlers[sig](sig, None)  # self.checkpoint(), write the resubmission, requeue, exit
+            elif hasattr(getattr(submitit_handlers[signal.SIGTERM], "__self__", None), "checkpoint_and_exit"):
+                # submitit's SIGTERM handler is a method of its SignalHandler: this one writes the resubmission
+                # (self.checkpoint()) without requeuing, then exits.
+                submitit_handlers[signal.SIGTERM].__self__.checkpoint_and_exit(signal.SIGTERM)
         return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}
-
-    def _on_signal(self, signum, frame) -> None:
-        print(f"dpar-scale: caught {signal.Signals(signum).name}; stopping at the next step boundary to "
-              f"checkpoint and requeue", file=sys.stderr, flush=True)
-        self._signalled = True
-        if getattr(self, "_trainer", None) is not None:
-            self._trainer.request_stop()
 
     def checkpoint(self, *args, **kwargs):
         """submitit's checkpointing protocol: the resubmission to requeue (None: do not requeue). The trainer has
