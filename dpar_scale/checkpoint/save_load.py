@@ -15,7 +15,8 @@ Every rank writes into `step-000123.tmp`; after a barrier rank 0 writes complete
 crash or kill at any point of a save leaves the previous checkpoint as the newest loadable one, and
 `list_checkpoints` only lists folders that carry complete.json. With `checkpoint.async_save` the shards are
 copied to CPU memory at the step and written by background threads; the same barrier + marker + rename happens
-when the trainer finishes the save (at the next save, or at the end of the run).
+when the trainer finishes the save: at the first step boundary at which every rank's writes are done (the
+trainer's ranks agree on it), at the latest at the next save or at the end of the run.
 
 Nothing here unpickles objects: train_state.pt and the RNG files hold tensors and plain Python values only
 (`torch.load(weights_only=True)`); DCP stores tensors and its own metadata.
@@ -157,6 +158,10 @@ class PendingCheckpoint:
     output_dir: Path
     keep_last: int
     protect: Path | None
+
+    def written(self) -> bool:
+        """This rank's background writes have finished (successfully or not: `finish_checkpoint` re-raises)."""
+        return all(future.done() for future in self.futures)
 
 
 def save_checkpoint(output_dir, cfg: Config, engine, scheduler, state: TrainState, layout: dict, ema=None,

@@ -192,14 +192,23 @@ class Trainer:
         """Asks `fit` to stop at the next step boundary: it saves a checkpoint and returns a result with
         `preempted: True`. Safe to call from a signal handler (it only sets a flag). With several processes the
         flag is agreed on at every step boundary, so all ranks stop after the same step even if only some of them
-        were signalled, or at different moments (one scalar all-reduce per step)."""
+        were signalled, or at different moments."""
         self.stop_requested = True
 
-    def _stop_agreed(self) -> bool:
-        if self.env.world_size <= 1:
-            return self.stop_requested
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        return float(all_reduce_sum(flag)) > 0
+    def _step_boundary(self) -> bool:
+        """What all ranks agree on between two steps (one all-reduce of two numbers, from this thread, on the
+        default group): whether any rank was asked to stop, and whether every rank's background checkpoint writes
+        have finished — then the pending checkpoint is published now rather than at the next save. Returns
+        whether to stop."""
+        pending = self.pending_save
+        flags = torch.tensor([float(self.stop_requested), float(pending is not None and not pending.written())],
+                             device=self.device)
+        if self.env.world_size > 1:
+            flags = all_reduce_sum(flags)
+        stop, unwritten = float(flags[0]) > 0, float(flags[1]) > 0
+        if pending is not None and not unwritten:
+            self.finish_pending_save()
+        return stop
 
     # ------------------------------------------------------------------------------------------------ batches
     @property
@@ -364,8 +373,9 @@ class Trainer:
 
     def save(self, last: bool = False) -> Path:
         """Saves a checkpoint of the current state (collective). With checkpoint.async_save the shards of
-        intermediate saves are written in the background and published at the next save; the `last` save of a
-        run (end, preemption) is always complete when this returns."""
+        intermediate saves are written in the background and published at the first step boundary after every
+        rank's writes finished (see `_step_boundary`; at the latest at the next save); the `last` save of a run
+        (end, preemption) is always complete when this returns."""
         self.finish_pending_save()
         c = self.cfg.checkpoint
         result = save_checkpoint(self.out, self.cfg, self.engine, self.scheduler, self.state, self.layout(),
@@ -397,7 +407,7 @@ class Trainer:
         window = {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0}
         last: dict = {}
         while self.state.step < cfg.train.steps:
-            if self._stop_agreed():
+            if self._step_boundary():
                 path = self.save(last=True)
                 say(f"stop requested: saved {path} at step {self.state.step}")
                 if bar is not None:
