@@ -182,8 +182,11 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
             if ds_cfg is not None:
                 (self.out / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
+        resumed = self.resumed_from is not None
+        own_run = resumed and self.resumed_from.resolve().parent.parent == self.out.resolve()
         self.metrics = MetricsLogger(self.out, enabled=self.is_main, wandb_cfg=cfg.wandb, run_name=cfg.run.name,
-                                     config=to_dict(cfg), wandb_id=self.state.wandb_id or None)
+                                     config=to_dict(cfg), wandb_id=self.state.wandb_id or None,
+                                     resumed_step=self.state.step if resumed else None, own_run=own_run)
         self.state.wandb_id = self.metrics.wandb_id or ""
         self.stop_requested = False  # see request_stop
         self.pending_save: PendingCheckpoint | None = None  # checkpoint.async_save: shards still being written
