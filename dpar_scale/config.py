@@ -140,8 +140,15 @@ class CheckpointConfig:
     # (catches a corrupt shard, not only a truncated one); false records sizes only
     checksums: bool = True
     # write the shards in a background thread (FSDP2 engine): the step waits only for the copy to CPU memory; the
-    # checkpoint becomes visible (complete.json, rename) at the next save or at the end of the run
+    # checkpoint becomes visible (complete.json, rename) at the first step boundary after every rank's writes
+    # finished (at the latest at the next save or at the end of the run)
     async_save: bool = False
+    # DeepSpeed checkpoint resumed on another process count: worker processes of its universal conversion (rank 0
+    # converts while the other ranks wait); 0 = one per CPU core of rank 0's node, at most 8
+    universal_workers: int = 0
+    # how long the other ranks wait for that conversion; 0 = derived from the checkpoint's size (see
+    # dpar_scale.train.deepspeed_engine.universal_timeout)
+    universal_timeout_min: float = 0.0
 
 
 @dataclass
@@ -387,6 +394,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if not 0.0 <= cfg.train.ema < 1.0:
         raise ConfigError(f"train.ema must be in [0, 1), got {cfg.train.ema}")
+    for key, value in (("checkpoint.universal_workers", cfg.checkpoint.universal_workers),
+                       ("checkpoint.universal_timeout_min", cfg.checkpoint.universal_timeout_min)):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 = automatic), got {value}")
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

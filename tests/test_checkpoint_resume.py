@@ -195,7 +195,9 @@ def test_deepspeed_checkpoint_resumes_on_another_process_count(root, codes, npro
     shutil.copytree(ref / "checkpoints" / "step-000006", source)
     run = resume_elsewhere(root, codes, f"deepspeed-to-{nproc}", "gpt", nproc, [], source, deepspeed=True)
     assert_same_continuation(6, ref, run)
-    assert (source / "deepspeed" / "state_universal").is_dir()
+    from dpar_scale.train.deepspeed_engine import universal_ready
+
+    assert universal_ready(source)  # converted once, with its own completion marker
 
 
 # ------------------------------------------------------------------------------------------------------ export
@@ -308,6 +310,10 @@ def test_async_checkpoints_hold_what_synchronous_ones_hold(root, codes):
 
 
 def test_export_tool_converts_deepspeed_checkpoints_to_universal_ahead_of_time(root, codes, tmp_path, capsys):
+    import json
+
+    from dpar_scale.train.deepspeed_engine import UNIVERSAL_MARKER, universal_ready
+
     ds = straight(root, codes, "deepspeed", "gpt", 2, [], deepspeed=True) / "checkpoints" / "step-000004"
     copy = tmp_path / "step-000004"
     shutil.copytree(ds, copy)
@@ -315,7 +321,24 @@ def test_export_tool_converts_deepspeed_checkpoints_to_universal_ahead_of_time(r
     assert "resume on any number of processes" in capsys.readouterr().out
     universal = copy / "deepspeed" / "state_universal"
     assert (universal / "zero").is_dir() and (copy / "deepspeed" / "latest_universal").read_text() == "state_universal"
-    assert export_main([str(copy), "--universal"]) == 0  # already there: nothing to do
+    marker = copy / "deepspeed" / UNIVERSAL_MARKER
+    assert universal_ready(copy) and json.loads(marker.read_text())["files"]
+    written = marker.stat().st_mtime_ns
+    assert export_main([str(copy), "--universal"]) == 0  # complete: nothing to do
+    assert marker.stat().st_mtime_ns == written
+    # an interrupted conversion (a folder without its marker, a leftover temporary folder) is never used: redone
+    marker.unlink()
+    (universal / "half-written").write_text("x")
+    (copy / "deepspeed" / "state_universal.tmp").mkdir()
+    assert not universal_ready(copy)
+    assert export_main([str(copy), "--universal"]) == 0
+    assert universal_ready(copy) and not (universal / "half-written").exists()
+    assert not (copy / "deepspeed" / "state_universal.tmp").exists()
+    # a damaged one (a file of another size than its marker says) is redone too
+    damaged = next(p for p in sorted(universal.rglob("*.pt")))
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    assert not universal_ready(copy)
+    assert export_main([str(copy), "--universal"]) == 0 and universal_ready(copy)
     fsdp = straight(root, codes, "fsdp2-gpt", "gpt", 2, FSDP2) / "checkpoints" / "step-000004"
     assert export_main([str(fsdp), "--universal"]) == 2  # not a DeepSpeed checkpoint
     assert "only DeepSpeed checkpoints" in capsys.readouterr().err

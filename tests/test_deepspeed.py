@@ -1,4 +1,5 @@
-"""The DeepSpeed engine: ZeRO-3 on 2 CPU processes (gloo) equals one process; JSON/config conflicts are clear.
+"""The DeepSpeed engine: ZeRO-3 on 2 CPU processes (gloo) equals one process, also after a resume on 2 processes
+and on one (through DeepSpeed's universal checkpoint); JSON/config conflicts are clear.
 
 The launcher form under test is the documented CPU one: `deepspeed --num_gpus 2 train.py --deepspeed_config ...`
 (without --num_gpus the launcher starts a single process on a machine without GPUs).
@@ -6,6 +7,7 @@ The launcher form under test is the documented CPU one: `deepspeed --num_gpus 2 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,17 +52,75 @@ def test_zero3_two_processes_matches_single_process(setup):
     assert (out / "checkpoints" / "step-000004" / "deepspeed").is_dir()
 
 
-def test_zero3_resume_under_torchrun(setup):
-    """The torchrun form of the same engine; stop at step 2, resume from DeepSpeed's checkpoint to step 4."""
+ZERO3 = ["train.py", "--deepspeed_config", "configs/deepspeed/zero3.json"]
+
+
+@pytest.fixture(scope="module")
+def zero3_two_steps(setup):
+    """The torchrun form of the same engine, stopped at step 2: a copy of its run folder (checkpoint of step 2)."""
     root, codes = setup
-    out = root / "zero3-resumed"
-    base = ["train.py", "--deepspeed_config", "configs/deepspeed/zero3.json"]
-    first = torchrun(2, base + overrides(out, codes, "dpar", *EXTRA, "train.steps=2"))
+    out = root / "zero3-two-steps"
+    first = torchrun(2, ZERO3 + overrides(out, codes, "dpar", *EXTRA, "train.steps=2"))
     assert first.returncode == 0, first.stderr[-5000:]
-    second = torchrun(2, base + overrides(out, codes, "dpar", *EXTRA, "checkpoint.resume=auto"))
+    return out
+
+
+def continue_run(root, source: Path, name: str) -> Path:
+    out = root / name
+    shutil.copytree(source, out)
+    return out
+
+
+def test_zero3_resume_under_torchrun(setup, zero3_two_steps):
+    """Resume DeepSpeed's ZeRO-3 checkpoint of step 2 on the same 2 processes, to step 4."""
+    root, codes = setup
+    out = continue_run(root, zero3_two_steps, "zero3-resumed")
+    second = torchrun(2, ZERO3 + overrides(out, codes, "dpar", *EXTRA, "checkpoint.resume=auto"))
     assert second.returncode == 0, second.stderr[-5000:]
     assert_same_run(root / "single", out)
     assert "resumed from" in second.stdout
+
+
+def test_zero3_dpar_checkpoint_resumes_on_one_process(setup, zero3_two_steps):
+    """2 ranks' ZeRO-3 partitions of DPAR -> DeepSpeed's universal form, converted by the resuming run (with its
+    own completion marker) -> one process to step 4: the same run as one process from the start."""
+    from dpar_scale.train.deepspeed_engine import universal_ready
+
+    root, codes = setup
+    out = continue_run(root, zero3_two_steps, "zero3-on-one")
+    done = torchrun(1, ZERO3 + overrides(out, codes, "dpar", *EXTRA, "checkpoint.resume=auto"))
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "resuming a checkpoint written by 2 process(es)" in done.stdout
+    assert_same_run(root / "single", out)
+    assert universal_ready(out / "checkpoints" / "step-000002")
+
+
+def test_ranks_waiting_for_the_universal_conversion(tmp_path, monkeypatch):
+    """What a rank other than 0 does while rank 0 converts: it polls the shared filesystem for the conversion's
+    marker (no collective, so no process-group timeout), fails at once when rank 0 left an error, and gives up
+    after the wait derived from the checkpoint's size (or checkpoint.universal_timeout_min)."""
+    import torch.distributed as dist
+
+    from dpar_scale.checkpoint.save_load import CheckpointError
+    from dpar_scale.train import deepspeed_engine as engine
+
+    state = tmp_path / "step-000002" / "deepspeed" / "state"
+    state.mkdir(parents=True)
+    (state / "shard.pt").write_bytes(b"\0" * 10_000_000)
+    assert engine.universal_timeout(tmp_path / "step-000002") == pytest.approx(1800 + 2.0)
+    assert engine.universal_timeout(tmp_path / "step-000002", minutes=90) == 5400
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    with pytest.raises(CheckpointError, match="did not finish the universal conversion .* within 0 min"):
+        engine.prepare_universal(tmp_path / "step-000002", timeout_min=0.001, poll_s=0.01)
+    (state.parent / engine.UNIVERSAL_FAILED).write_text("OSError: disk full\n")
+    with pytest.raises(CheckpointError, match="rank 0 could not convert .*: OSError: disk full"):
+        engine.prepare_universal(tmp_path / "step-000002", poll_s=0.01)
+    (state.parent / engine.UNIVERSAL_FAILED).unlink()
+    (state.parent / engine.UNIVERSAL_TAG).mkdir()
+    (state.parent / engine.UNIVERSAL_TAG / "x.pt").write_bytes(b"12")
+    (state.parent / engine.UNIVERSAL_MARKER).write_text(json.dumps({"files": {"state_universal/x.pt": 2}}))
+    engine.prepare_universal(tmp_path / "step-000002", poll_s=0.01)  # complete: returns
 
 
 # ---------------------------------------------------------------------------------- JSON <-> config checks

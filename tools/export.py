@@ -11,8 +11,10 @@ memory of one full fp32 copy of the model and no GPU. tools/sample.py --checkpoi
 folder itself).
 
 --universal converts a DeepSpeed checkpoint in place (adds deepspeed/state_universal, DeepSpeed's universal
-checkpoint) so it can resume on a different number of processes. train.py does this itself on such a resume
-(rank 0, the others wait); doing it ahead of time keeps a long conversion out of the job's collective timeout.
+checkpoint, and its completion marker deepspeed/state_universal.complete.json) so it can resume on a different
+number of processes. train.py does this itself on such a resume (rank 0 with parallel workers, the others wait
+for the marker); doing it ahead of time keeps the conversion out of the job's allocation. A conversion without its
+marker (interrupted) or whose files no longer match it is redone.
 """
 from __future__ import annotations
 

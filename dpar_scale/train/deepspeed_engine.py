@@ -167,6 +167,8 @@ class DeepSpeedEngine:
         # Recorded in every checkpoint so DeepSpeed's universal conversion accepts ZeRO 1/2 checkpoints as they are.
         setattr(model, constants.UNIVERSAL_CHECKPOINT_INFO,
                 {constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+        # Our parameter groups' hyperparameters (weight decay on matrices only, ...), put back after every load.
+        self.group_hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                                  dist_init_required=False)
         self.scheduler = scheduler  # built on the client AdamW: DeepSpeed keeps its param_group dicts (and lr)
@@ -216,28 +218,112 @@ class DeepSpeedEngine:
 
     def load_state(self, folder: Path, ema=None, saved_layout: dict | None = None) -> None:
         """Collective. Same process count: DeepSpeed's checkpoint as saved. Another one: its universal form,
-        converted once by rank 0 (kept in the checkpoint for later resumes; `tools/export.py --universal` does the
-        same ahead of time)."""
-        import torch.distributed as dist
-
+        converted once by rank 0 (kept in the checkpoint, with its own completion marker, for later resumes;
+        `tools/export.py --universal` does the same ahead of time) while the other ranks wait for that marker."""
         tag = "state"
         if self.universal:
-            if dist.get_rank() == 0:
-                make_universal(folder)
-            dist.barrier()
+            prepare_universal(folder, self.cfg.checkpoint.universal_workers,
+                              self.cfg.checkpoint.universal_timeout_min)
             tag = UNIVERSAL_TAG
         path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
             raise MissingFileError(f"no DeepSpeed checkpoint under {folder / 'deepspeed'}")
+        repair_loaded_optimizer(self.optimizer, self.group_hyperparameters)
 
 
+def repair_loaded_optimizer(optimizer, group_hyperparameters: list[dict]) -> None:
+    """After DeepSpeed loaded a checkpoint: our parameter groups' hyperparameters (they come from our config, as
+    with the native engine; the learning rate is then set from the schedule), and one step counter per optimizer
+    state. Both matter: DeepSpeed 0.19's ZeRO-3 universal load copies the first group's hyperparameters into every
+    group (weight decay on norms and start vectors), and gives every sub-group the same `step` tensor, which
+    AdamW then advances once per sub-group per step (the second group's bias correction a step ahead)."""
+    for group, ours in zip(optimizer.param_groups, group_hyperparameters, strict=True):
+        group.update(ours)
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the client torch optimizer
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+# --------------------------------------------------------------------------------- universal checkpoints
+# deepspeed/state_universal/ is derived data inside a published checkpoint, outside its complete.json; it is used
+# only when deepspeed/state_universal.complete.json (written last, with every file's size) matches it, so an
+# interrupted or damaged conversion is redone, never loaded.
 UNIVERSAL_TAG = "state_universal"
+UNIVERSAL_MARKER = UNIVERSAL_TAG + ".complete.json"
+UNIVERSAL_FAILED = UNIVERSAL_TAG + ".failed"
 
 
-def make_universal(checkpoint: Path) -> Path:
+def universal_ready(checkpoint: Path) -> bool:
+    """The universal form of `checkpoint` is complete: its marker exists and every file it lists has its size."""
+    root = Path(checkpoint) / "deepspeed"
+    try:
+        files = json.loads((root / UNIVERSAL_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((root / rel).is_file() and (root / rel).stat().st_size == size for rel, size in files.items())
+
+
+def universal_workers(requested: int = 0) -> int:
+    """Processes of the conversion: `checkpoint.universal_workers`, or one per CPU core of this node, at most 8."""
+    return requested or max(1, min(8, os.cpu_count() or 1))
+
+
+def universal_timeout(checkpoint: Path, minutes: float = 0) -> float:
+    """Seconds the other ranks wait for rank 0's conversion: `checkpoint.universal_timeout_min`, else 30 min plus
+    1 s per 5 MB of the DeepSpeed checkpoint (the conversion reads every shard once and writes about as much
+    again; 5 MB/s end to end is far below any cluster filesystem, so only a dead rank 0 ever reaches it)."""
+    if minutes:
+        return minutes * 60
+    state = Path(checkpoint) / "deepspeed" / "state"
+    size = sum(p.stat().st_size for p in state.rglob("*") if p.is_file()) if state.is_dir() else 0
+    return 1800 + size / 5e6
+
+
+def prepare_universal(checkpoint: Path, workers: int = 0, timeout_min: float = 0, poll_s: float = 0.5) -> None:
+    """Collective. Rank 0 converts `checkpoint` unless its universal form is complete; the other ranks wait for
+    the marker by polling the (shared) filesystem, not in a collective, so the wait is as long as
+    `universal_timeout` says whatever the process group's timeout; a conversion that fails on rank 0 fails every
+    rank at once (rank 0 leaves the error in deepspeed/state_universal.failed)."""
+    import time
+
+    import torch.distributed as dist
+
+    from dpar_scale.checkpoint.save_load import CheckpointError
+
+    root = Path(checkpoint) / "deepspeed"
+    rank = dist.get_rank()
+    if rank == 0 and not universal_ready(checkpoint):
+        (root / UNIVERSAL_FAILED).unlink(missing_ok=True)  # before the barrier: nobody may read a stale one
+        (root / UNIVERSAL_MARKER).unlink(missing_ok=True)
+    dist.barrier()
+    if rank == 0:
+        try:
+            make_universal(checkpoint, workers)
+        except Exception as e:
+            (root / UNIVERSAL_FAILED).write_text(f"{type(e).__name__}: {e}\n")
+            raise
+    else:
+        deadline = time.monotonic() + universal_timeout(checkpoint, timeout_min)
+        while not universal_ready(checkpoint):
+            if (root / UNIVERSAL_FAILED).is_file():
+                raise CheckpointError(f"rank 0 could not convert {checkpoint} to DeepSpeed's universal form: "
+                                      f"{(root / UNIVERSAL_FAILED).read_text().strip()}")
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"rank 0 did not finish the universal conversion of {checkpoint} within "
+                                      f"{universal_timeout(checkpoint, timeout_min) / 60:.0f} min (is it alive?); "
+                                      f"convert ahead of time with python tools/export.py {checkpoint} --universal, "
+                                      f"or raise checkpoint.universal_timeout_min")
+            time.sleep(poll_s)
+    dist.barrier()
+
+
+def make_universal(checkpoint: Path, workers: int = 0) -> Path:
     """DeepSpeed's universal checkpoint (loadable on any number of processes) of `checkpoint/deepspeed/state`,
-    written to `checkpoint/deepspeed/state_universal` through a temporary folder; a no-op when it exists."""
+    written to `checkpoint/deepspeed/state_universal` through a temporary folder by `universal_workers(workers)`
+    extracting processes (half as many merging: the merge holds whole parameters); a no-op when a complete one
+    exists (`universal_ready`), redone when one exists without its marker."""
     import argparse
     import shutil
 
@@ -245,16 +331,24 @@ def make_universal(checkpoint: Path) -> Path:
 
     root = Path(checkpoint) / "deepspeed"
     target = root / UNIVERSAL_TAG
-    if target.is_dir():
+    if universal_ready(checkpoint):
         return target
     if not (root / "state").is_dir():
         raise MissingFileError(f"{checkpoint} has no DeepSpeed checkpoint (deepspeed/state); only DeepSpeed "
                                 f"checkpoints need a universal conversion")
+    (root / UNIVERSAL_MARKER).unlink(missing_ok=True)
     tmp = root / (UNIVERSAL_TAG + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in (tmp, target):
+        shutil.rmtree(stale, ignore_errors=True)
+    n = universal_workers(workers)
     ds_to_universal(argparse.Namespace(input_folder=str(root / "state"), output_folder=str(tmp),
-                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                       strict=True, inject_missing_state=True))
+                                       num_extract_workers=n, num_merge_workers=max(1, n // 2),
+                                       keep_temp_folder=False, strict=True, inject_missing_state=True))
     tmp.rename(target)
     (root / "latest_universal").write_text(UNIVERSAL_TAG)  # the converter named the temporary folder
+    files = {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file()}
+    files["latest_universal"] = (root / "latest_universal").stat().st_size
+    marker = root / UNIVERSAL_MARKER
+    marker.with_suffix(".tmp").write_text(json.dumps({"workers": n, "files": files}, indent=1) + "\n")
+    marker.with_suffix(".tmp").replace(marker)
     return target
