@@ -1,7 +1,8 @@
 """Training: one trainer for every model kind (GPT baseline, entropy model, DPAR), and the engines it drives.
 
 `trainer` (the loop), `native_engine` (plain PyTorch: one process, FSDP2 / TP under torchrun),
-`deepspeed_engine` (ZeRO 1-3), `metrics_log` (console line, metrics.jsonl, offline wandb). Both engines offer
+`deepspeed_engine` (ZeRO 1-3), `metrics_log` (console line, metrics.jsonl, offline wandb), `numerics` (TF32,
+train.deterministic), `stop_signals` (SIGTERM / USR2 -> checkpoint at the next step boundary). Both engines offer
   forward_module            what the trainer calls for the forward pass
   autocast()                the precision context of the forward
   backward(loss, last)      backward of one micro-batch's (pre-scaled) loss
