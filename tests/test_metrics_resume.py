@@ -38,26 +38,43 @@ def wandb_file_records(path: Path):
             parts = b""
 
 
-def offline_runs(run_dir: Path) -> list[dict]:
-    """Every offline wandb run written under `run_dir`, oldest first: id, branch point, logged steps."""
+def offline_runs(run_dir: Path, timeout: float = 60) -> list[dict]:
+    """Every offline wandb run written under `run_dir`, oldest first: id, branch point, logged steps. wandb's
+    service writes these files in the background and may still be at it after `finish()` returns (seen on a busy
+    machine): wait until every file ends with its exit record."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [_read_offline_run(path) for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+        if all(run["complete"] for run in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
+def _read_offline_run(path: Path) -> dict:
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
-    runs = []
-    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        found = {"id": None, "branch_point": None, "steps": []}
+    found = {"id": None, "branch_point": None, "steps": [], "complete": False}
+    try:
         for raw in wandb_file_records(path):
             record = pb.Record()
             record.ParseFromString(raw)
-            if record.WhichOneof("record_type") == "run":
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
                 found["id"] = record.run.run_id
                 for item in record.run.config.update:
                     if item.key == "_wandb":
                         found["branch_point"] = json.loads(item.value_json).get("branch_point")
-            elif record.WhichOneof("record_type") == "history":
+            elif kind == "history":
                 found["steps"] += [int(i.value_json) for i in record.history.item
                                    if (i.key or "/".join(i.nested_key)) == "_step"]
-        runs.append(found)
-    return runs
+            elif kind == "exit":
+                found["complete"] = True
+    except (DecodeError, struct.error):  # a record still being written
+        found["complete"] = False
+    return found
 
 
 @pytest.fixture
