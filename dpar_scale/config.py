@@ -3,13 +3,20 @@
 Every entry point (train.py, the tools, the launchers) builds a `Config` the same way:
 `load_config(path, overrides)`. Unknown keys and values of the wrong type are rejected with the dotted key in
 the message, so a typo in a 48-hour Slurm job fails in the first second instead of being silently ignored.
+
+A YAML file may start from others: `include: base.yaml` (or a list, paths relative to the including file) reads
+those first, in order, and the file's own keys then override theirs (mappings merge key by key; lists and scalars
+are replaced). Dotted overrides apply last. `configs/paper/` is built this way: one recipe, one file per
+resolution, one small file per run.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +56,10 @@ class PatchConfig:
     mode: str = "global"  # global | monotonic | global+monotonic | static
     alignment: str = "reference"  # reference (e[k-1] > θ starts code k) | blt (e[k] > θ)
     threshold: float = 7.8  # θ in nats; ignored by mode=static
-    max_patch_length: int = 4  # P_max
-    static_length: int = 2  # patch length for mode=static
+    max_patch_length: int = 4  # P_max; >= H·W never splits a run (no maximum length)
+    # patch length for mode=static; fractional (e.g. 1.81) = that mean length, see dpar_scale/patching/rule.py
+    static_length: float = 2
+    row_reset: bool = True  # every row starts a patch (false: the paper's "no row reset" ablation)
 
 
 @dataclass
@@ -111,6 +120,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    # > 0: the run is this many epochs and train.steps is derived from the data at start (see `resolve_epochs`;
+    # one epoch = every training source image once, whatever the number of augmented views per image)
+    epochs: float = 0.0
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 10
@@ -161,6 +173,15 @@ class ParallelConfig:
 
 
 @dataclass
+class SampleConfig:
+    """How a trained model is sampled for evaluation: tools/sample.py and tools/sample_ddp.py use these when
+    --cfg-scale / --resize are not given (the run's config.yaml carries them into its checkpoints)."""
+
+    cfg_scale: float = 2.0  # classifier-free guidance (LlamaGen / DPAR: 2.0 for B and L, 1.75 for XL and XXL)
+    resize: int = 0  # bicubic resize to R x R before uint8 (384-px models are evaluated at 256); 0 = off
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     project: str = "dpar-scale"
@@ -176,6 +197,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -291,14 +313,35 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def _read_mapping(path: str | Path) -> dict:
+def _read_mapping(path: str | Path, included_by: Path | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        where = f" (included by {str(included_by)!r})" if included_by else ""
+        raise ConfigError(f"config file {str(path)!r} does not exist{where}")
     loaded = yaml.safe_load(path.read_text()) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return loaded
+
+
+INCLUDE_KEY = "include"
+
+
+def read_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The values of a YAML config with its `include:` files merged in (see the module docstring)."""
+    path, here = Path(path), Path(path).resolve()
+    if here in _chain:
+        raise ConfigError("config include cycle: " + " -> ".join(str(p) for p in _chain + (here,)))
+    values = _read_mapping(path, _chain[-1] if _chain else None)
+    includes = values.pop(INCLUDE_KEY, [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise ConfigError(f"{path}: {INCLUDE_KEY} must be a file name or a list of file names (relative to "
+                          f"{path.parent}), got {includes!r}")
+    merged: dict = {}
+    for name in includes:
+        merged = _deep_merge(merged, read_config_file(here.parent / name, _chain + (here,)))
+    return _deep_merge(merged, values)
 
 
 def _from_values(values: dict, overrides: list[str], cls: type) -> Any:
@@ -312,7 +355,7 @@ def _from_values(values: dict, overrides: list[str], cls: type) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
     """Reads YAML (optional), applies dotted overrides, validates types and keys, and checks values."""
-    return _from_values(_read_mapping(path) if path else {}, overrides or [], cls)
+    return _from_values(read_config_file(path) if path else {}, overrides or [], cls)
 
 
 def with_legacy_sections(values: dict) -> dict:
@@ -398,6 +441,40 @@ def validate(cfg: Config) -> None:
                        ("checkpoint.universal_timeout_min", cfg.checkpoint.universal_timeout_min)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0 (0 = automatic), got {value}")
+    if cfg.train.epochs < 0:
+        raise ConfigError(f"train.epochs must be >= 0 (0 = train.steps decides), got {cfg.train.epochs}")
+    if cfg.train.epochs > 0 and cfg.data.global_tokens_per_microbatch > 0:
+        raise ConfigError("train.epochs counts images per step from data.batch_size, but "
+                          "data.global_tokens_per_microbatch packs a varying number of images: set train.steps "
+                          "instead of train.epochs, or data.global_tokens_per_microbatch=0")
+    if cfg.sample.resize < 0:
+        raise ConfigError(f"sample.resize must be >= 0 (0 = off), got {cfg.sample.resize}")
+
+
+def steps_for_epochs(epochs: float, num_train_images: int, batch_size: int) -> int:
+    """Optimizer steps that show `epochs` x `num_train_images` samples at `batch_size` images per step (rounded
+    up, exactly: 300 epochs of ImageNet's 1,281,167 images at batch 256 is 1,501,368 steps).
+
+    One epoch is every *source image* once, as in LlamaGen's training: its ten-crop code set has one item per image
+    holding the image's ten views, and each time the item is drawn one view is picked at random. Here every view
+    is a row of the global order, so `epochs` epochs are epochs / views passes over the rows: each image is still
+    seen `epochs` times (exactly, when epochs is a multiple of the views per image), each time in one of its views.
+    LlamaGen drops the last incomplete batch of each epoch (300 x floor(1,281,167 / 256) = 1,501,200 steps);
+    the cursor here runs on across epochs, so nothing is dropped."""
+    if num_train_images < 1 or batch_size < 1:
+        raise ConfigError(f"train.epochs needs training images and a batch size, got {num_train_images} images "
+                          f"and data.batch_size={batch_size}")
+    return max(1, math.ceil(Fraction(epochs) * num_train_images / batch_size))
+
+
+def resolve_epochs(cfg: Config, num_train_images: int) -> str | None:
+    """With train.epochs > 0, sets cfg.train.steps from the data's size and returns the line that says so;
+    None (and nothing changed) when the run is counted in steps."""
+    if cfg.train.epochs <= 0:
+        return None
+    cfg.train.steps = steps_for_epochs(cfg.train.epochs, num_train_images, cfg.data.batch_size)
+    return (f"train.epochs={cfg.train.epochs:g} x {num_train_images:,} training images / data.batch_size="
+            f"{cfg.data.batch_size} -> train.steps={cfg.train.steps:,}")
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -80,3 +80,52 @@ def test_model_kind_comes_from_the_preset():
         resolve_model_config(load_config(None, []).model)
     with pytest.raises(ConfigError, match="does not fit"):
         resolve_model_config(load_config(None, ["model.preset=gpt-b", "model.kind=dpar"]).model)
+
+
+def test_include_merges_files_in_order_then_the_file_itself(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "recipe.yaml").write_text("optim:\n  lr: 3.0e-4\n  weight_decay: 0.1\nmodel:\n"
+                                                   "  grid: [24, 24]\n  dim: 32\n")
+    (tmp_path / "base" / "size.yaml").write_text("include: recipe.yaml\noptim:\n  lr: 2.0e-4\n")
+    (tmp_path / "run.yaml").write_text("include: [base/size.yaml]\nmodel:\n  kind: gpt\n  grid: [16, 16]\n")
+    cfg = load_config(tmp_path / "run.yaml", ["optim.weight_decay=0.2"])
+    # the including file wins over its includes (lr), includes are relative to the file that names them, lists
+    # are replaced (grid), untouched keys of every level survive (dim), overrides come last (weight_decay)
+    assert cfg.optim.lr == 2e-4 and cfg.model.grid == (16, 16) and cfg.model.dim == 32
+    assert cfg.optim.weight_decay == 0.2 and cfg.model.kind == "gpt"
+
+
+def test_include_errors_name_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("include: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"include cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("include: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml' does not exist \(included by .*c\.yaml"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("include: {x: 1}\n")
+    with pytest.raises(ConfigError, match="include must be a file name or a list"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("include: []\nmodel:\n  patch:\n    row_reset: maybe\n")
+    with pytest.raises(ConfigError, match=r"model\.patch\.row_reset"):
+        load_config(tmp_path / "e.yaml")
+
+
+def test_epochs_become_steps_from_the_data_size():
+    from dpar_scale.config import resolve_epochs, steps_for_epochs
+
+    # ImageNet's 1,281,167 training images, 300 epochs at batch 256: rounded up, exactly (no float error)
+    assert steps_for_epochs(300, 1_281_167, 256) == 1_501_368
+    assert steps_for_epochs(1, 512, 256) == 2 and steps_for_epochs(1, 513, 256) == 3
+    assert steps_for_epochs(0.5, 10, 3) == 2
+    cfg = load_config(None, ["train.epochs=2", "data.batch_size=4", "train.steps=7"])
+    line = resolve_epochs(cfg, 10)
+    assert cfg.train.steps == 5 and "train.steps=5" in line and "10 training images" in line
+    untouched = load_config(None, ["train.steps=7"])
+    assert resolve_epochs(untouched, 10) is None and untouched.train.steps == 7
+    with pytest.raises(ConfigError, match="train.epochs must be >= 0"):
+        load_config(None, ["train.epochs=-1"])
+    with pytest.raises(ConfigError, match="global_tokens_per_microbatch packs"):
+        load_config(None, ["train.epochs=1", "data.global_tokens_per_microbatch=512"])
+    with pytest.raises(ConfigError, match="needs training images"):
+        steps_for_epochs(1, 0, 256)

@@ -245,6 +245,24 @@ def test_dpar_cached_generation_logits(models):
         torch.testing.assert_close(cached, model(codes, LABELS, layout), atol=1e-5, rtol=0)
 
 
+def test_dpar_sampler_honours_the_ablation_rules(models):
+    # No row reset and no P_max ("entropy only"), and the fractional static length: the boundaries chosen on the
+    # fly are the patcher's on the final codes under the same rule, and without row reset some patch crosses a row.
+    model = models["dpar"]["dynamic"]
+    rule = PatchConfig(threshold=models["theta"], max_patch_length=N, row_reset=False)
+    codes, lengths = generate_dpar(model, models["entropy"], LABELS, patch_cfg=rule, uniforms=streams(8))
+    entropy = code_entropies(models["entropy"], codes)
+    assert lengths == patch_lengths(entropy, width=GRID[1], threshold=rule.threshold, max_patch_length=N,
+                                    row_reset=False)
+    starts = [set(torch.tensor([0] + x[:-1]).cumsum(0).tolist()) for x in lengths]
+    assert any(not set(range(0, N, GRID[1])) <= s for s in starts)
+    static = PatchConfig(mode="static", static_length=1.5, max_patch_length=4)
+    _, lengths = generate_dpar(model, None, LABELS[:1], patch_cfg=static, uniforms=streams(0, 1))
+    assert lengths == patch_lengths(torch.zeros(1, N), width=GRID[1], threshold=0.0, max_patch_length=4,
+                                    mode="static", static_length=1.5)
+    assert len(lengths[0]) == round(N / 1.5)
+
+
 def test_dpar_needs_entropy_model(models):
     with pytest.raises(ValueError, match="needs the entropy model"):
         generate_dpar(models["dpar"]["dynamic"], None, LABELS, patch_cfg=PatchConfig(), uniforms=streams(0))

@@ -153,3 +153,47 @@ def test_bad_arguments():
         patch_lengths(torch.zeros(1, 10), width=4, threshold=1.0, max_patch_length=2)
     with pytest.raises(ValueError, match="mode"):
         patch_lengths(torch.zeros(1, 8), width=4, threshold=1.0, max_patch_length=2, mode="dynamic")
+
+
+def test_without_row_reset_patches_cross_rows():
+    # 2 rows of 4, all entropies low: with row reset code 4 starts a patch; without it only codes 0, 1 and the
+    # P_max cuts do, so a run goes on across the row end (the paper's "no row reset" ablation).
+    e = torch.zeros(1, 8)
+    assert patch_lengths(e, width=4, threshold=1.0, max_patch_length=8, row_reset=False) == [[1, 7]]
+    assert patch_lengths(e, width=4, threshold=1.0, max_patch_length=3, row_reset=False) == [[1, 3, 3, 1]]
+    # "entropy only": no row reset and P_max >= H·W: only the entropy signal cuts
+    e[0, 4] = 9.0  # e[4] > θ: code 5 starts a patch (reference alignment)
+    assert patch_lengths(e, width=4, threshold=1.0, max_patch_length=8, row_reset=False) == [[1, 4, 3]]
+    # the loop reference with its row-start clause removed agrees on random entropies
+    g = torch.Generator().manual_seed(5)
+    e = torch.rand(8, 64, generator=g) * 9.7
+    got = patch_lengths(e, width=8, threshold=7.0, max_patch_length=64, row_reset=False)
+    for i in range(8):
+        assert got[i] == reference_lengths(e[i].tolist(), 64, 7.0, 64)  # width = N: no row starts after code 0
+
+
+def test_static_without_row_reset_runs_over_the_raster_order():
+    e = torch.rand(1, 12)
+    assert patch_lengths(e, width=6, threshold=0.0, max_patch_length=4, mode="static", static_length=4,
+                         row_reset=False) == [[4, 4, 4]]
+
+
+def test_fractional_static_length_is_that_mean():
+    # The paper's static baseline has length 1.81 (its dynamic layout's mean): on 16x16, round(256 / 1.81) = 141
+    # patches of lengths 1 and 2, every row starting a patch, the same layout for every image.
+    e = torch.rand(3, 256)
+    lengths = patch_lengths(e, width=16, threshold=0.0, max_patch_length=4, mode="static", static_length=1.81)
+    assert lengths[0] == lengths[1] == lengths[2]
+    assert len(lengths[0]) == 141 and sum(lengths[0]) == 256 and set(lengths[0]) == {1, 2}
+    rows = torch.tensor([0] + lengths[0][:-1]).cumsum(0)
+    assert set(range(0, 256, 16)) <= set(rows.tolist())  # row reset holds
+    # 384 px: 24x24 at the paper's 2.06 -> round(576 / 2.06) = 280 patches
+    lengths = patch_lengths(torch.rand(1, 576), width=24, threshold=0.0, max_patch_length=4, mode="static",
+                            static_length=2.06)[0]
+    assert len(lengths) == 280 and max(lengths) <= 4
+    # a whole length keeps its old meaning (runs of L from each row start)
+    assert patch_lengths(e[:1], width=16, threshold=0.0, max_patch_length=4, mode="static",
+                         static_length=2.0) == [[2] * 128]
+    with pytest.raises(ValueError, match="needs row_reset"):
+        patch_lengths(e, width=16, threshold=0.0, max_patch_length=4, mode="static", static_length=1.81,
+                      row_reset=False)

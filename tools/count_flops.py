@@ -41,8 +41,6 @@ if TYPE_CHECKING:  # torch and the counters load after the arguments are parsed
 
     from dpar_scale.config import DPARConfig, ModelConfig
 
-PAPER_MEAN_LENGTH = {256: 1.81, 384: 2.06}  # mean patch length of the paper's θ (7.8 @256, 7.9 @384), P_max 4
-PAPER_THRESHOLD = {256: 7.8, 384: 7.9}
 SIZES = ("b", "l", "xl", "xxl")
 GROUP_COLUMNS = ("encoder", "global", "decoder", "head", "attention")
 
@@ -137,7 +135,7 @@ def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple
     from dpar_scale.flops.analytic import TRAIN_FACTOR, analytic_breakdown, lengths_with_mean
     from dpar_scale.flops.counting import measure
     from dpar_scale.models import PRESETS
-    from dpar_scale.patching.rule import patch_lengths
+    from dpar_scale.patching.rule import PAPER_MEAN_PATCH_LENGTH, PAPER_THRESHOLD, patch_lengths
 
     cfgs = {name: model_config(name, grid, args.vocab, args.classes, args.structure) for name in (baseline, model)}
     layout_info: dict = {"max_patch_length": args.max_patch_length}
@@ -157,7 +155,7 @@ def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple
         dataset = {"images": len(all_lengths),
                    "mean_patch_length": sum(map(sum, all_lengths)) / sum(map(len, all_lengths))}
     else:
-        target = mean_length or PAPER_MEAN_LENGTH.get(image_size)
+        target = mean_length or PAPER_MEAN_PATCH_LENGTH.get(image_size)
         if target is None:
             raise UsageError(f"no paper statistics for a {grid[0]}x{grid[1]} grid: give --mean-patch-length")
         lengths = lengths_with_mean(grid, target, args.max_patch_length, args.batch_images or 1)
@@ -271,7 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-patch-length", type=positive_int, default=4)
     ap.add_argument("--mode", default="global", choices=["global", "monotonic", "static"])
     ap.add_argument("--alignment", default="reference", choices=["reference", "blt"])
-    ap.add_argument("--static-length", type=positive_int, default=2)
+    ap.add_argument("--static-length", type=positive_float, default=2,
+                    help="mode static: patch length (fractional: that mean length)")
     ap.add_argument("--batch-images", type=non_negative_int, default=0,
                     help="images in the counted forward (default 1 with --mean-patch-length, 8 with --entropies)")
     ap.add_argument("--max-images", type=positive_int, default=20000, help="entropy rows read for the data-set mean")
@@ -291,6 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     from dpar_scale.config import ConfigError, parse_dpar_structure, to_dict
+    from dpar_scale.patching.rule import PAPER_MEAN_PATCH_LENGTH
 
     try:
         args.structure = parse_dpar_structure(args.dpar)
@@ -304,8 +304,8 @@ def main(argv=None) -> int:
     if args.all:
         args.vocab = args.vocab or 16384
         counted = [compare(args, f"dpar-{size}", f"gpt-{size}", px, (px // 16, px // 16),
-                           args.mean_patch_length or PAPER_MEAN_LENGTH[px])
-                   for size in SIZES for px in sorted(PAPER_MEAN_LENGTH)]
+                           args.mean_patch_length or PAPER_MEAN_PATCH_LENGTH[px])
+                   for size in SIZES for px in sorted(PAPER_MEAN_PATCH_LENGTH)]
         records = [r for r, _ in counted]
         print_grid(records)
         out["grid"] = records

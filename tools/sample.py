@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dpar_scale.cli import entry_point, parser  # noqa: E402
-from dpar_scale.sampling.options import (add_sampling_arguments, check_sampling_arguments,  # noqa: E402
-                                         patch_rule_overrides)
+from dpar_scale.sampling.options import (add_sampling_arguments, apply_config_defaults,  # noqa: E402
+                                         check_sampling_arguments, patch_rule_overrides)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,6 +98,7 @@ def run(args) -> int:
     inputs = load_sampling_inputs(args.checkpoint, device=args.device, tokenizer_path=args.tokenizer_path,
                                   tokenizer_name=args.tokenizer, entropy_checkpoint=args.entropy_checkpoint,
                                   patch_overrides=patch_rule_overrides(args))
+    apply_config_defaults(args, inputs.cfg)
     model, kind, patch_cfg = inputs.model, inputs.kind, inputs.patch_cfg
     classes = parse_classes(args.classes, model.num_classes)
     if inputs.entropy_model is not None:

@@ -36,8 +36,8 @@ from dpar_scale.cli import entry_point, parser  # noqa: E402
 from dpar_scale.evaluation.cli import add_evaluation_arguments, detector_spec, evaluate_from_args  # noqa: E402
 from dpar_scale.parallel import process_group as pg  # noqa: E402
 from dpar_scale.sampling.chunked import SampleSettings, sample_to_folder  # noqa: E402
-from dpar_scale.sampling.options import (add_sampling_arguments, check_sampling_arguments,  # noqa: E402
-                                         patch_rule_overrides)
+from dpar_scale.sampling.options import (add_sampling_arguments, apply_config_defaults,  # noqa: E402
+                                         check_sampling_arguments, patch_rule_overrides)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="balanced labels sorted by class (galleries; an IS over this order is meaningless)")
     labels.add_argument("--random-labels", action="store_true", help="labels drawn uniformly, as LlamaGen does")
     p.add_argument("--png", action="store_true", help="also write one PNG per sample under DIR/png/")
-    p.add_argument("--resize", type=int, default=0, help="bicubic resize to R x R before uint8 (0 = off)")
+    p.add_argument("--resize", type=int, default=None,
+                   help="bicubic resize to R x R before uint8 (0 = off); default: the checkpoint's sample.resize")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu")
@@ -83,7 +84,7 @@ def run(args):
     problem = check_sampling_arguments(args)
     if args.evaluate and not problem:
         detector_spec(args)  # before hours of sampling: --reference and a detector are given
-    if problem or args.num_samples < 1 or args.resize < 0:
+    if problem or args.num_samples < 1 or (args.resize or 0) < 0:
         raise SamplingInputError(problem or "--num-samples must be >= 1 and --resize >= 0")
     device = pick_device(args.device)
     if device.type == "cuda":
@@ -91,6 +92,7 @@ def run(args):
     inputs = load_sampling_inputs(args.checkpoint, device=device, tokenizer_path=args.tokenizer_path,
                                   tokenizer_name=args.tokenizer, entropy_checkpoint=args.entropy_checkpoint,
                                   patch_overrides=patch_rule_overrides(args))
+    apply_config_defaults(args, inputs.cfg)
     settings = settings_from_args(args)
     if pg.get_rank() == 0:
         rule = f", patch rule {describe_rule(inputs.patch_cfg)}" if inputs.kind == "dpar" else ""

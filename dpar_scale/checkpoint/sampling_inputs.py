@@ -124,8 +124,8 @@ def _load_entropy_model(path: str, model, device):
 
 def describe_rule(patch_cfg: PatchConfig) -> str:
     text = (f"mode={patch_cfg.mode} alignment={patch_cfg.alignment} θ={patch_cfg.threshold:g} "
-            f"P_max={patch_cfg.max_patch_length}")
-    return text + (f" static_length={patch_cfg.static_length}" if patch_cfg.mode == "static" else "")
+            f"P_max={patch_cfg.max_patch_length}" + ("" if patch_cfg.row_reset else " row_reset=false"))
+    return text + (f" static_length={patch_cfg.static_length:g}" if patch_cfg.mode == "static" else "")
 
 
 def load_sampling_inputs(checkpoint: str, *, device: str | torch.device = "cpu", tokenizer_path: str = "",

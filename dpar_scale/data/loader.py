@@ -72,6 +72,43 @@ class GlobalOrder:
         return out
 
 
+def split_source_images(num_rows: int, copies_per_image: int, val_fraction: float) -> tuple[int, int]:
+    """(training, validation) source images of a code set of `num_rows` rows, `copies_per_image` views each: the
+    last round(images x val_fraction) images (at least one when val_fraction > 0 and there are two or more) are
+    held out with all their views."""
+    n_sources = num_rows // copies_per_image
+    n_val = int(round(n_sources * val_fraction))
+    if val_fraction > 0 and n_val == 0 and n_sources > 1:
+        n_val = 1
+    return n_sources - n_val, n_val
+
+
+@dataclass
+class DataSummary:
+    """What a code folder's manifest says, read without opening a shard: launch-time checks of a config against
+    its data and cost estimates (`CodeData` reads the same fields and the rows themselves)."""
+
+    codes_dir: str
+    grid: tuple[int, int]
+    vocab_size: int
+    num_classes: int
+    num_rows: int
+    copies_per_image: int
+    image_size: int
+
+    @classmethod
+    def read(cls, codes_dir: str) -> "DataSummary":
+        from dpar_scale.data.shards import load_code_manifest
+
+        m = load_code_manifest(codes_dir)
+        return cls(codes_dir=str(codes_dir), grid=tuple(int(g) for g in m["grid"]), vocab_size=int(m["vocab_size"]),
+                   num_classes=int(m["num_classes"]), num_rows=int(m["num_images"]),
+                   copies_per_image=int(m["augmentation"]["copies_per_image"]), image_size=int(m["image_size"]))
+
+    def num_train_images(self, val_fraction: float) -> int:
+        return split_source_images(self.num_rows, self.copies_per_image, val_fraction)[0]
+
+
 class CodeData:
     """Codes, labels and (optionally) entropies of an extracted dataset, with a train/validation split.
 
@@ -90,11 +127,9 @@ class CodeData:
             raise ShardError("the code dataset is empty: run tools/extract_codes.py on a folder with images first")
         if entropy is not None and len(entropy) != n:
             raise ShardError(f"entropy rows ({len(entropy)}) do not match code rows ({n}): recompute entropies")
-        n_sources = n // copies_per_image
-        n_val_sources = int(round(n_sources * val_fraction))
-        if val_fraction > 0 and n_val_sources == 0 and n_sources > 1:
-            n_val_sources = 1
-        cut = (n_sources - n_val_sources) * copies_per_image
+        self.copies_per_image = copies_per_image
+        self.num_train_images = split_source_images(n, copies_per_image, val_fraction)[0]
+        cut = self.num_train_images * copies_per_image
         self.train_ids = np.arange(cut, dtype=np.int64)
         self.val_ids = np.arange(cut, n, dtype=np.int64)
 
@@ -194,7 +229,7 @@ class BatchSource:
         source = entropy if entropy is not None else torch.zeros(shape)
         starts = patch_starts(source, width=self.data.grid[1], threshold=p.threshold,
                               max_patch_length=p.max_patch_length, mode=p.mode, alignment=p.alignment,
-                              static_length=p.static_length)
+                              static_length=p.static_length, row_reset=p.row_reset)
         return starts_to_lengths(starts)
 
 

@@ -32,7 +32,7 @@ from dpar_scale.integrity import FileCheck, check_files, sha256_file
 __all__ = [
     "CODES_DTYPE", "MANIFEST_NAME", "ShardError", "sha256_file", "save_npy_atomic", "write_json_atomic",
     "shard_stem", "code_shard_files", "write_code_shard", "read_shard_record", "check_shard_files",
-    "codes_fingerprint", "side_fingerprint", "write_manifest", "CodeShards", "RowArray",
+    "codes_fingerprint", "side_fingerprint", "write_manifest", "load_code_manifest", "CodeShards", "RowArray",
    
 ]
 
@@ -352,6 +352,15 @@ def _load_manifest(folder: str, fmt: str, what: str) -> dict:
     return m
 
 
+def load_code_manifest(folder: str) -> dict:
+    """A code folder's manifest.json, checked for format, version and the fields every reader needs."""
+    m = _load_manifest(os.path.abspath(folder), FORMAT, "code shards")
+    missing = [k for k in _REQUIRED if k not in m]
+    if missing:
+        raise ShardError(f"{os.path.join(os.path.abspath(folder), MANIFEST_NAME)} lacks fields {missing}")
+    return m
+
+
 class CodeShards:
     """Read-only view of an extracted code folder: `len()` rows, `codes(i)`, `labels`, `source`, `verify()`.
 
@@ -361,10 +370,7 @@ class CodeShards:
 
     def __init__(self, folder: str, max_open: int = 256):
         self.folder = os.path.abspath(folder)
-        m = _load_manifest(self.folder, FORMAT, "code shards")
-        missing = [k for k in _REQUIRED if k not in m]
-        if missing:
-            raise ShardError(f"{os.path.join(self.folder, MANIFEST_NAME)} lacks fields {missing}")
+        m = load_code_manifest(self.folder)
         self.manifest = m
         self.grid = tuple(int(g) for g in m["grid"])
         self.seq_len = self.grid[0] * self.grid[1]

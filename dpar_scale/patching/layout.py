@@ -34,6 +34,45 @@ def static_lengths(grid: tuple[int, int], length: int, row_reset: bool = True) -
     return row * reps
 
 
+def lengths_with_mean(grid: Sequence[int], mean_length: float, max_patch_length: int,
+                      batch_images: int = 1) -> list[list[int]]:
+    """A valid layout (per image, patch lengths) whose mean patch length is as close to `mean_length` as the
+    patch count allows: the patch rule's own constraints hold (codes 0 and 1 start patches, no patch crosses a
+    row, no patch is longer than P_max), and patches are spread as evenly as possible over images and rows.
+
+    FLOPs depend on the layout only through the patch counts M_i, so an even layout costs what an entropy
+    layout with the same counts costs. The achieved mean is B·N / Σ M_i.
+    """
+    h, w = int(grid[0]), int(grid[1])
+    n, p = h * w, int(max_patch_length)
+    if p < 1 or mean_length < 1:
+        raise ValueError(f"need max_patch_length >= 1 and mean_length >= 1, got {p}, {mean_length}")
+    row_min = [-(-w // p)] * h
+    row_min[0] = 1 + -(-(w - 1) // p) if w > 1 else 1  # code 0 is a patch of its own
+    lo, hi = sum(row_min), n
+    total = round(batch_images * n / mean_length)
+    if not batch_images * lo <= total <= batch_images * hi:
+        raise ValueError(f"mean patch length {mean_length} is not reachable on a {h}x{w} grid with P_max={p} "
+                         f"(row resets allow {n / hi:.3f}..{n / lo:.3f})")
+    out = []
+    for i in range(batch_images):
+        m = total // batch_images + (i < total % batch_images)
+        per_row, extra = list(row_min), m - lo
+        while extra:  # spread the extra patches over the rows, one at a time, keeping each row <= W patches
+            for r in range(h):
+                if extra and per_row[r] < w:
+                    per_row[r] += 1
+                    extra -= 1
+        lengths = []
+        for r, k in enumerate(per_row):
+            span, head = (w - 1, [1]) if r == 0 and w > 1 else (w, [])
+            k -= len(head)
+            q, rem = divmod(span, k) if k else (0, 0)
+            lengths += head + [q + 1] * rem + [q] * (k - rem)
+        out.append(lengths)
+    return out
+
+
 def prefix_lengths(lengths: Sequence[int], n_codes: int) -> list[int]:
     """Patch lengths covering only the first `n_codes` codes (the patch holding the cut is shortened)."""
     out, used = [], 0

@@ -5,8 +5,9 @@ from the start token and codes < j. With N = H·W codes in raster order and grid
 
 * codes 0 and 1 always start a patch;
 * for k >= 2, code k starts a patch when the boundary signal at k fires, or when k % W == 0 (row reset: a patch
-  never crosses a row);
-* every run longer than P_max is cut into floor(L / P_max) patches of P_max and one of L mod P_max (if non-zero).
+  never crosses a row; `row_reset=False` drops this, the paper's "no row reset" ablation);
+* every run longer than P_max is cut into floor(L / P_max) patches of P_max and one of L mod P_max (if non-zero);
+  P_max >= H·W never cuts (the paper's "entropy only" ablation: no maximum length and no row reset).
 
 The boundary signal, by alignment:
 
@@ -18,7 +19,13 @@ and by mode, with s the aligned entropy and s_prev the one before it:
 * `global`: s > θ;
 * `monotonic`: s - s_prev > θ (BLT's approximate monotonic rule);
 * `global+monotonic`: s > θ or s - s_prev > θ_rel (either signal opens a patch);
-* `static`: no entropy at all: fixed `static_length` runs restarting at every row (the paper's ablation baseline).
+* `static`: no entropy at all, the same layout for every image (the paper's ablation baseline). A whole
+  `static_length` L gives runs of L restarting at every row (the last of a row shorter; without row reset, runs
+  of L over the raster order). A fractional L (the paper's static baseline has length 1.81, the mean of its
+  dynamic layout, which no single whole length gives) means round(H·W / L) patches per image, spread as evenly
+  as the rows allow, each row cut into near-equal runs (lengths differ by at most one; codes 0 and 1 start
+  patches, row reset and P_max hold), so the static model runs as many global positions as the dynamic one.
+  At 16x16 and L = 1.81: 141 patches of lengths 1 and 2, mean 1.816.
 
 Comparisons are strict and done in float32, like the authors' code, so a stored float16 entropy that equals θ
 exactly does not start a patch. Both alignments are causal: whether code k starts a patch depends on codes < k.
@@ -29,7 +36,13 @@ from dataclasses import dataclass
 
 import torch
 
+from dpar_scale.patching.layout import lengths_with_mean
+
 MODES = ("global", "monotonic", "global+monotonic", "static")
+# The paper's θ per image size (LlamaGen VQ-16 codes, 16x16 at 256 px, 24x24 at 384 px) and the mean patch length
+# it reports for that θ with P_max 4 and row reset on ImageNet (the global-position reduction: 1.81x / 2.06x).
+PAPER_THRESHOLD = {256: 7.8, 384: 7.9}
+PAPER_MEAN_PATCH_LENGTH = {256: 1.81, 384: 2.06}
 ALIGNMENTS = ("reference", "blt")
 
 
@@ -41,8 +54,9 @@ def patch_starts(
     max_patch_length: int,
     mode: str = "global",
     alignment: str = "reference",
-    static_length: int = 2,
+    static_length: float = 2,
     relative_threshold: float | None = None,
+    row_reset: bool = True,
 ) -> torch.Tensor:
     """Bool tensor [B, N]: True where a code starts a patch (after row reset and P_max splitting)."""
     if entropy.dim() != 2:
@@ -61,9 +75,7 @@ def patch_starts(
     column = k % width
 
     if mode == "static":
-        if static_length < 1:
-            raise ValueError(f"static_length must be >= 1, got {static_length}")
-        starts = (column % static_length == 0).expand(batch, n).clone()
+        starts = _static_starts(n, width, static_length, max_patch_length, row_reset, device).expand(batch, n).clone()
     else:
         e = entropy.to(torch.float32)
         theta = torch.tensor(threshold, dtype=torch.float32, device=device)
@@ -83,9 +95,26 @@ def patch_starts(
                 raise ValueError("mode 'global+monotonic' needs relative_threshold (θ_rel for e_k - e_(k-1) > θ_rel)")
             rel = torch.tensor(relative_threshold, dtype=torch.float32, device=device)
             signal = (s > theta) | (rising > rel)
-        starts = signal | (column == 0)
+        starts = signal | (column == 0) if row_reset else signal
         starts[:, : min(2, n)] = True  # codes 0 and 1: no entropy (or only e[0]) to decide with
     return _split_long_runs(starts, max_patch_length)
+
+
+def _static_starts(n: int, width: int, length: float, max_patch_length: int, row_reset: bool,
+                   device) -> torch.Tensor:
+    """[N] bool: the static layout's patch starts (see the module docstring)."""
+    if length < 1:
+        raise ValueError(f"static_length must be >= 1, got {length}")
+    k = torch.arange(n, device=device)
+    if float(length).is_integer():
+        return ((k % width) if row_reset else k) % int(length) == 0
+    if not row_reset:
+        raise ValueError(f"a fractional static_length ({length}) spreads patches over rows and needs row_reset; "
+                         f"use a whole static_length without row reset")
+    lengths = lengths_with_mean((n // width, width), length, max_patch_length)[0]
+    starts = torch.zeros(n, dtype=torch.bool, device=device)
+    starts[torch.tensor([0] + lengths[:-1], device=device).cumsum(0)] = True
+    return starts
 
 
 def _split_long_runs(starts: torch.Tensor, max_patch_length: int) -> torch.Tensor:
@@ -122,13 +151,15 @@ def patch_lengths(
     max_patch_length: int,
     mode: str = "global",
     alignment: str = "reference",
-    static_length: int = 2,
+    static_length: float = 2,
     relative_threshold: float | None = None,
+    row_reset: bool = True,
 ) -> list[list[int]]:
     """Per image, the patch lengths given by the rule in this module's docstring (each list sums to H·W)."""
     starts = patch_starts(
         entropy, width=width, threshold=threshold, max_patch_length=max_patch_length, mode=mode,
         alignment=alignment, static_length=static_length, relative_threshold=relative_threshold,
+        row_reset=row_reset,
     )
     return starts_to_lengths(starts)
 
@@ -164,6 +195,7 @@ def calibrate_threshold(
     mode: str = "global",
     alignment: str = "reference",
     iterations: int = 40,
+    row_reset: bool = True,
 ) -> Calibration:
     """Finds θ whose mean patch length over `entropy` [B, N] is closest to the target, by bisection.
 
@@ -173,7 +205,7 @@ def calibrate_threshold(
     if mode == "static":
         raise ValueError("a static layout has no threshold to calibrate; set model.patch.static_length instead")
     e = entropy.to(torch.float32)
-    kwargs = dict(width=width, max_patch_length=max_patch_length, mode=mode, alignment=alignment)
+    kwargs = dict(width=width, max_patch_length=max_patch_length, mode=mode, alignment=alignment, row_reset=row_reset)
     low = float(e.min()) - 1.0 if mode == "global" else float((e[:, 1:] - e[:, :-1]).min()) - 1.0
     high = float(e.max()) + 1.0 if mode == "global" else float((e[:, 1:] - e[:, :-1]).max()) + 1.0
     ceiling = mean_patch_length(patch_starts(e, threshold=high, **kwargs))

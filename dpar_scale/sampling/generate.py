@@ -184,7 +184,8 @@ def generate_gpt(model, labels: torch.Tensor, *, uniforms: torch.Tensor, cfg_sca
 def _rule(patch_cfg, width: int):
     kwargs = dict(width=width, threshold=patch_cfg.threshold, max_patch_length=patch_cfg.max_patch_length,
                   mode=patch_cfg.mode, alignment=patch_cfg.alignment, static_length=patch_cfg.static_length,
-                  relative_threshold=getattr(patch_cfg, "relative_threshold", None))
+                  relative_threshold=getattr(patch_cfg, "relative_threshold", None),
+                  row_reset=patch_cfg.row_reset)
     return lambda entropy: patch_starts(entropy, **kwargs)
 
 

@@ -16,7 +16,9 @@ PATCH_MODES = ("global", "monotonic", "global+monotonic", "static")
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, batch_size: int) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint folder of a gpt or dpar run, or an export (folder or its model.safetensors)")
-    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="classifier-free guidance scale (1 = off); default: the checkpoint's sample.cfg_scale "
+                             "(2.0 unless its config says otherwise)")
     parser.add_argument("--seed", type=int, default=0, help=">= 0; sample i's random stream is a function of "
                                                               "(seed, i)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -46,6 +48,15 @@ def patch_rule_overrides(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out.append(f"model.patch.{key}={value}")
     return out
+
+
+def apply_config_defaults(args: argparse.Namespace, cfg) -> None:
+    """Fills the options left unset (None) from the checkpoint config's `sample` section: --cfg-scale and, for
+    the tools that have it, --resize."""
+    if args.cfg_scale is None:
+        args.cfg_scale = cfg.sample.cfg_scale
+    if getattr(args, "resize", 0) is None:
+        args.resize = cfg.sample.resize
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> str | None:

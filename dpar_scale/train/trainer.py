@@ -26,7 +26,7 @@ from dpar_scale.checkpoint.save_load import (
     read_train_state, save_checkpoint,
 )
 from dpar_scale.checkpoint.resume_checks import check_resume
-from dpar_scale.config import Config, ConfigError, save_config, to_dict
+from dpar_scale.config import Config, ConfigError, resolve_epochs, save_config, to_dict
 from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share, rank_slice
 from dpar_scale.errors import DparError
 from dpar_scale.flops.analytic import matmul_precision, peak_flops, throughput, train_flops
@@ -115,6 +115,9 @@ class Trainer:
                                   val_fraction=cfg.data.val_fraction, verify=cfg.data.verify, share=work_share(),
                                   allow_null_label=kind in ("gpt", "dpar"))
         check_model_fits_data(cfg, self.data)
+        epochs_line = resolve_epochs(cfg, self.data.num_train_images)  # before config.yaml is written
+        if epochs_line and self.is_main:
+            print(epochs_line, flush=True)
         self.data_info = self.data.identity()
         self.resumed_from = find_resume_checkpoint(self.out, cfg.checkpoint.resume)
         if self.resumed_from is not None:
