@@ -60,12 +60,14 @@ def main(argv=None) -> int:
 
     from dpar_scale.config import to_dict
     from dpar_scale.launch import (
-        LaunchError, TrainJob, render_sbatch, slurm_parameters, trainer_command, validate_launch,
+        LaunchError, TrainJob, check_data_at_launch, render_sbatch, slurm_parameters, trainer_command,
+        validate_launch,
     )
 
     world = args.nodes * args.gpus_per_node
     deepspeed_config = args.deepspeed_config if args.engine == "deepspeed" else None
     cfg = validate_launch(args.config, args.overrides, world, args.engine, args.deepspeed_config)
+    data_line = check_data_at_launch(cfg)
     folder = Path(args.folder or f"runs/slurm/{args.job_name}").absolute()
     command = trainer_command(args.config, args.overrides, deepspeed_config)
     params = slurm_parameters(
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
         comment=f"# each task runs (in-process, with the SLURM_* ranks mapped to torch.distributed): {command}")
     job = TrainJob(str(Path(args.config).absolute()), list(args.overrides), deepspeed_config,
                    max_requeues=args.max_requeues)
+    print(f"# {data_line}".replace("\n", "\n# "))
     if args.dry_run:
         print(render_sbatch(params, folder / "%j"))
         print(f"# resolved config ({world} processes = {args.nodes} nodes × {args.gpus_per_node} GPUs):")

@@ -6,7 +6,7 @@ Rooms: `job` (the submitit callable `TrainJob`, preemption -> checkpoint -> requ
 This is the top of the package: it may import anything below it (train, config, parallel).
 """
 from dpar_scale.launch.job import (
-    ENGINES, TrainJob, job_overrides, trainer_argv, trainer_command, validate_launch,
+    ENGINES, TrainJob, check_data_at_launch, job_overrides, trainer_argv, trainer_command, validate_launch,
 )
 from dpar_scale.launch.processes import kill_process_tree, process_tree
 from dpar_scale.parallel.process_group import free_port
@@ -15,6 +15,6 @@ from dpar_scale.launch.slurm import (
     slurm_parameters,
 )
 
-__all__ = ["ENGINES", "SIGNAL_ENV", "LaunchError", "TrainJob", "deepspeed_hostfile", "expand_nodelist", "free_port",
-           "job_overrides", "kill_process_tree", "parse_time", "process_tree", "rank_env", "render_sbatch",
+__all__ = ["ENGINES", "SIGNAL_ENV", "LaunchError", "TrainJob", "check_data_at_launch", "deepspeed_hostfile",
+           "expand_nodelist", "free_port", "job_overrides", "kill_process_tree", "parse_time", "process_tree", "rank_env", "render_sbatch",
            "slurm_parameters", "trainer_argv", "trainer_command", "validate_launch"]

@@ -13,10 +13,11 @@
   A requeued job resumes from the newest complete checkpoint and the same wandb run (its id is in the
   checkpoint's TrainState).
 - `validate_launch`: config path, dotted overrides and the parallel layout against the number of processes, before
-  anything is submitted.
+  anything is submitted; `check_data_at_launch`: the config against its data's manifest (and train.epochs -> steps).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import signal
@@ -82,6 +83,30 @@ def validate_launch(config: str, overrides: list[str], world_size: int, engine: 
                           f"data-parallel ranks = {cfg.train.grad_accum} × {dims.dp} ({dims.describe()}); change "
                           f"data.batch_size or the number of nodes / GPUs")
     return cfg
+
+
+def check_data_at_launch(cfg) -> str:
+    """Checks `cfg` against the manifest of the codes it names before the job waits in a queue: the model must fit
+    the data (grid, vocabulary, classes), and train.epochs becomes train.steps (set in `cfg`, as the trainer will).
+    Returns what to print. A codes folder this machine cannot read (not mounted on a login node) is reported, not
+    an error: the trainer checks it again at start."""
+    from dpar_scale.config import resolve_epochs
+    from dpar_scale.data.loader import DataSummary
+    from dpar_scale.data.shards import ShardError
+    from dpar_scale.models import resolve_model_config
+    from dpar_scale.train.trainer import check_model_fits_data
+
+    try:
+        data = DataSummary.read(cfg.data.codes_dir)
+    except ShardError as e:
+        return f"data not checked here: {e}; the job checks it (and resolves train.epochs) at start"
+    check_model_fits_data(dataclasses.replace(cfg, model=resolve_model_config(cfg.model)), data)
+    images = data.num_train_images(cfg.data.val_fraction)
+    line = (f"data {data.codes_dir}: {data.num_rows:,} code rows ({data.copies_per_image} views per image), "
+            f"{images:,} training images, grid {data.grid[0]}x{data.grid[1]}, vocabulary {data.vocab_size}, "
+            f"{data.num_classes} classes: fits the model")
+    epochs = resolve_epochs(cfg, images)
+    return line + (f"\n{epochs}" if epochs else "")
 
 
 # ------------------------------------------------------------------------------------------ the job itself
