@@ -195,6 +195,7 @@ def test_cost_estimate_matches_the_papers_saving(tmp_path, capsys):
         assert row["train_flops"] == pytest.approx(row["train_flops_per_image"] * steps * 256, rel=1e-12)
         assert row["gpu_hours"] == pytest.approx(row["train_flops"] / (989e12 * 0.4) / 3600, rel=1e-12)
         assert row["wall_clock_hours"] == pytest.approx(row["gpu_hours"] / 128, rel=1e-12)
+        assert row["compute_ms_per_step"] == pytest.approx(row["wall_clock_hours"] * 3.6e6 / steps, rel=1e-12)
     # the paper: up to 40.4% fewer training FLOPs, at XL and 384 px (our count is within a point of it)
     assert dpar["saving"] == pytest.approx(0.404, abs=0.01)
     assert dpar["mean_patch_length"] == pytest.approx(2.06, abs=0.01) and dpar["layout_from"].startswith("paper")

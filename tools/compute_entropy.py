@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--codes", required=True, type=existing_dir, help="folder written by tools/extract_codes.py")
     p.add_argument("--out", default="", help="output folder (default: <codes>/entropy)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when available), cpu, cuda (= cuda:LOCAL_RANK with several ranks), cuda:N")
     p.add_argument("--verify", default="full", choices=("full", "size"),
                    help="check the code shards' sha256 (full) or only their sizes before reading (values always)")
     args = p.parse_args(argv)
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     env = dist.init_process_group(backend="gloo", timeout_s=2 * 3600)
     rank, world = env.rank, env.world_size
+    if device == "cuda" and world > 1:  # one GPU per rank, as tools/extract_codes.py does
+        device = f"cuda:{dist.get_local_rank()}"
     try:
         model, cfg = load_model_for_inference(args.checkpoint, device=device)
         if cfg.model.kind != "entropy":

@@ -114,7 +114,8 @@ def estimate(path: str, args) -> dict:
            "images_per_gpu_per_step": cfg.data.batch_size / (args.gpus / cfg.parallel.tp),
            "mean_patch_length": (sum(map(sum, lengths)) / sum(map(len, lengths))) if lengths else 1.0,
            "layout_from": layout_from, "train_flops_per_image": TRAIN_FACTOR * forward, "train_flops": total,
-           "gpu_hours": total / rate / 3600, "wall_clock_hours": total / rate / 3600 / args.gpus}
+           "gpu_hours": total / rate / 3600, "wall_clock_hours": total / rate / 3600 / args.gpus,
+           "compute_ms_per_step": 1e3 * total / rate / args.gpus / steps}
     if model_cfg.kind == "entropy":  # tools/compute_entropy.py: one forward over every code row
         rows = images * max(1, _views(cfg))
         row["entropy_pass"] = {"rows": rows, "flops": rows * forward, "gpu_hours": rows * forward / rate / 3600}
@@ -156,11 +157,12 @@ def print_rows(rows: list[dict], args) -> None:
     print(f"{args.gpus} x {args.gpu or 'GPU'} at {args.peak / 1e12:,.0f} TFLOP/s bf16 dense peak, MFU {args.mfu:g} "
           f"(assumed) = {args.peak * args.mfu / 1e12:,.0f} TFLOP/s per GPU")
     header = ["config", "params", "train images", "steps", "img/GPU/step", "mean len", "GFLOP/img", "total FLOPs",
-              "GPU-hours", "wall-clock", "saving"]
+              "GPU-hours", "wall-clock", "ms/step", "saving"]
     table = [[Path(r["config"]).name, f"{r['params'] / 1e6:,.1f}M", f"{r['train_images']:,}", f"{r['steps']:,}",
               f"{r['images_per_gpu_per_step']:g}", f"{r['mean_patch_length']:.3f}",
               f"{r['train_flops_per_image'] / 1e9:,.1f}", f"{r['train_flops']:.3e}", f"{r['gpu_hours']:,.0f}",
-              fmt_hours(r["wall_clock_hours"]), f"{100 * r['saving']:.1f}%" if "saving" in r else ""] for r in rows]
+              fmt_hours(r["wall_clock_hours"]), f"{r['compute_ms_per_step']:,.1f}",
+              f"{100 * r['saving']:.1f}%" if "saving" in r else ""] for r in rows]
     widths = [max(len(x[i]) for x in [header] + table) for i in range(len(header))]
     for i, line in enumerate([header] + table):
         print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
@@ -176,9 +178,13 @@ def print_rows(rows: list[dict], args) -> None:
                          f"{e['gpu_hours']:,.1f} GPU-hours")
         if "sampling" in r:
             s = r["sampling"]
-            notes.append(f"{s['samples']:,} samples at CFG {s['cfg_scale']:g}: {s['flops']:.2e} FLOPs, at least "
-                         f"{s['gpu_hours_floor']:,.2f} GPU-hours")
+            notes.append(f"{s['samples']:,} samples at CFG {s['cfg_scale']:g}: {s['flops']:.2e} FLOPs, a compute "
+                         f"floor of {3600 * s['gpu_hours_floor']:,.0f} GPU-seconds")
         print(f"{Path(r['config']).name}: " + "; ".join(notes))
+    most = max(r["steps"] for r in rows)
+    print(f"ms/step is the compute of one step at the assumed MFU; a step also pays fixed costs (kernel launches, "
+          f"collectives, the optimizer), and the steps run one after another: every 10 ms of them adds "
+          f"{most * 0.01 / 3600:,.1f} h to {most:,} steps")
     if any(r["images_per_gpu_per_step"] < 8 for r in rows):
         print("note: below ~8 images per GPU per step a step's matmuls are small and FSDP's parameter gathers no "
               "longer hide behind them, so the assumed MFU is optimistic there (fewer GPUs, or HSDP: "
