@@ -32,6 +32,7 @@ BAD_ARGUMENTS = {
     "tools/count_flops.py": ["--entropies", MISSING],
     "tools/count_params.py": ["--vocab", "0"],
     "tools/demo.py": ["--num-per-class", "0"],
+    "tools/estimate.py": ["--config", "configs/paper/dpar-b-256.yaml", "--gpus", "0"],
     "tools/export.py": [MISSING],
     "tools/extract_codes.py": ["--images", MISSING, "--out", MISSING, "--tokenizer", "kmeans", "--tokenizer-path",
                                MISSING, "--image-size", "64"],

@@ -25,32 +25,27 @@ from compute-bound, so treat it as a lower bound.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpar_scale.config import ConfigError, PatchConfig, load_config, steps_for_epochs  # noqa: E402
-from dpar_scale.data.loader import BatchSource, CodeData, DataSummary  # noqa: E402
-from dpar_scale.data.shards import ShardError  # noqa: E402
-from dpar_scale.flops.analytic import TRAIN_FACTOR, analytic_breakdown, peak_flops_for_name  # noqa: E402
-from dpar_scale.models import build_model, count_params, resolve_model_config  # noqa: E402
-from dpar_scale.patching.layout import lengths_with_mean  # noqa: E402
-from dpar_scale.patching.rule import PAPER_MEAN_PATCH_LENGTH, PAPER_THRESHOLD, patch_lengths  # noqa: E402
+from dpar_scale.cli import UsageError, entry_point, fraction, non_negative_int, parser, positive_float  # noqa: E402
+from dpar_scale.cli import positive_int  # noqa: E402
+from dpar_scale.errors import DparError  # noqa: E402
 
 
-class EstimateError(ValueError):
+class EstimateError(DparError):
     """Something the estimate needs is missing; the message says what to pass."""
 
 
 def num_train_images(cfg, given: int | None) -> tuple[int, str]:
     """(training images, where the number came from)."""
+    from dpar_scale.data.loader import DataSummary
+    from dpar_scale.data.shards import ShardError
+
     if given:
         return given, "--num-images"
     try:
@@ -60,13 +55,22 @@ def num_train_images(cfg, given: int | None) -> tuple[int, str]:
     return data.num_train_images(cfg.data.val_fraction), f"{cfg.data.codes_dir}/manifest.json"
 
 
-def is_paper_rule(patch: PatchConfig, image_size: int) -> bool:
+def is_paper_rule(patch, image_size: int) -> bool:
+    from dpar_scale.patching.rule import PAPER_THRESHOLD
+
     return (patch.mode, patch.alignment, patch.max_patch_length, patch.row_reset) == ("global", "reference", 4, True) \
         and PAPER_THRESHOLD.get(image_size) == patch.threshold
 
 
 def dpar_layout(cfg, args) -> tuple[list[list[int]], str]:
     """Per image patch lengths to count, and where they came from (see the module docstring for the order)."""
+    import numpy as np
+    import torch
+
+    from dpar_scale.data.loader import BatchSource, CodeData
+    from dpar_scale.patching.layout import lengths_with_mean
+    from dpar_scale.patching.rule import PAPER_MEAN_PATCH_LENGTH, patch_lengths
+
     grid, patch = tuple(cfg.model.grid), cfg.model.patch
     n = grid[0] * grid[1]
     if args.mean_patch_length:
@@ -76,7 +80,7 @@ def dpar_layout(cfg, args) -> tuple[list[list[int]], str]:
                              mode="static", static_length=patch.static_length, row_reset=patch.row_reset), "static"
     try:
         data = CodeData.open(cfg.data.codes_dir, cfg.data.entropy_dir, need_entropy=True)
-    except (ShardError, FileNotFoundError, ValueError):
+    except (DparError, FileNotFoundError, ValueError):  # no codes or no entropies here: the next source
         data = None
     if data is not None:
         ids = np.unique(np.linspace(0, len(data.train_ids) - 1, num=min(args.max_images, len(data.train_ids)))
@@ -92,11 +96,19 @@ def dpar_layout(cfg, args) -> tuple[list[list[int]], str]:
 
 def forward_per_image(model_cfg, lengths: list[list[int]] | None) -> float:
     """Analytic forward FLOPs per image (over the given layouts for DPAR)."""
+    from dpar_scale.flops.analytic import analytic_breakdown
+
     images = len(lengths) if lengths is not None else 1
     return analytic_breakdown(model_cfg, batch_images=images, patch_lengths=lengths).total / images
 
 
 def estimate(path: str, args) -> dict:
+    import torch
+
+    from dpar_scale.config import load_config, steps_for_epochs
+    from dpar_scale.flops.analytic import TRAIN_FACTOR
+    from dpar_scale.models import build_model, count_params, resolve_model_config
+
     cfg = load_config(path, args.overrides)
     model_cfg = resolve_model_config(cfg.model)
     with torch.device("meta"):
@@ -132,6 +144,9 @@ def estimate(path: str, args) -> dict:
 
 
 def _views(cfg) -> int:
+    from dpar_scale.data.loader import DataSummary
+    from dpar_scale.data.shards import ShardError
+
     try:
         return DataSummary.read(cfg.data.codes_dir).copies_per_image
     except ShardError:
@@ -191,31 +206,31 @@ def print_rows(rows: list[dict], args) -> None:
               "parallel.dp_shard=8 parallel.dp_replicate=NODES)")
 
 
+@entry_point
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--config", action="append", required=True, help="a run config; repeat for a table")
-    ap.add_argument("--gpus", type=int, required=True, help="GPUs the run uses (e.g. 128 = 16 nodes x 8)")
+    ap.add_argument("--gpus", type=positive_int, required=True, help="GPUs the run uses (e.g. 128 = 16 nodes x 8)")
     ap.add_argument("--gpu", default="", help="GPU name for the peak table, e.g. h100, a100, b200")
-    ap.add_argument("--peak-tflops", type=float, default=0.0, help="bf16 dense peak per GPU instead of --gpu")
-    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation (default 0.4)")
-    ap.add_argument("--num-images", type=int, default=0, help="training images when the manifest is not at hand")
-    ap.add_argument("--mean-patch-length", type=float, default=0.0, help="DPAR: count an even layout of this mean")
-    ap.add_argument("--max-images", type=int, default=20000, help="entropy rows read for the measured layout")
-    ap.add_argument("--samples", type=int, default=0, help="also the compute floor of generating N images")
+    ap.add_argument("--peak-tflops", type=positive_float, help="bf16 dense peak per GPU instead of --gpu")
+    ap.add_argument("--mfu", type=fraction, default=0.4, help="assumed model FLOP utilisation (default 0.4)")
+    ap.add_argument("--num-images", type=non_negative_int, default=0,
+                    help="training images when the manifest is not at hand (ImageNet: 1281167)")
+    ap.add_argument("--mean-patch-length", type=positive_float, help="DPAR: count an even layout of this mean")
+    ap.add_argument("--max-images", type=positive_int, default=20000, help="entropy rows read for the measured layout")
+    ap.add_argument("--samples", type=non_negative_int, default=0, help="also the compute floor of generating N images")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("overrides", nargs="*", help="dotted overrides applied to every config, e.g. train.epochs=50")
     args = ap.parse_args(argv)
+    from dpar_scale.flops.analytic import peak_flops_for_name
+
     args.peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_for_name(args.gpu) if args.gpu else None
     if not args.peak:
-        ap.error(f"--gpu {args.gpu!r} is not in dpar_scale/flops/analytic.py's peak table: give --peak-tflops"
-                 if args.gpu else "give --gpu NAME (e.g. h100) or --peak-tflops")
-    if args.gpus < 1 or not 0 < args.mfu <= 1:
-        ap.error("--gpus must be >= 1 and --mfu in (0, 1]")
-    try:
-        rows = [estimate(path, args) for path in args.config]
-    except (ConfigError, EstimateError) as e:
-        print(f"estimate.py: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--gpu {args.gpu!r} is not in dpar_scale/flops/analytic.py's peak table: give --peak-tflops"
+                         if args.gpu else "give --gpu NAME (e.g. h100) or --peak-tflops")
+    if args.mfu <= 0:
+        raise UsageError("--mfu must be in (0, 1]")
+    rows = [estimate(path, args) for path in args.config]
     pair_baselines(rows)
     print_rows(rows, args)
     if args.json:
@@ -227,4 +242,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
