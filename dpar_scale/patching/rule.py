@@ -22,9 +22,9 @@ and by mode, with s the aligned entropy and s_prev the one before it:
 * `static`: no entropy at all, the same layout for every image (the paper's ablation baseline). A whole
   `static_length` L gives runs of L restarting at every row (the last of a row shorter; without row reset, runs
   of L over the raster order). A fractional L (the paper's static baseline has length 1.81, the mean of its
-  dynamic layout, which no single whole length gives) means round(H·W / L) patches per image, spread as evenly
-  as the rows allow, each row cut into near-equal runs (lengths differ by at most one; codes 0 and 1 start
-  patches, row reset and P_max hold), so the static model runs as many global positions as the dynamic one.
+  dynamic layout, which no single whole length gives) means round(H·W / L) patches per image, dealt to the rows
+  in turn, each row cut into near-equal runs (lengths differ by at most one; codes 0 and 1 start patches, row
+  reset and P_max hold: `lengths_with_mean`), so the static model runs as many global positions as the dynamic one.
   At 16x16 and L = 1.81: 141 patches of lengths 1 and 2, mean 1.816.
 
 Comparisons are strict and done in float32, like the authors' code, so a stored float16 entropy that equals θ
