@@ -2,8 +2,9 @@
 
 For every model kind and several patch layouts we perturb code t of one image (for *every* t, which covers t = 0,
 N-1 and the first / last code of every patch) and check that
-  * logits at positions <= t of that image do not move (atol 1e-6),
-  * some logit at a position > t does move (unless t = N-1), so the test would see a leak-free but dead model,
+  * logits at positions <= t of that image do not move (beyond float32 rounding: tests/tolerances.py),
+  * some logit at a position > t does move, by far more than rounding (unless t = N-1), so the test would see a
+    leak-free but dead model,
   * no logit of the other image in the batch moves (batch independence through the packed global sequence).
 Class changes must move the logits of gpt / dpar and must not move those of the entropy model. Running on a prefix
 of k codes (layout cut at k, as during generation) must reproduce the full run's logits at positions < k.
@@ -17,6 +18,7 @@ from torch import nn
 from dpar_scale.patching.layout import PatchLayout, static_lengths
 from dpar_scale.models import DPAR, GPT
 from dpar_scale.patching.rule import patch_lengths
+from tolerances import abs_tol, assert_close, magnitude, model_chain
 
 GRID = (4, 6)  # N = 24 codes, rows of 6: small, but with several rows for row-reset / row-end patches
 N = GRID[0] * GRID[1]
@@ -107,17 +109,20 @@ def test_no_leak_every_position(kind, rope, variant, layout_name):
     labels = torch.tensor([1, 3])
     with torch.no_grad():
         base = model(codes, labels, layout)
+        # Same shapes in both runs: positions that do not depend on code t can only move by rounding (kernels whose
+        # result depends on memory alignment); a leak moves them by a fraction of the logits' scale.
+        tol = abs_tol(magnitude(base), **model_chain(model, N))
         for b in (0, 1):
             other = 1 - b
             for t in range(N):
                 out = model(perturb(codes, b, t), labels, layout)
                 prefix = (out[b, : t + 1] - base[b, : t + 1]).abs().max().item()
-                assert prefix <= 1e-6, f"{kind}/{layout_name}: code {t} of image {b} moved logits <= t by {prefix}"
+                assert prefix <= tol, f"{kind}/{layout_name}: code {t} of image {b} moved logits <= t by {prefix}"
                 if t < N - 1:
                     later = (out[b, t + 1:] - base[b, t + 1:]).abs().max().item()
-                    assert later > 1e-4, f"{kind}/{layout_name}: code {t} does not influence later logits"
+                    assert later > 100 * tol, f"{kind}/{layout_name}: code {t} does not influence later logits"
                 cross = (out[other] - base[other]).abs().max().item()
-                assert cross == 0.0, f"{kind}/{layout_name}: image {b}'s code {t} moved image {other} by {cross}"
+                assert cross <= tol, f"{kind}/{layout_name}: image {b}'s code {t} moved image {other} by {cross}"
 
 
 @pytest.mark.parametrize("kind,variant", [("gpt", AUTHORS), ("entropy", AUTHORS), ("dpar", AUTHORS),
@@ -174,4 +179,5 @@ def test_prefix_equals_full(kind, rope, variant, layout_name):
         full = model(codes, labels, layout)
         for k in (1, 2, 5, 7, 12, 17, N - 1):
             part = model(codes[:, :k], labels, layout.prefix(k))
-            torch.testing.assert_close(part, full[:, :k], atol=1e-5, rtol=0, msg=f"{kind}/{layout_name} k={k}")
+            # other shapes, other blocking: float32 rounding of the whole chain (~1e-6 of the logits' scale)
+            assert_close(part, full[:, :k], **model_chain(model, N), msg=f"{kind}/{layout_name} k={k}")
