@@ -55,11 +55,12 @@ class DataConfig:
 class PatchConfig:
     mode: str = "global"  # global | monotonic | global+monotonic | static
     alignment: str = "reference"  # reference (e[k-1] > θ starts code k) | blt (e[k] > θ)
-    threshold: float = 7.8  # θ in nats; ignored by mode=static
+    threshold: float = 7.8  # θ in nats (mode=monotonic: the rise e_k - e_(k-1) that starts a patch); ignored by static
     max_patch_length: int = 4  # P_max; >= H·W never splits a run (no maximum length)
     # patch length for mode=static; fractional (e.g. 1.81) = that mean length, see dpar_scale/patching/rule.py
     static_length: float = 2
     row_reset: bool = True  # every row starts a patch (false: the paper's "no row reset" ablation)
+    relative_threshold: float = 0.0  # θ_rel of mode=global+monotonic (e_k - e_(k-1) > θ_rel); 0 = unset
 
 
 @dataclass
@@ -410,23 +411,42 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
 
 
+PATCH_MODES = ("global", "monotonic", "global+monotonic", "static")
+PATCH_ALIGNMENTS = ("reference", "blt")
+
+
+def validate_patch(patch: PatchConfig, key: str = "model.patch") -> None:
+    """Checks a patch rule on its own (tools build one from their flags): every field the mode reads is usable."""
+    _choice(f"{key}.mode", patch.mode, PATCH_MODES)
+    _choice(f"{key}.alignment", patch.alignment, PATCH_ALIGNMENTS)
+    for name in ("max_patch_length", "static_length"):
+        if getattr(patch, name) < 1:
+            raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(patch, name)}")
+    rel = patch.relative_threshold
+    if patch.mode == "global+monotonic" and not rel > 0:
+        raise ConfigError(f"{key}.mode=global+monotonic needs {key}.relative_threshold > 0 (θ_rel: a rise "
+                          f"e_k - e_(k-1) > θ_rel starts a patch, besides e_k > {key}.threshold), got {rel}")
+    if patch.mode != "global+monotonic" and rel != 0:
+        raise ConfigError(f"{key}.relative_threshold={rel} is read only by {key}.mode=global+monotonic, not by "
+                          f"mode={patch.mode}" + (f" (whose rise threshold is {key}.threshold)"
+                                                  if patch.mode == "monotonic" else "") + f"; remove it or set "
+                          f"{key}.mode=global+monotonic")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     _choice("model.kind", cfg.model.kind, ("", "gpt", "entropy", "dpar"))
     _choice("model.global_rope", cfg.model.global_rope, ("dynamic", "1d"))
     _choice("model.class_rope", cfg.model.class_rope, ("identity", "zero"))
     _choice("model.attention_backend", cfg.model.attention_backend, ("sdpa", "flex"))
-    _choice("model.patch.mode", cfg.model.patch.mode, ("global", "monotonic", "global+monotonic", "static"))
-    _choice("model.patch.alignment", cfg.model.patch.alignment, ("reference", "blt"))
+    validate_patch(cfg.model.patch)
     _choice("model.dpar.decoder_injection", cfg.model.dpar.decoder_injection, DECODER_INJECTIONS)
     _choice("optim.schedule", cfg.optim.schedule, ("constant", "cosine"))
     _choice("train.precision", cfg.train.precision, ("fp32", "bf16"))
     _choice("parallel.activation_checkpoint", cfg.parallel.activation_checkpoint, ("none", "full", "selective"))
     _choice("wandb.mode", cfg.wandb.mode, ("offline", "online", "disabled"))
     _choice("data.verify", cfg.data.verify, ("full", "size"))
-    for key, value in (("model.patch.max_patch_length", cfg.model.patch.max_patch_length),
-                       ("model.patch.static_length", cfg.model.patch.static_length),
-                       ("train.steps", cfg.train.steps), ("train.grad_accum", cfg.train.grad_accum),
+    for key, value in (("train.steps", cfg.train.steps), ("train.grad_accum", cfg.train.grad_accum),
                        ("train.log_every", cfg.train.log_every), ("data.batch_size", cfg.data.batch_size),
                        ("parallel.tp", cfg.parallel.tp), ("parallel.dp_replicate", cfg.parallel.dp_replicate)):
         if value < 1:

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from dpar_scale.config import ConfigError, PatchConfig, load_config
 from dpar_scale.patching.rule import (
-    calibrate_threshold, patch_lengths, patch_starts, starts_to_lengths, starts_to_patch_ids,
+    calibrate_threshold, patch_kwargs, patch_lengths, patch_rule, patch_starts, starts_to_lengths, starts_to_patch_ids,
 )
 
 
@@ -75,8 +76,36 @@ def test_monotonic_modes():
     lengths = patch_lengths(e, width=8, threshold=6.0, max_patch_length=8, mode="global+monotonic",
                             relative_threshold=2.0)
     assert lengths == [[1, 2, 4, 1]]
-    with pytest.raises(ValueError, match="relative_threshold"):
+    with pytest.raises(ValueError, match=r"mode 'global\+monotonic' needs relative_threshold"):
         patch_lengths(e, width=8, threshold=6.0, max_patch_length=8, mode="global+monotonic")
+    # the same rule from its config, through the one adapter every user of the rule calls
+    rule = PatchConfig(mode="global+monotonic", threshold=6.0, max_patch_length=8, relative_threshold=2.0)
+    assert starts_to_lengths(patch_rule(rule, 8)(e)) == [[1, 2, 4, 1]]
+    assert patch_lengths(e, width=8, **patch_kwargs(rule)) == [[1, 2, 4, 1]]
+
+
+def test_patch_config_to_rule():
+    g = torch.Generator().manual_seed(5)
+    e = torch.rand(4, 48, generator=g) * 9.7
+    for fields in (dict(), dict(mode="monotonic", threshold=1.5, alignment="blt"), dict(mode="static", static_length=3),
+                   dict(mode="global+monotonic", threshold=8.0, relative_threshold=2.5, max_patch_length=2)):
+        rule = PatchConfig(**fields)
+        explicit = patch_starts(e, width=8, threshold=rule.threshold, max_patch_length=rule.max_patch_length,
+                                mode=rule.mode, alignment=rule.alignment, static_length=rule.static_length,
+                                relative_threshold=rule.relative_threshold or None)
+        assert torch.equal(patch_rule(rule, 8)(e), explicit), fields
+    # θ_rel is required by global+monotonic and refused elsewhere (it would be silently ignored), in the config too
+    with pytest.raises(ConfigError, match=r"model\.patch\.mode=global\+monotonic needs model\.patch\."
+                                          r"relative_threshold > 0.*got 0\.0"):
+        patch_kwargs(PatchConfig(mode="global+monotonic"))
+    with pytest.raises(ConfigError, match=r"needs model\.patch\.relative_threshold > 0"):
+        load_config(None, ["model.patch.mode=global+monotonic", "model.patch.relative_threshold=-1"])
+    with pytest.raises(ConfigError, match=r"relative_threshold=1\.5 is read only by model\.patch\.mode=global\+"
+                                          r"monotonic, not by mode=monotonic \(whose rise threshold is "
+                                          r"model\.patch\.threshold\)"):
+        load_config(None, ["model.patch.mode=monotonic", "model.patch.relative_threshold=1.5"])
+    cfg = load_config(None, ["model.patch.mode=global+monotonic", "model.patch.relative_threshold=1.5"])
+    assert patch_kwargs(cfg.model.patch)["relative_threshold"] == 1.5
 
 
 def test_static_mode_restarts_every_row():
@@ -138,14 +167,34 @@ def test_causality_of_boundaries():
 def test_calibration_hits_target():
     g = torch.Generator().manual_seed(0)
     e = torch.rand(64, 256, generator=g) * 9.7
-    cal = calibrate_threshold(e, width=16, target_mean_length=1.81, max_patch_length=4)
-    assert abs(cal.mean_patch_length - 1.81) < 0.01
+    cal = calibrate_threshold(e, PatchConfig(max_patch_length=4), width=16, target_mean_length=1.81)
+    # distinct entropies: θ crossing one of them moves at most one patch start (a merged run may be split again by
+    # P_max), so some achievable mean lies within one patch (N/P - N/(P+1) ≈ target²/N) of the target
+    assert abs(cal.mean_patch_length - 1.81) <= 1.81 ** 2 / e.numel()
     assert sum(k * v for k, v in cal.histogram.items()) == 64 * 256
     # the reported θ reproduces the reported mean
     starts = patch_starts(e, width=16, threshold=cal.threshold, max_patch_length=4)
-    assert starts.numel() / starts.sum().item() == pytest.approx(cal.mean_patch_length)
-    with pytest.raises(ValueError, match="unreachable"):
-        calibrate_threshold(e, width=16, target_mean_length=5.0, max_patch_length=4)
+    assert starts.numel() / starts.sum().item() == cal.mean_patch_length
+    with pytest.raises(ValueError, match=r"target mean patch length 5\.0 is unreachable: with only forced starts "
+                                         rf"\(row resets, P_max=4\) the mean is {256 / 65:.3f}"):  # 1 + 4 patches in row 0, 4 per row after
+        calibrate_threshold(e, PatchConfig(max_patch_length=4), width=16, target_mean_length=5.0)
+
+
+def test_calibration_of_global_plus_monotonic():
+    # θ_rel stays as given; θ is found so that both signals together give the target mean.
+    g = torch.Generator().manual_seed(2)
+    e = torch.rand(32, 256, generator=g) * 9.7
+    rule = PatchConfig(mode="global+monotonic", max_patch_length=4, relative_threshold=3.0)
+    cal = calibrate_threshold(e, rule, width=16, target_mean_length=1.8)
+    assert abs(cal.mean_patch_length - 1.8) <= 1.8 ** 2 / e.numel()  # as in test_calibration_hits_target
+    got = patch_starts(e, width=16, threshold=cal.threshold, max_patch_length=4, mode="global+monotonic",
+                       relative_threshold=3.0)
+    assert got.numel() / got.sum().item() == cal.mean_patch_length
+    # the rise signal fires on its own: without it the same θ gives longer patches
+    alone = patch_starts(e, width=16, threshold=cal.threshold, max_patch_length=4)
+    assert alone.sum() < got.sum()
+    with pytest.raises(ValueError, match=r"\(row resets, P_max=4, rises > θ_rel=3\.0\) the mean is"):
+        calibrate_threshold(e, rule, width=16, target_mean_length=3.0)
 
 
 def test_bad_arguments():

@@ -115,9 +115,10 @@ def build(args, *, dim, n_heads, gpt_layers, dpar_layers, entropy_dim, entropy_h
     # θ from the entropy model's own samples, so that DPAR's boundaries are a realistic mix.
     calib_codes = generate_gpt(entropy, torch.zeros(16, dtype=torch.long),
                                uniforms=sample_uniforms(args.seed + 1, range(16), n))
-    calib = calibrate_threshold(code_entropies(entropy, calib_codes).cpu(), width=args.grid[1],
-                                target_mean_length=args.target_mean_length, max_patch_length=args.max_patch_length)
-    patch_cfg = PatchConfig(threshold=calib.threshold, max_patch_length=args.max_patch_length)
+    patch_cfg = PatchConfig(max_patch_length=args.max_patch_length)
+    calib = calibrate_threshold(code_entropies(entropy, calib_codes).cpu(), patch_cfg, width=args.grid[1],
+                                target_mean_length=args.target_mean_length)
+    patch_cfg.threshold = calib.threshold
     return {"gpt": gpt, "entropy": entropy, "dpar": dpar, "patch_cfg": patch_cfg}
 
 

@@ -30,7 +30,8 @@ def batch_layouts(args, n_codes: int, width: int):
     import numpy as np
     import torch
 
-    from dpar_scale.patching.rule import calibrate_threshold, patch_starts, starts_to_lengths
+    from dpar_scale.config import PatchConfig
+    from dpar_scale.patching.rule import calibrate_threshold, patch_rule, starts_to_lengths
 
     g = torch.Generator().manual_seed(args.seed)
     if args.codes:
@@ -45,10 +46,10 @@ def batch_layouts(args, n_codes: int, width: int):
         labels = torch.randint(0, args.classes, (args.batch,), generator=g)
         # Entropies with spatial structure (smooth regions and busy ones), calibrated to the target length.
         entropy = torch.rand(args.batch, n_codes, generator=g) * np.log(args.vocab)
-        threshold = calibrate_threshold(entropy, width=width, target_mean_length=args.mean_patch_length,
-                                        max_patch_length=args.max_patch_length).threshold
-    starts = patch_starts(entropy, width=width, threshold=threshold, max_patch_length=args.max_patch_length)
-    return codes, labels, starts_to_lengths(starts)
+        threshold = calibrate_threshold(entropy, PatchConfig(max_patch_length=args.max_patch_length), width=width,
+                                        target_mean_length=args.mean_patch_length).threshold
+    rule = PatchConfig(threshold=threshold, max_patch_length=args.max_patch_length)
+    return codes, labels, starts_to_lengths(patch_rule(rule, width)(entropy))
 
 
 @entry_point

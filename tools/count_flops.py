@@ -135,7 +135,8 @@ def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple
     from dpar_scale.flops.analytic import TRAIN_FACTOR, analytic_breakdown, lengths_with_mean
     from dpar_scale.flops.counting import measure
     from dpar_scale.models import PRESETS
-    from dpar_scale.patching.rule import PAPER_MEAN_PATCH_LENGTH, PAPER_THRESHOLD, patch_lengths
+    from dpar_scale.config import PatchConfig
+    from dpar_scale.patching.rule import PAPER_MEAN_PATCH_LENGTH, PAPER_THRESHOLD, patch_kwargs, patch_lengths
 
     cfgs = {name: model_config(name, grid, args.vocab, args.classes, args.structure) for name in (baseline, model)}
     layout_info: dict = {"max_patch_length": args.max_patch_length}
@@ -144,14 +145,17 @@ def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple
         theta = args.threshold if args.threshold is not None else PAPER_THRESHOLD.get(image_size)
         if theta is None and args.mode != "static":
             raise UsageError(f"no paper threshold for a {grid[0]}x{grid[1]} grid: give --threshold")
-        all_lengths = patch_lengths(entropies, width=grid[1], threshold=theta or 0.0,
-                                    max_patch_length=args.max_patch_length,
-                                    mode=args.mode, alignment=args.alignment, static_length=args.static_length)
+        rule = PatchConfig(mode=args.mode, alignment=args.alignment, threshold=theta or 0.0,
+                           max_patch_length=args.max_patch_length, static_length=args.static_length,
+                           relative_threshold=args.relative_threshold)
+        all_lengths = patch_lengths(entropies, width=grid[1], **patch_kwargs(rule))
         pick = np.unique(np.linspace(0, len(all_lengths) - 1, num=min(args.batch_images or 8, len(all_lengths)))
                          .astype(np.int64))
         lengths = [all_lengths[i] for i in pick]
         layout_info.update(source="entropies", path=str(args.entropies), threshold=theta, mode=args.mode,
                            alignment=args.alignment, images=len(all_lengths))
+        if args.mode == "global+monotonic":
+            layout_info["relative_threshold"] = args.relative_threshold
         dataset = {"images": len(all_lengths),
                    "mean_patch_length": sum(map(sum, all_lengths)) / sum(map(len, all_lengths))}
     else:
@@ -267,7 +271,8 @@ def main(argv=None) -> int:
                      help="entropy folder (tools/compute_entropy.py) or .npy [n, H*W]")
     ap.add_argument("--threshold", type=float, help="θ in nats (default: the paper's, 7.8 @256, 7.9 @384)")
     ap.add_argument("--max-patch-length", type=positive_int, default=4)
-    ap.add_argument("--mode", default="global", choices=["global", "monotonic", "static"])
+    ap.add_argument("--mode", default="global", choices=["global", "monotonic", "global+monotonic", "static"])
+    ap.add_argument("--relative-threshold", type=float, default=0.0, help="θ_rel of --mode global+monotonic")
     ap.add_argument("--alignment", default="reference", choices=["reference", "blt"])
     ap.add_argument("--static-length", type=positive_float, default=2,
                     help="mode static: patch length (fractional: that mean length)")
@@ -296,6 +301,8 @@ def main(argv=None) -> int:
         args.structure = parse_dpar_structure(args.dpar)
     except ConfigError as err:
         raise UsageError(f"--dpar: {err}") from None
+    if (args.mode == "global+monotonic") != (args.relative_threshold != 0):
+        raise UsageError("--relative-threshold (> 0) goes with --mode global+monotonic, and only with it")
 
     out = {"conventions": conventions(args.attention, not args.full_depth), "dpar_structure": to_dict(args.structure)}
     print(f"DPAR structure: model.dpar.decoder_injection={args.structure.decoder_injection} "

@@ -18,6 +18,7 @@ For 50,000 samples on many GPUs, see tools/sample_ddp.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -144,9 +145,7 @@ def run(args) -> int:
         mean = h * w * len(all_lengths) / n_patches
         (out / "patch_lengths.json").write_text(json.dumps({
             "patch_lengths": all_lengths, "mean_patch_length": mean,
-            "patch_rule": {"mode": patch_cfg.mode, "alignment": patch_cfg.alignment,
-                           "threshold": patch_cfg.threshold, "max_patch_length": patch_cfg.max_patch_length,
-                           "static_length": patch_cfg.static_length},
+            "patch_rule": dataclasses.asdict(patch_cfg),
             "global_positions": sum(s.global_positions for s in stats)}))
         print(f"mean patch length {mean:.3f} ({n_patches / len(all_lengths):.1f} patches per image, "
               f"{h * w} codes)")

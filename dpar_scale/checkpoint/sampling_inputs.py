@@ -125,7 +125,8 @@ def _load_entropy_model(path: str, model, device):
 def describe_rule(patch_cfg: PatchConfig) -> str:
     text = (f"mode={patch_cfg.mode} alignment={patch_cfg.alignment} θ={patch_cfg.threshold:g} "
             f"P_max={patch_cfg.max_patch_length}" + ("" if patch_cfg.row_reset else " row_reset=false"))
-    return text + (f" static_length={patch_cfg.static_length:g}" if patch_cfg.mode == "static" else "")
+    return text + (f" static_length={patch_cfg.static_length:g}" if patch_cfg.mode == "static" else "") + (
+        f" θ_rel={patch_cfg.relative_threshold:g}" if patch_cfg.mode == "global+monotonic" else "")
 
 
 def load_sampling_inputs(checkpoint: str, *, device: str | torch.device = "cpu", tokenizer_path: str = "",

@@ -19,7 +19,7 @@ import torch
 from dpar_scale.config import ConfigError
 from dpar_scale.data.shards import ShardError
 from dpar_scale.errors import MissingFileError
-from dpar_scale.patching.rule import patch_starts, starts_to_lengths
+from dpar_scale.patching.rule import patch_rule, starts_to_lengths
 
 
 @dataclass
@@ -227,10 +227,7 @@ class BatchSource:
         if p.mode != "static" and entropy is None:
             raise ValueError("DPAR with an entropy patch rule needs entropies (data.entropy_dir)")
         source = entropy if entropy is not None else torch.zeros(shape)
-        starts = patch_starts(source, width=self.data.grid[1], threshold=p.threshold,
-                              max_patch_length=p.max_patch_length, mode=p.mode, alignment=p.alignment,
-                              static_length=p.static_length, row_reset=p.row_reset)
-        return starts_to_lengths(starts)
+        return starts_to_lengths(patch_rule(p, self.data.grid[1])(source))
 
 
 def rank_slice(global_ids: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray:

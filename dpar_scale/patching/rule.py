@@ -33,17 +33,35 @@ exactly does not start a patch. Both alignments are causal: whether code k start
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from dpar_scale.config import PATCH_ALIGNMENTS as ALIGNMENTS
+from dpar_scale.config import PATCH_MODES as MODES
+from dpar_scale.config import PatchConfig, validate_patch
 from dpar_scale.patching.layout import lengths_with_mean
 
-MODES = ("global", "monotonic", "global+monotonic", "static")
 # The paper's θ per image size (LlamaGen VQ-16 codes, 16x16 at 256 px, 24x24 at 384 px) and the mean patch length
 # it reports for that θ with P_max 4 and row reset on ImageNet (the global-position reduction: 1.81x / 2.06x).
 PAPER_THRESHOLD = {256: 7.8, 384: 7.9}
 PAPER_MEAN_PATCH_LENGTH = {256: 1.81, 384: 2.06}
-ALIGNMENTS = ("reference", "blt")
+
+
+def patch_kwargs(rule: PatchConfig) -> dict:
+    """The keywords of `patch_starts` / `patch_lengths` (all but `width`) for the rule a PatchConfig
+    (`model.patch`) describes, after checking it. The one way from a config to the rule: training batches,
+    sampling, calibration and FLOP counting all go through here, so they cannot apply different rules."""
+    validate_patch(rule)
+    return dict(threshold=rule.threshold, max_patch_length=rule.max_patch_length, mode=rule.mode,
+                alignment=rule.alignment, static_length=rule.static_length, row_reset=rule.row_reset,
+                relative_threshold=rule.relative_threshold if rule.mode == "global+monotonic" else None)
+
+
+def patch_rule(rule: PatchConfig, width: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`entropy [B, N] -> starts [B, N]` for a grid of width `width` under `rule` (see `patch_kwargs`)."""
+    kwargs = patch_kwargs(rule)
+    return lambda entropy: patch_starts(entropy, width=width, **kwargs)
 
 
 def patch_starts(
@@ -188,43 +206,46 @@ def length_histogram(starts: torch.Tensor) -> dict[int, int]:
 
 def calibrate_threshold(
     entropy: torch.Tensor,
+    rule: PatchConfig,
     *,
     width: int,
     target_mean_length: float,
-    max_patch_length: int,
-    mode: str = "global",
-    alignment: str = "reference",
     iterations: int = 40,
-    row_reset: bool = True,
 ) -> Calibration:
-    """Finds θ whose mean patch length over `entropy` [B, N] is closest to the target, by bisection.
+    """Finds θ (`rule.threshold`; the rest of `rule` stays as given) whose mean patch length over `entropy`
+    [B, N] is closest to the target, by bisection.
 
-    The mean length is non-decreasing in θ (a larger θ fires fewer boundaries), so bisection applies. With ties
-    in the entropies an exact hit may not exist; the closest achieved value is returned and reported.
+    The mean length is non-decreasing in θ (a larger θ fires fewer boundaries; under global+monotonic the rise
+    signal with its fixed θ_rel fires regardless), so bisection applies. With ties in the entropies an exact hit
+    may not exist; the closest achieved value is returned and reported.
     """
-    if mode == "static":
+    if rule.mode == "static":
         raise ValueError("a static layout has no threshold to calibrate; set model.patch.static_length instead")
     e = entropy.to(torch.float32)
-    kwargs = dict(width=width, max_patch_length=max_patch_length, mode=mode, alignment=alignment, row_reset=row_reset)
-    low = float(e.min()) - 1.0 if mode == "global" else float((e[:, 1:] - e[:, :-1]).min()) - 1.0
-    high = float(e.max()) + 1.0 if mode == "global" else float((e[:, 1:] - e[:, :-1]).max()) + 1.0
-    ceiling = mean_patch_length(patch_starts(e, threshold=high, **kwargs))
+    kwargs = patch_kwargs(rule)
+    del kwargs["threshold"]
+    # θ compares entropies (global, global+monotonic) or rises between neighbours (monotonic).
+    signal = e if rule.mode != "monotonic" else e[:, 1:] - e[:, :-1]
+    low, high = float(signal.min()) - 1.0, float(signal.max()) + 1.0
+    ceiling = mean_patch_length(patch_starts(e, width=width, threshold=high, **kwargs))
     if target_mean_length > ceiling + 1e-9:
+        forced = f"row resets, P_max={rule.max_patch_length}" + (
+            f", rises > θ_rel={rule.relative_threshold}" if rule.mode == "global+monotonic" else "")
         raise ValueError(
-            f"target mean patch length {target_mean_length} is unreachable: with only forced starts (row resets, "
-            f"P_max={max_patch_length}) the mean is {ceiling:.3f}; lower the target or raise max_patch_length"
+            f"target mean patch length {target_mean_length} is unreachable: with only forced starts ({forced}) "
+            f"the mean is {ceiling:.3f}; lower the target or raise max_patch_length"
         )
     best = (float("inf"), high)
     for _ in range(iterations):
         mid = (low + high) / 2
-        achieved = mean_patch_length(patch_starts(e, threshold=mid, **kwargs))
+        achieved = mean_patch_length(patch_starts(e, width=width, threshold=mid, **kwargs))
         best = min(best, (abs(achieved - target_mean_length), mid))
         if achieved < target_mean_length:
             low = mid
         else:
             high = mid
     theta = best[1]
-    starts = patch_starts(e, threshold=theta, **kwargs)
+    starts = patch_starts(e, width=width, threshold=theta, **kwargs)
     return Calibration(
         threshold=theta, mean_patch_length=mean_patch_length(starts), target=target_mean_length,
         histogram=length_histogram(starts), num_images=e.shape[0],

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from dpar_scale.patching.entropy import entropy_from_logits
 from dpar_scale.patching.layout import PatchLayout
-from dpar_scale.patching.rule import patch_starts, starts_to_lengths
+from dpar_scale.patching.rule import patch_rule, starts_to_lengths
 
 __all__ = ["GenerationStats", "sample_logits", "guide", "generate_gpt", "generate_dpar", "gpt_logits_cached",
            "dpar_logits_cached", "entropies_cached"]
@@ -181,14 +181,6 @@ def generate_gpt(model, labels: torch.Tensor, *, uniforms: torch.Tensor, cfg_sca
 
 
 # ---------------------------------------------------------------------------------------------------- DPAR
-def _rule(patch_cfg, width: int):
-    kwargs = dict(width=width, threshold=patch_cfg.threshold, max_patch_length=patch_cfg.max_patch_length,
-                  mode=patch_cfg.mode, alignment=patch_cfg.alignment, static_length=patch_cfg.static_length,
-                  relative_threshold=getattr(patch_cfg, "relative_threshold", None),
-                  row_reset=patch_cfg.row_reset)
-    return lambda entropy: patch_starts(entropy, **kwargs)
-
-
 def _check_entropy_model(model, entropy_model, needs_entropy: bool) -> None:
     if not needs_entropy:
         return
@@ -223,7 +215,7 @@ def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, unif
     uniforms = _check_uniforms(uniforms, b, n, device)
     needs_entropy = patch_cfg.mode != "static"
     _check_entropy_model(model, entropy_model, needs_entropy)
-    rule = _rule(patch_cfg, w)
+    rule = patch_rule(patch_cfg, w)
     cfg = cfg_scale != 1.0
     halves = 2 if cfg else 1
     cond = _cfg_labels(model, labels, cfg)

@@ -38,12 +38,15 @@ def add_patch_rule_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold", type=float, default=None, help="θ in nats")
     group.add_argument("--max-patch-length", type=int, default=None, help="P_max")
     group.add_argument("--patch-mode", choices=PATCH_MODES, default=None)
+    group.add_argument("--relative-threshold", type=float, default=None,
+                       help="θ_rel of global+monotonic (0 to switch a global+monotonic checkpoint to another mode)")
 
 
 def patch_rule_overrides(args: argparse.Namespace) -> list[str]:
     """Dotted overrides of the checkpoint's model.patch for the flags that were given."""
     out = []
-    for flag, key in (("threshold", "threshold"), ("max_patch_length", "max_patch_length"), ("patch_mode", "mode")):
+    for flag, key in (("threshold", "threshold"), ("max_patch_length", "max_patch_length"), ("patch_mode", "mode"),
+                      ("relative_threshold", "relative_threshold")):
         value = getattr(args, flag, None)
         if value is not None:
             out.append(f"model.patch.{key}={value}")
