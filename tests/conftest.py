@@ -1,6 +1,8 @@
 """Shared fixtures: small code datasets written in the real shard format (no images, no tokenizer)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,11 @@ from dpar_scale.data import shards as S
 from dpar_scale.data import side_arrays as SA
 
 # Two CPU threads on a 2-core runner sometimes make the first large matmul ~100x slower (thread start-up
-# contention); tests check correctness, not speed, so keep the main test process single-threaded.
+# contention), and on a loaded machine OpenMP threads that wait for each other make every step ~10x slower
+# (measured on a loaded 2-core machine: 10 steps of the demo's entropy model, 17 s with one thread, 80 s with two).
+# Tests check correctness, not speed: this process and every process it starts (tools, torchrun workers) use one thread.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -8,6 +8,9 @@ JOBS.json is a list of jobs run in order in the same process group:
                                                  trains like "train", but rank `rank` kills itself (SIGKILL) in
                                                  the save of step `step`, after its model shards were written
                                                  and before its optimizer shards (a crash between shard writes)
+  {"job": "config_error", "overrides": [...], "out": "error.txt"}
+                                                 the trainer must refuse this config in every process with a
+                                                 ConfigError; rank 0 writes its message
   {"job": "packed_sp", "out": "result.json"}     DPAR forward/backward over packed batches with different patch
                                                  counts under TP=world (sequence parallel), against a one-process
                                                  copy of the same model, in the authors' structure and the legacy
@@ -30,6 +33,19 @@ def train(job: dict) -> None:
     from dpar_scale.train.trainer import Trainer
 
     Trainer(load_config(None, job["overrides"])).fit()
+
+
+def config_error(job: dict) -> None:
+    from dpar_scale.config import ConfigError, load_config
+    from dpar_scale.train.trainer import Trainer
+
+    try:
+        Trainer(load_config(None, job["overrides"]))
+    except ConfigError as e:
+        if dist.get_rank() == 0:
+            Path(job["out"]).write_text(str(e))
+        return
+    raise AssertionError(f"rank {dist.get_rank()}: no ConfigError for {job['overrides']}")
 
 
 def die_in_save(job: dict) -> None:
@@ -107,13 +123,15 @@ def _packed_sp_compare(cfg, dims, world: int) -> list[dict]:
             logits = m(codes, labels, layout)
             F.cross_entropy(logits.reshape(-1, 32), codes.reshape(-1)).backward()
             outs.append(logits.detach())
-        grads = {}
+        grads, grad_scale = {}, 0.0
         for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
             gp = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             grads[name] = (gp - q.grad).abs().max().item()
+            grad_scale = max(grad_scale, q.grad.abs().max().item())
         results.append({"structure": mcfg.dpar.decoder_injection, "positions": layout.num_global_positions,
                         "packed_length": layout.packed_length, "cu_seqlens": layout.cu_seqlens.tolist(),
                         "logits_diff": (outs[0] - outs[1]).abs().max().item(),
+                        "logits_scale": outs[1].abs().max().item(), "grad_scale": grad_scale,
                         "max_grad_diff": max(grads.values()), "grads_checked": len(grads),
                         "params": len(list(ref.parameters())),
                         "sharded_params": sum(isinstance(p, DTensor) for p in model.parameters())})
@@ -126,7 +144,8 @@ def main() -> None:
     init_process_group(LaunchEnv.detect(), torch.device("cpu"))
     jobs = json.loads(Path(sys.argv[1]).read_text())
     for job in jobs:
-        {"train": train, "packed_sp": packed_sp, "die_in_save": die_in_save}[job["job"]](job)
+        {"train": train, "packed_sp": packed_sp, "die_in_save": die_in_save,
+         "config_error": config_error}[job["job"]](job)
     if dist.is_initialized():
         dist.destroy_process_group()
 

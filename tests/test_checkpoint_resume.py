@@ -1,11 +1,11 @@
 """Sharded checkpoints and resume, with real processes (gloo) killed hard.
 
-* Bit-exact: a run killed with SIGKILL at a random step and resumed on the same layout logs exactly the losses,
+* Bit-exact: a run killed with SIGKILL at a step drawn per test and resumed on the same layout logs exactly the losses,
   gradient norms and sample ids of an uninterrupted run (FSDP2, TP, DeepSpeed ZeRO).
 * Any layout: a checkpoint resumed on another layout (2→1, 2→4, 1→2, tp2→tp1, dp2×tp2→dp4) consumes exactly the
   samples the uninterrupted run consumed, with losses equal to fp32 reduction-order tolerance.
-* Kill during save (one rank dies between its model and optimizer shard writes): the run resumes from the
-  previous checkpoint.
+* Kill during save (one rank of a TP run dies between its model and optimizer shard writes): the run resumes
+  from the previous checkpoint.
 * Background (async) saves restore exactly what synchronous ones do, are published only when complete, and as
   soon as every rank's writes are done (a step or two later, not at the next save).
 Class dropout is on (0.1) in every run: its decisions are per (sample, step), so they do not depend on the layout.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import shutil
 
-import numpy as np
 import pytest
 
 from dpar_scale.checkpoint.save_load import MARKER, list_checkpoints, read_train_state, step_of
@@ -24,9 +23,10 @@ from dpar_scale.train.metrics_log import read_metrics
 from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
-from parallel_helpers import REPO, kill_at_step, overrides, start_torchrun, torchrun
+from parallel_helpers import (REPO, assert_same_training, assert_same_weights, kill_at_step, overrides,
+                              start_torchrun, torchrun)
 
-STEPS, INTERVAL = 16, 2
+STEPS, INTERVAL = 12, 2
 FSDP2 = ["parallel.dp_shard=2"]
 TP2 = ["parallel.dp_shard=1", "parallel.tp=2"]
 DP2TP2 = ["parallel.dp_shard=2", "parallel.tp=2"]
@@ -76,9 +76,10 @@ def straight(root, codes, name, kind, nproc, layout, deepspeed=False):
 
 def killed_then_resumed(root, codes, name, kind, nproc, layout, deepspeed=False):
     """Starts the run, SIGKILLs its process group at a random step, resumes with checkpoint.resume=auto on the same
-    layout. Returns (run folder, the step the resume started from)."""
+    layout. Returns (run folder, the step the resume started from). The step is drawn per run name (seeded: the
+    same on every machine and every run of the suite, different between the tests)."""
     out = root / "killed" / name
-    kill_step = random.randint(5, 11)
+    kill_step = random.Random(name).randint(5, STEPS - 3)
     proc = start_torchrun(nproc, train_args(out, codes, kind, *layout, deepspeed=deepspeed), root / f"{name}.log")
     last = kill_at_step(proc, out / "metrics.jsonl", kill_step)
     newest = list_checkpoints(out)[-1]
@@ -99,15 +100,16 @@ def assert_identical_after(resume_step, ref_run, run):
         assert got[step]["lr"] == ref[step]["lr"], step
 
 
-def assert_same_continuation(resume_step, ref_run, run, rtol=1e-5):
-    """Another layout: the same samples in the same order, losses equal up to fp32 reduction order."""
+def assert_same_continuation(resume_step, ref_run, run, kind):
+    """Another layout: the same samples in the same order, losses equal up to fp32 reduction order (from the
+    same weights at the resume step on: rounding accumulates over the steps after it)."""
     ref, got = records(ref_run), records(run)
     steps = list(range(resume_step + 1, STEPS + 1))
     assert sorted(got) == steps  # the resumed run logged exactly the remaining steps
     assert [got[s]["sample_ids"] for s in steps] == [ref[s]["sample_ids"] for s in steps]
-    np.testing.assert_allclose([got[s]["loss"] for s in steps], [ref[s]["loss"] for s in steps], rtol=rtol)
-    np.testing.assert_allclose([got[s]["grad_norm"] for s in steps], [ref[s]["grad_norm"] for s in steps],
-                               rtol=1e-4)
+    assert_same_training([got[s]["loss"] for s in steps], [ref[s]["loss"] for s in steps], kind, len(steps))
+    assert_same_training([got[s]["grad_norm"] for s in steps], [ref[s]["grad_norm"] for s in steps], kind,
+                         len(steps), "grad_norm", backward=True)
 
 
 def resume_elsewhere(root, codes, name, kind, nproc, layout, source, deepspeed=False):
@@ -163,28 +165,28 @@ def test_two_process_checkpoint_resumes_on_one_and_four(root, codes, target):
     source = ref / "checkpoints" / "step-000006"
     nproc, layout = (1, []) if target == "one process" else (4, DP4)
     run = resume_elsewhere(root, codes, f"fsdp2-to-{nproc}", "dpar", nproc, layout, source)
-    assert_same_continuation(6, ref, run)
+    assert_same_continuation(6, ref, run, "dpar")
 
 
 def test_one_process_checkpoint_resumes_on_two(root, codes):
     ref = straight(root, codes, "single-dpar", "dpar", 1, [])
     run = resume_elsewhere(root, codes, "single-to-dp2", "dpar", 2, FSDP2, ref / "checkpoints" / "step-000008")
-    assert_same_continuation(8, ref, run)
+    assert_same_continuation(8, ref, run, "dpar")
 
 
 def test_tensor_parallel_checkpoint_resumes_without_tp(root, codes):
     ref = straight(root, codes, "tp2", "gpt", 2, TP2)
     run = resume_elsewhere(root, codes, "tp2-to-1", "gpt", 1, [], ref / "checkpoints" / "step-000004")
-    assert_same_continuation(4, ref, run)
+    assert_same_continuation(4, ref, run, "gpt")
 
 
 def test_dp2_tp2_checkpoint_resumes_on_dp4(root, codes):
     ref = straight(root, codes, "dp2tp2", "gpt", 4, DP2TP2)
     run = resume_elsewhere(root, codes, "dp2tp2-to-dp4", "gpt", 4, DP4, ref / "checkpoints" / "step-000010")
-    assert_same_continuation(10, ref, run)
+    assert_same_continuation(10, ref, run, "gpt")
     tp_ref = straight(root, codes, "tp2", "gpt", 2, TP2)  # and every layout trains the same model
-    np.testing.assert_allclose([r["loss"] for r in records(ref).values()],
-                               [r["loss"] for r in records(tp_ref).values()], rtol=1e-5)
+    assert_same_training([r["loss"] for r in records(ref).values()], [r["loss"] for r in records(tp_ref).values()],
+                         "gpt", STEPS)
 
 
 @pytest.mark.parametrize("nproc", [1, 4])
@@ -194,7 +196,7 @@ def test_deepspeed_checkpoint_resumes_on_another_process_count(root, codes, npro
     source = root / "ds-source" / str(nproc) / "step-000006"
     shutil.copytree(ref / "checkpoints" / "step-000006", source)
     run = resume_elsewhere(root, codes, f"deepspeed-to-{nproc}", "gpt", nproc, [], source, deepspeed=True)
-    assert_same_continuation(6, ref, run)
+    assert_same_continuation(6, ref, run, "gpt")
     from dpar_scale.train.deepspeed_engine import universal_ready
 
     assert universal_ready(source)  # converted once, with its own completion marker
@@ -214,25 +216,24 @@ def test_export_consolidates_dcp_and_deepspeed_checkpoints(root, codes, tmp_path
     import torch
 
     from dpar_scale.checkpoint.export import consolidated_weights, load_model_for_inference
-    fsdp = straight(root, codes, "fsdp2-gpt", "gpt", 2, FSDP2) / "checkpoints" / f"step-{STEPS:06d}"
+    # DCP shards of a tensor-parallel run (DTensors split by columns and rows) and DeepSpeed's ZeRO-2 partitions
+    dcp = straight(root, codes, "tp2", "gpt", 2, TP2) / "checkpoints" / f"step-{STEPS:06d}"
     ds = straight(root, codes, "deepspeed", "gpt", 2, [], deepspeed=True) / "checkpoints" / f"step-{STEPS:06d}"
     exported = {}
-    for name, ckpt in (("fsdp", fsdp), ("deepspeed", ds)):
+    for name, ckpt in (("dcp", dcp), ("deepspeed", ds)):
         assert export_main([str(ckpt), "--out", str(tmp_path / name)]) == 0
         weights, cfg, _ = consolidated_weights(tmp_path / name / "model.safetensors")
         assert (tmp_path / name / "config.json").is_file() and cfg.model.kind == "gpt"
         exported[name] = weights
     # what was exported is what the checkpoint holds, and both engines trained the same weights
-    direct = consolidated_weights(fsdp)[0]
-    assert all(torch.equal(direct[k], exported["fsdp"][k]) for k in direct)
-    assert sorted(exported["fsdp"]) == sorted(exported["deepspeed"])
-    worst = max((exported["fsdp"][k] - exported["deepspeed"][k]).abs().max().item() for k in direct)
-    assert worst < 2e-5, worst
+    direct = consolidated_weights(dcp)[0]
+    assert all(torch.equal(direct[k], exported["dcp"][k]) for k in direct)
+    assert_same_weights(exported["dcp"], exported["deepspeed"], "gpt", STEPS)
     # a checkpoint folder and its export load as the same model
-    codes_in = torch.randint(0, 32, (2, 16))
+    codes_in = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 2])
-    a, _ = load_model_for_inference(fsdp)
-    b, _ = load_model_for_inference(tmp_path / "fsdp")
+    a, _ = load_model_for_inference(dcp)
+    b, _ = load_model_for_inference(tmp_path / "dcp")
     with torch.no_grad():
         assert torch.equal(a(codes_in, labels), b(codes_in, labels))
 
@@ -251,16 +252,16 @@ def test_rank_killed_between_shard_writes_leaves_previous_checkpoint(root, codes
     out = root / "die-in-save"
     import json
 
-    jobs = [{"job": "die_in_save", "rank": 1, "step": 6, "overrides": run_overrides(out, codes, "gpt", *FSDP2)}]
+    jobs = [{"job": "die_in_save", "rank": 1, "step": 6, "overrides": run_overrides(out, codes, "gpt", *TP2)}]
     (root / "die.json").write_text(json.dumps(jobs))
     done = torchrun(2, [str(REPO / "tests" / "parallel_worker.py"), str(root / "die.json")], timeout=300)
     assert done.returncode != 0
     assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004"]
     partial = out / "checkpoints" / "step-000006.tmp"
     assert (partial / "model").is_dir() and not (partial / MARKER).exists()  # rank 1 died after its model shards
-    run_to_end(2, train_args(out, codes, "gpt", *FSDP2, "checkpoint.resume=auto"), "resume after the crash")
+    run_to_end(2, train_args(out, codes, "gpt", *TP2, "checkpoint.resume=auto"), "resume after the crash")
     assert not partial.exists()  # the interrupted save was cleaned up by the next one
-    ref = straight(root, codes, "fsdp2-gpt", "gpt", 2, FSDP2)
+    ref = straight(root, codes, "tp2", "gpt", 2, TP2)
     assert_identical_after(4, ref, out)
 
 
@@ -339,6 +340,6 @@ def test_export_tool_converts_deepspeed_checkpoints_to_universal_ahead_of_time(r
     damaged.write_bytes(damaged.read_bytes()[:-1])
     assert not universal_ready(copy)
     assert export_main([str(copy), "--universal"]) == 0 and universal_ready(copy)
-    fsdp = straight(root, codes, "fsdp2-gpt", "gpt", 2, FSDP2) / "checkpoints" / "step-000004"
-    assert export_main([str(fsdp), "--universal"]) == 2  # not a DeepSpeed checkpoint
+    dcp = straight(root, codes, "tp2", "gpt", 2, TP2) / "checkpoints" / "step-000004"
+    assert export_main([str(dcp), "--universal"]) == 2  # not a DeepSpeed checkpoint
     assert "only DeepSpeed checkpoints" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
 from parallel_helpers import REPO, assert_same_run, overrides, torchrun
+from tolerances import abs_tol
 
 WORKER = REPO / "tests" / "parallel_worker.py"
 KINDS = ("gpt", "entropy", "dpar")
@@ -73,6 +74,9 @@ def _launch(layout: str, root: Path, codes: Path) -> tuple[Path, str]:
         jobs.append({"job": "train", "overrides": overrides(out / kind, codes, kind, *parallel, *extra.get(kind, []))})
     for name, kind, more in extra_runs:
         jobs.append({"job": "train", "overrides": overrides(out / name, codes, kind, *more)})
+    if layout == "dp2":  # a TP degree the 2 launched processes cannot hold
+        jobs.append({"job": "config_error", "out": str(out / "tp4_error.txt"),
+                     "overrides": overrides(out / "bad", codes, "gpt", "parallel.tp=4")})
     if layout == "dp2tp2":  # stop after 2 steps, resume to 4 (sharded optimizer state through DCP)
         first = overrides(out / "gpt-resumed", codes, "gpt", *parallel, "train.steps=2")
         jobs += [{"job": "train", "overrides": first},
@@ -92,7 +96,7 @@ def launch(layout: str, workdir) -> Path:
 @pytest.mark.parametrize("kind", KINDS)
 def test_layout_matches_single_process(workdir, references, layout, kind):
     out = launch(layout, workdir)
-    assert_same_run(references / kind, out / kind)
+    assert_same_run(references / kind, out / kind, kind)
     assert (out / kind / "config.yaml").is_file()
     ckpt = out / kind / "checkpoints" / "step-000004"
     assert (ckpt / "optimizer").is_dir() and (ckpt / "train_state.pt").is_file()
@@ -105,12 +109,12 @@ def test_layout_matches_single_process(workdir, references, layout, kind):
 
 def test_hsdp_matches_single_process(workdir, references):
     out = launch("dp2", workdir)
-    assert_same_run(references / "entropy", out / "entropy-hsdp")
+    assert_same_run(references / "entropy", out / "entropy-hsdp", "entropy")
 
 
 def test_resume_in_parallel_layout_matches_single_process(workdir, references):
     out = launch("dp2tp2", workdir)
-    assert_same_run(references / "gpt", out / "gpt-resumed")
+    assert_same_run(references / "gpt", out / "gpt-resumed", "gpt")
     records = read_metrics(out / "gpt-resumed" / "metrics.jsonl")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
 
@@ -208,16 +212,21 @@ def test_packed_sequence_parallel_with_ragged_patch_counts(workdir):
     assert [r["packed_length"] for r in results] == [26, 22, 6] * 2  # padded only to a multiple of tp
     assert results[0]["cu_seqlens"] == [0, 8, 13, 22, 25]  # image boundaries are not moved by the padding
     for r in results:
-        assert r["logits_diff"] < 1e-5 and r["max_grad_diff"] < 1e-5, r
+        # one forward / backward of the tiny DPAR (dim 32, SwiGLU hidden 256; 1 + 2 + 1 layers, the injection
+        # before each decoder layer or the FFN after the cross-attention, + 2), sharded or not: float32 rounding of
+        # the chain, relative to the logits' and the gradients' own scale
+        assert r["logits_diff"] <= abs_tol(r["logits_scale"], reduction=256, depth=8), r
+        assert r["max_grad_diff"] <= abs_tol(r["grad_scale"], reduction=256, depth=2 * 8), r
         assert r["grads_checked"] == r["params"] and r["sharded_params"] > 0
 
 
 # ------------------------------------------------------------------------------------------ clear errors
 def test_world_size_that_does_not_fit_the_layout_is_a_clear_error(workdir):
-    root, codes = workdir
-    done = torchrun(2, ["train.py", *overrides(root / "bad", codes, "gpt", "parallel.tp=4")], timeout=120)
-    assert done.returncode != 0
-    assert "world size 2 is not divisible by parallel.dp_replicate × parallel.tp = 1 × 4" in done.stderr
+    """Under a real 2-process launch (the dp2 one; train.py's exit code 2 for a ConfigError is tested in
+    tests/test_trainer.py)."""
+    out = launch("dp2", workdir)
+    message = (out / "tp4_error.txt").read_text()
+    assert "world size 2 is not divisible by parallel.dp_replicate × parallel.tp = 1 × 4" in message
 
 
 def test_parallel_dims_errors():

@@ -175,8 +175,9 @@ def test_calibration_hits_target():
     # the reported θ reproduces the reported mean
     starts = patch_starts(e, width=16, threshold=cal.threshold, max_patch_length=4)
     assert starts.numel() / starts.sum().item() == cal.mean_patch_length
+    # forced starts only: 1 + 4 patches in row 0, 4 in each other row
     with pytest.raises(ValueError, match=r"target mean patch length 5\.0 is unreachable: with only forced starts "
-                                         rf"\(row resets, P_max=4\) the mean is {256 / 65:.3f}"):  # 1 + 4 patches in row 0, 4 per row after
+                                         rf"\(row resets, P_max=4\) the mean is {256 / 65:.3f}"):
         calibrate_threshold(e, PatchConfig(max_patch_length=4), width=16, target_mean_length=5.0)
 
 

@@ -67,8 +67,8 @@ def main(argv=None) -> int:
     data = out / "data"
     images, tokenizer, codes = data / "images", data / "tokenizer.safetensors", data / "codes"
     per_class = 12 if args.quick else args.num_per_class
-    entropy_steps = 20 if args.quick else 0
-    model_steps = args.steps or (20 if args.quick else 0)
+    entropy_steps = 10 if args.quick else 0
+    model_steps = args.steps or (10 if args.quick else 0)
     quick = ["train.log_every=5", "train.val_batches=1", "data.batch_size=8", "train.progress_bar=false"]
 
     if not (images / "classes.json").is_file():
