@@ -2,7 +2,9 @@
 and on one (through DeepSpeed's universal checkpoint); JSON/config conflicts are clear.
 
 The launcher form under test is the documented CPU one: `deepspeed --num_gpus 2 train.py --deepspeed_config ...`
-(without --num_gpus the launcher starts a single process on a machine without GPUs).
+(without --num_gpus the launcher starts a single process on a machine without GPUs). It runs as
+`python -m deepspeed.launcher.runner`, the module behind the `deepspeed` script, with this interpreter: a
+`deepspeed` on PATH may belong to another environment, and the script is not always installed beside python.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from dpar_scale.train.trainer import Trainer
 from conftest import write_code_dataset
 from parallel_helpers import REPO, assert_same_run, free_port, overrides, run_env, torchrun
 
-DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]  # what the `deepspeed` script runs
 # Accumulation and a warm-up: DeepSpeed's micro-step bookkeeping and our LR schedule on its optimizer are exercised.
 EXTRA = ["train.grad_accum=2", "optim.warmup_steps=2"]
 
@@ -35,17 +37,16 @@ def setup(tmp_path_factory):
     return root, codes
 
 
-@pytest.mark.skipif(not DEEPSPEED.exists(), reason="the deepspeed launcher is not installed next to python")
 def test_zero3_two_processes_matches_single_process(setup):
     root, codes = setup
     out = root / "zero3"
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "train.py", "--deepspeed_config",
+    cmd = [*DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train.py", "--deepspeed_config",
            "configs/deepspeed/zero3.json",
            *overrides(out, codes, "dpar", *EXTRA, "parallel.activation_checkpoint=full")]
     done = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert "deepspeed_shm_comm_op built" not in done.stdout + done.stderr  # no JIT build on CPU
-    assert_same_run(root / "single", out)
+    assert_same_run(root / "single", out, "dpar")
     used = json.loads((out / "deepspeed_config.json").read_text())
     assert used["zero_optimization"]["stage"] == 3 and used["train_batch_size"] == 8
     assert used["gradient_accumulation_steps"] == 2 and used["train_micro_batch_size_per_gpu"] == 2
@@ -77,7 +78,7 @@ def test_zero3_resume_under_torchrun(setup, zero3_two_steps):
     out = continue_run(root, zero3_two_steps, "zero3-resumed")
     second = torchrun(2, ZERO3 + overrides(out, codes, "dpar", *EXTRA, "checkpoint.resume=auto"))
     assert second.returncode == 0, second.stderr[-5000:]
-    assert_same_run(root / "single", out)
+    assert_same_run(root / "single", out, "dpar")
     assert "resumed from" in second.stdout
 
 
@@ -156,18 +157,17 @@ def test_json_that_disagrees_with_our_config_is_a_clear_error(json_values, extra
         resolve_deepspeed_config(json_values, cfg(*extra), 2, source="zero3.json")
 
 
-def test_train_py_reports_a_conflicting_json(tmp_path):
+def test_train_py_reports_a_conflicting_json(tmp_path, capsys):
+    # train.py's main() in this process: the command line's exit code and message, before anything starts
+    from test_trainer import train_py
+
+    main = train_py().main
     codes = write_code_dataset(tmp_path / "codes")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 3}}))
-    done = subprocess.run([sys.executable, "train.py", "--deepspeed_config", str(bad),
-                           *overrides(tmp_path / "run", codes, "gpt")],
-                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert '"train_batch_size": 32 but our data.batch_size = 8' in done.stderr
+    assert main(["--deepspeed_config", str(bad), *overrides(tmp_path / "run", codes, "gpt")]) == 2
+    assert '"train_batch_size": 32 but our data.batch_size = 8' in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    missing = subprocess.run([sys.executable, "train.py", "--deepspeed_config", str(tmp_path / "nope.json"),
-                              *overrides(tmp_path / "run", codes, "gpt")],
-                             cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert main(["--deepspeed_config", str(tmp_path / "nope.json"), *overrides(tmp_path / "run", codes, "gpt")]) == 2
+    assert f"{tmp_path / 'nope.json'}" in (err := capsys.readouterr().err) and "does not exist" in err
     assert read_metrics(tmp_path / "run" / "metrics.jsonl") == []

@@ -13,11 +13,14 @@ import torch
 from dpar_scale.checkpoint.export import load_model_for_inference
 from dpar_scale.data.shards import CodeShards
 from dpar_scale.data.side_arrays import open_side_array
+from dpar_scale.launch import free_port
 from dpar_scale.patching.entropy import code_entropies
+from dpar_scale.patching.rule import mean_patch_length, patch_starts
 from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
 from test_trainer import make_cfg
+from tolerances import abs_tol, eps, magnitude, model_chain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,15 +50,20 @@ def test_entropies_match_the_model_and_are_aligned(trained):
     model, _ = load_model_for_inference(ckpt)
     codes = torch.from_numpy(shards.codes(slice(0, len(shards))).astype(np.int64))
     expected = code_entropies(model, codes).numpy()
-    np.testing.assert_allclose(stored[np.arange(len(shards))].astype(np.float32), expected, rtol=1e-3, atol=1e-3)
-    assert expected.max() <= np.log(32) + 1e-4
+    # Stored as float16: rounding to nearest is within half an ulp, at most eps16/2 of the value; the tool's
+    # batches of 7 against one batch here add float32 rounding of the forward and the entropy's sum over 32 codes.
+    chain = model_chain(model, 32)
+    f32 = abs_tol(magnitude(expected), reduction=chain["reduction"], depth=chain["depth"] + 1)
+    np.testing.assert_allclose(stored[np.arange(len(shards))].astype(np.float32), expected,
+                               rtol=eps(torch.float16) / 2, atol=f32)
+    assert expected.max() <= np.log(32) + abs_tol(np.log(32), reduction=32)  # at most ln V, up to rounding
     # entry k is the entropy of the prediction of code k from codes < k: changing code k moves no entry <= k
     k = 7
     changed = codes.clone()
     changed[:, k] = (changed[:, k] + 1) % 32
     again = code_entropies(model, changed).numpy()
-    np.testing.assert_array_equal(again[:, : k + 1], expected[:, : k + 1])
-    assert not np.allclose(again[:, k + 1:], expected[:, k + 1:])
+    np.testing.assert_allclose(again[:, : k + 1], expected[:, : k + 1], rtol=0, atol=f32)
+    assert np.abs(again[:, k + 1:] - expected[:, k + 1:]).max() > 100 * f32
 
 
 def test_entropy_is_resumable(trained, tmp_path):
@@ -88,7 +96,7 @@ def test_entropy_rejects_a_model_that_is_not_an_entropy_model(trained, tmp_path,
 
 def test_two_process_entropy_equals_one_process(trained, tmp_path):
     codes_dir, ckpt = trained
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "tools" / "compute_entropy.py"), "--checkpoint", str(ckpt), "--codes", str(codes_dir),
            "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -109,7 +117,13 @@ def test_calibration_tool(trained, tmp_path):
     assert tool("calibrate_threshold").main(["--entropy", str(out), "--target-mean-length", "1.5",
                                              "--max-patch-length", "4", "--json", str(tmp_path / "t.json")]) == 0
     result = json.loads((tmp_path / "t.json").read_text())
-    assert abs(result["mean_patch_length"] - 1.5) < 0.1
+    # No θ does better: the mean length only changes where θ crosses a stored entropy, so trying every one of them
+    # (and one below all) tries every achievable mean.
+    e = torch.from_numpy(open_side_array(str(out))[np.arange(60)].astype(np.float32))
+    achievable = [mean_patch_length(patch_starts(e, width=4, threshold=float(t), max_patch_length=4))
+                  for t in torch.cat([e.min()[None] - 1, torch.unique(e)])]
+    assert result["mean_patch_length"] in achievable
+    assert abs(result["mean_patch_length"] - 1.5) == min(abs(m - 1.5) for m in achievable)
     assert sum(int(k) * v for k, v in result["histogram"].items()) == 60 * 16
     assert tool("calibrate_threshold").main(["--entropy", str(out), "--target-mean-length", "9",
                                              "--max-patch-length", "4"]) == 2

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from dpar_scale.data.images import (center_crop_arr, five_crop, list_image_folde
 from dpar_scale.data.shards import CodeShards, ShardError
 from dpar_scale.data.side_arrays import open_side_array, write_side_manifest, write_side_shard
 from dpar_scale.data.synthetic import generate_dataset, render_image
+from dpar_scale.launch import free_port
 from dpar_scale.tokenizer import load_tokenizer
 from dpar_scale.tokenizer.kmeans import KMeansTokenizer
 
@@ -300,9 +300,7 @@ def test_errors(env, fresh, tmp_path, capsys):
 
 
 def test_torchrun_two_processes_match_one(env, fresh, tmp_path, capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     one, two = tmp_path / "one", tmp_path / "two"
     assert run(env, one, "--shard-size", "5", "--flip") == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
@@ -326,7 +324,7 @@ def test_torchrun_two_processes_match_one(env, fresh, tmp_path, capsys):
 
 
 def test_llamagen_vq16_through_dispatch(env, tmp_path, capsys):
-    vq16 = pytest.importorskip("dpar_scale.tokenizer.vq16")
+    from dpar_scale.tokenizer import vq16
     torch.manual_seed(0)
     path = str(tmp_path / "vq_random.pt")
     vq16.save_llamagen_format(vq16.VQ16Tokenizer(), path)  # random weights in LlamaGen's checkpoint layout

@@ -115,7 +115,7 @@ def test_make_dataset_cli(tmp_path, capsys):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"class_index must be in \[0, {len(CLASS_NAMES)}\), got {len(CLASS_NAMES)}"):
         render_image(len(CLASS_NAMES), 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"--classes must be in \[1, {len(CLASS_NAMES)}\], got 0"):
         generate_dataset("/nonexistent-never-written", 1, num_classes=0, progress=False)

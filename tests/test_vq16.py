@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dpar_scale.tokenizer.vq16 import VQ16Tokenizer, load_llamagen_vq16, save_llamagen_format
+from tolerances import abs_tol
 
 # Parameter names as they appear in LlamaGen's VQModel
 # (FoundationVision/LlamaGen, tokenizer/tokenizer_image/vq_model.py), with their shapes for VQ-16.
@@ -110,8 +111,11 @@ def test_quantiser_picks_nearest_normalised_code(model):
     book = F.normalize(model.quantize.embedding.weight.detach(), dim=-1)
     dist = torch.cdist(flat.double(), book.double())  # brute force over all 16,384 entries
     chosen = dist.gather(1, codes.reshape(-1, 1)).squeeze(1)
-    # Allow float rounding only: the chosen entry must be (one of) the closest.
-    assert torch.all(chosen <= dist.min(dim=1).values + 1e-5)
+    # Allow float rounding only: the chosen entry must be (one of) the closest. The quantiser takes the largest
+    # float32 dot product of unit vectors (8 terms, each rounded: abs_tol(1, reduction=8)); squared distances are
+    # 2 - 2·dot, so a near-tie resolved the other way leaves the chosen one within 2 x 2 such errors of the best.
+    slack = 4 * abs_tol(1.0, reduction=8)
+    assert torch.all(chosen ** 2 <= dist.min(dim=1).values ** 2 + slack)
     assert (codes.reshape(-1) == dist.argmin(dim=1)).float().mean() > 0.95
 
 
@@ -130,10 +134,9 @@ def test_foreign_checkpoints_are_rejected(checkpoint, tmp_path):
     renamed = dict(state)
     renamed["encoder.conv_input.weight"] = renamed.pop("encoder.conv_in.weight")
     torch.save({"model": renamed}, tmp_path / "renamed.pt")
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match=r"is not a LlamaGen VQ-16 checkpoint; missing keys: encoder\.conv_in\.weight"
+                                         r".*; unexpected keys: encoder\.conv_input\.weight"):
         load_llamagen_vq16(tmp_path / "renamed.pt")
-    assert "encoder.conv_in.weight" in str(info.value)
-    assert "encoder.conv_input.weight" in str(info.value)
 
     resized = dict(state)
     resized["quantize.embedding.weight"] = torch.zeros(8192, 8)
