@@ -73,7 +73,8 @@ def test_two_ranks_write_the_bytes_of_one(setup, reference):
     assert (s["seed"], s["cfg_scale"], s["top_k"], s["batch_size"], s["labels"], s["precision"]) == \
         (3, 2.0, 30, 2, "balanced", "fp32")
     assert s["patch_rule"] == {"mode": "global", "alignment": "reference", "threshold": setup["theta"],
-                               "max_patch_length": 4, "static_length": 2, "row_reset": True}
+                               "max_patch_length": 4, "static_length": 2, "row_reset": True,
+                               "relative_threshold": 0.0}
     assert meta["sources"]["checkpoint"] == str(setup["dpar"]) and meta["images_per_second"] > 0
     dpar = meta["dpar"]
     # Mean patch length = codes / patches, from the patch counts the chunks recorded.
