@@ -92,7 +92,7 @@ def test_zero3_dpar_checkpoint_resumes_on_one_process(setup, zero3_two_steps):
     done = torchrun(1, ZERO3 + overrides(out, codes, "dpar", *EXTRA, "checkpoint.resume=auto"))
     assert done.returncode == 0, done.stderr[-5000:]
     assert "resuming a checkpoint written by 2 process(es)" in done.stdout
-    assert_same_run(root / "single", out)
+    assert_same_run(root / "single", out, "dpar")
     assert universal_ready(out / "checkpoints" / "step-000002")
 
 
