@@ -50,7 +50,7 @@ def test_same_seed_same_bytes(tmp_path):
     generate_dataset(str(a), num_per_class=4, num_classes=3, image_size=64, seed=0, progress=False)
     generate_dataset(str(b), num_per_class=4, num_classes=3, image_size=64, seed=0, progress=False)
     da, db = _tree_digest(a), _tree_digest(b)
-    assert len(da) == 3 * 4 + 1 and da == db
+    assert len(da) == 3 * 4 + 3 and da == db  # images, classes.json, captions.jsonl, attributes.jsonl
 
 
 def test_layout_and_classes_json(tmp_path):
@@ -110,7 +110,8 @@ def test_make_dataset_cli(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--out", str(tmp_path), "--num-per-class", "2", "--classes", "3", "--quiet"]) == 0
-    assert sorted(os.listdir(tmp_path)) == ["00_disc", "01_square", "02_ring", "classes.json"]
+    assert sorted(os.listdir(tmp_path)) == ["00_disc", "01_square", "02_ring", "attributes.jsonl", "captions.jsonl",
+                                           "classes.json"]
     assert mod.main(["--out", str(tmp_path), "--classes", "99", "--quiet"]) == 2  # a user error: one line, exit 2
 
 

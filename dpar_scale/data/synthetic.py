@@ -119,6 +119,11 @@ class Scene:
     extra: dict = field(default_factory=dict)  # sky_sun: the sky and ground colours
 
 
+def _mean_colour(pattern: np.ndarray, coverage: np.ndarray) -> np.ndarray:
+    """Coverage-weighted mean RGB of `pattern` [H, W, 3] under `coverage` [H, W, 1]."""
+    return (pattern * coverage).sum((0, 1)) / max(float(coverage.sum()), 1e-6)
+
+
 def _fraction(value: float, lo: float, hi: float) -> float:
     return float((value - lo) / (hi - lo))
 
@@ -252,7 +257,8 @@ def _blob(rng, s):
     pattern = fg * (0.45 + 0.9 * tex[..., None])
     a = _coverage(np.hypot(yy - cy, xx - cx) - r)
     img = np.clip(img * (1 - a) + pattern * a, 0, 1)
-    return img, Scene(a[..., 0], [fg], "textured", _fraction(rf, 0.15, 0.26), bg)
+    # its colour is the mean of what is shown (bright texels clip, which shifts the hue a little from fg's)
+    return img, Scene(a[..., 0], [_mean_colour(np.clip(pattern, 0, 1), a)], "textured", _fraction(rf, 0.15, 0.26), bg)
 
 
 def _sky_sun(rng, s):
@@ -273,10 +279,12 @@ def _sky_sun(rng, s):
     tex = _texture(rng, s, 1.5 * s / 64)
     edge = horizon + 1.5 * np.sin(xx / s * 2 * np.pi * rng.uniform(1, 3) + rng.uniform(0, 6.3))
     a = _coverage(edge - yy)
+    textured_ground = np.clip(ground * (0.5 + 0.8 * tex[..., None]), 0, 1)
     img = np.clip(img * (1 - a) + ground * (0.5 + 0.8 * tex[..., None]) * a, 0, 1)
     # the object is the sun (as far as the ground leaves it visible); the sky is the graded background
     scene = Scene((a_sun * (1 - a))[..., 0], [sun], "flat", _fraction(rf, 0.06, 0.12),
-                  {"kind": "graded", "colours": [top, low]}, {"sky": top, "ground": ground})
+                  {"kind": "graded", "colours": [top, low]},
+                  {"sky": top, "ground": _mean_colour(textured_ground, a)})
     return img, scene
 
 
@@ -372,8 +380,10 @@ def class_folder_name(class_index: int) -> str:
 
 
 def generate_dataset(out_dir: str, num_per_class: int, num_classes: int = 10, image_size: int = 64,
-                     seed: int = 0, progress: bool = True) -> dict:
-    """Write an ImageFolder tree `out_dir/<NN_class>/<index:05d>.png` plus `out_dir/classes.json`.
+                     seed: int = 0, progress: bool = True, captions_per_image: int = 3) -> dict:
+    """Write an ImageFolder tree `out_dir/<NN_class>/<index:05d>.png` plus `out_dir/classes.json`, and beside it
+    `captions.jsonl` (`captions_per_image` captions per picture; 0 = none) and `attributes.jsonl` (what each
+    picture shows: dpar_scale.data.synthetic_captions), paths relative to `out_dir`.
 
     Folder and file names are zero-padded so that sorted (ImageFolder) order equals class and index order.
     Returns the contents of classes.json ("classes": folder names in label order, "names": short names).
@@ -382,7 +392,11 @@ def generate_dataset(out_dir: str, num_per_class: int, num_classes: int = 10, im
         raise ValueError(f"--classes must be in [1, {len(CLASS_NAMES)}], got {num_classes}")
     if num_per_class < 1:
         raise ValueError(f"--num-per-class must be >= 1, got {num_per_class}")
+    if captions_per_image < 0:
+        raise ValueError(f"--captions-per-image must be >= 0, got {captions_per_image}")
     from tqdm import tqdm
+
+    from dpar_scale.data.synthetic_captions import CAPTION_STREAM, scene_attributes, scene_captions, write_caption_files
 
     names = CLASS_NAMES[:num_classes]
     # Folder names carry the class index so that ImageFolder's sorted order (which defines the labels at
@@ -391,12 +405,18 @@ def generate_dataset(out_dir: str, num_per_class: int, num_classes: int = 10, im
     os.makedirs(out_dir, exist_ok=True)
     width = max(5, len(str(num_per_class - 1)))
     bar = tqdm(total=num_classes * num_per_class, desc="images", unit="img", disable=not progress)
+    records = []
     for c, folder in enumerate(folders):
         cdir = os.path.join(out_dir, folder)
         os.makedirs(cdir, exist_ok=True)
         for i in range(num_per_class):
-            arr = render_image(c, i, image_size, seed)
-            Image.fromarray(arr, "RGB").save(os.path.join(cdir, f"{i:0{width}d}.png"), format="PNG")
+            arr, scene = render_scene(c, i, image_size, seed)
+            name = f"{i:0{width}d}.png"
+            Image.fromarray(arr, "RGB").save(os.path.join(cdir, name), format="PNG")
+            attributes = scene_attributes(c, scene)
+            captions = scene_captions(attributes, captions_per_image,
+                                      np.random.default_rng([seed, c, i, CAPTION_STREAM]))
+            records.append((f"{folder}/{name}", attributes, captions))
             bar.update(1)
     bar.close()
     info = {
@@ -407,6 +427,7 @@ def generate_dataset(out_dir: str, num_per_class: int, num_classes: int = 10, im
         "image_size": image_size,
         "seed": seed,
         "generator": f"dpar_scale.data.synthetic v{GENERATOR_VERSION}",
+        **write_caption_files(out_dir, records),
     }
     with open(os.path.join(out_dir, "classes.json"), "w") as f:
         json.dump(info, f, indent=2)
