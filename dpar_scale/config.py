@@ -49,6 +49,8 @@ class DataConfig:
     # checked when the data is opened (values always, chunked over the memory maps): full = sizes + sha256 of every
     # shard against its manifest; size = sizes only. Verified files are cached per user (~/.cache/dpar_scale)
     verify: str = "full"
+    # model.conditioning=text: caption shards written by tools/extract_codes.py --captions; "" = <codes_dir>/captions
+    captions_dir: str = ""
 
 
 @dataclass
@@ -72,6 +74,18 @@ class DPARConfig:
     # RMSNorm + Linear (the authors' one-key cross-attention); first: once, before the first decoder layer
     decoder_injection: str = "every"
     cross_attn_ffn: bool = False  # a SwiGLU FFN after the encoder's patch cross-attention (not in the authors' code)
+
+
+@dataclass
+class TextConfig:
+    """Text conditioning (model.conditioning=text): the caption's sentencepiece tokens prefix each image."""
+
+    tokenizer: str = ""  # a sentencepiece .model: tools/train_text_tokenizer.py, or e.g. T5's spiece.model
+    # rows of the text embedding: >= the tokenizer's vocabulary (extra rows, e.g. padding to a multiple of the
+    # tensor-parallel degree, are never produced by it)
+    vocab_size: int = 0
+    max_length: int = 64  # tokens per caption, eos included; longer captions are truncated (and counted)
+    dropout: float = 0.1  # probability of training on the empty caption instead (classifier-free guidance)
 
 
 # What a run config saved before `model.dpar` existed describes: the only DPAR structure there was then.
@@ -103,8 +117,11 @@ class ModelConfig:
     class_rope: str = "identity"
     norm_eps: float = 1e-5
     attention_backend: str = "sdpa"  # sdpa | flex
+    # class: the label conditions the image (class_dropout for CFG); text: the caption does (model.text)
+    conditioning: str = "class"
     patch: PatchConfig = field(default_factory=PatchConfig)
     dpar: DPARConfig = field(default_factory=DPARConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
@@ -394,6 +411,7 @@ def _deep_merge(base: dict, update: dict) -> dict:
 
 
 DECODER_INJECTIONS = ("every", "first")
+CONDITIONINGS = ("class", "text")
 
 
 def parse_dpar_structure(text: str) -> DPARConfig:
@@ -469,6 +487,31 @@ def validate(cfg: Config) -> None:
                           "instead of train.epochs, or data.global_tokens_per_microbatch=0")
     if cfg.sample.resize < 0:
         raise ConfigError(f"sample.resize must be >= 0 (0 = off), got {cfg.sample.resize}")
+    _validate_text(cfg.model)
+
+
+def _validate_text(model: ModelConfig) -> None:
+    _choice("model.conditioning", model.conditioning, CONDITIONINGS)
+    text = model.text
+    if text.max_length < 2:
+        raise ConfigError(f"model.text.max_length must be >= 2 (at least one caption token and the eos that ends "
+                          f"every caption), got {text.max_length}")
+    if not 0.0 <= text.dropout < 1.0:
+        raise ConfigError(f"model.text.dropout must be in [0, 1), got {text.dropout}")
+    if text.vocab_size < 0:
+        raise ConfigError(f"model.text.vocab_size must be >= 0, got {text.vocab_size}")
+    if model.conditioning != "text":
+        return
+    if model.kind == "entropy":
+        raise ConfigError("model.conditioning=text: the entropy model is unconditional (patch boundaries depend "
+                          "on the image, not on the prompt); set model.conditioning=class for kind=entropy")
+    if not text.tokenizer:
+        raise ConfigError("model.conditioning=text needs model.text.tokenizer: a sentencepiece .model (train one "
+                          "with tools/train_text_tokenizer.py --captions CAPTIONS.jsonl --vocab-size V --out "
+                          "text.model, or give an existing one such as T5's spiece.model)")
+    if text.vocab_size < 1:
+        raise ConfigError("model.conditioning=text needs model.text.vocab_size: the text embedding's rows, at "
+                          "least the tokenizer's vocabulary (tools/train_text_tokenizer.py prints it)")
 
 
 def steps_for_epochs(epochs: float, num_train_images: int, batch_size: int) -> int:

@@ -129,3 +129,39 @@ def test_epochs_become_steps_from_the_data_size():
         load_config(None, ["train.epochs=1", "data.global_tokens_per_microbatch=512"])
     with pytest.raises(ConfigError, match="needs training images"):
         steps_for_epochs(1, 0, 256)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.conditioning=image"], r"model\.conditioning: 'image' is not one of class, text"),
+    (["model.text.max_length=1"], r"model\.text\.max_length must be >= 2"),
+    (["model.text.dropout=1.0"], r"model\.text\.dropout must be in \[0, 1\)"),
+    (["model.conditioning=text", "model.text.vocab_size=64"], r"needs model\.text\.tokenizer"),
+    (["model.conditioning=text", "model.text.tokenizer=t.model"], r"needs model\.text\.vocab_size"),
+    (["model.conditioning=text", "model.kind=entropy", "model.text.tokenizer=t.model", "model.text.vocab_size=64"],
+     "the entropy model is unconditional"),
+])
+def test_text_conditioning_values_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_text_config_defaults_and_saved_configs_without_it(tmp_path):
+    cfg = load_config(None, ["model.conditioning=text", "model.kind=dpar", "model.text.tokenizer=t.model",
+                             "model.text.vocab_size=1000", "data.captions_dir=/c"])
+    assert (cfg.model.text.max_length, cfg.model.text.dropout) == (64, 0.1) and cfg.data.captions_dir == "/c"
+    save_config(cfg, tmp_path / "config.yaml")
+    assert to_dict(load_saved_config(tmp_path / "config.yaml")) == to_dict(cfg)
+    # a run saved before text conditioning existed is class-conditional
+    values = to_dict(load_config(None, ["model.preset=dpar-b"]))
+    del values["model"]["conditioning"], values["model"]["text"], values["data"]["captions_dir"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(values))
+    assert load_saved_config(tmp_path / "old.yaml").model.conditioning == "class"
+
+
+def test_text_models_are_refused_until_they_exist():
+    from dpar_scale.models import build_model
+
+    cfg = load_config(None, ["model.conditioning=text", "model.preset=dpar-tiny", "model.text.tokenizer=t.model",
+                             "model.text.vocab_size=64"])
+    with pytest.raises(ConfigError, match="text-conditioned DPAR / GPT models are not built yet"):
+        build_model(cfg.model)

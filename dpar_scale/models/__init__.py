@@ -55,6 +55,11 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
 def _check(cfg: ModelConfig) -> None:
     if cfg.kind not in ("gpt", "entropy", "dpar"):
         raise ConfigError(f"model.kind: {cfg.kind!r} is not one of gpt, entropy, dpar")
+    if cfg.conditioning == "text":
+        # the data side exists (captions beside the codes, the text tokenizer, text batches); the models do not
+        # yet, and building a class-conditional model for a text config would train the wrong thing silently
+        raise ConfigError("model.conditioning=text: text-conditioned DPAR / GPT models are not built yet (the "
+                          "captions, text tokenizer and text batches are); use model.conditioning=class")
     need = ("n_encoder_layers", "n_global_layers", "n_decoder_layers") if cfg.kind == "dpar" else ("n_layers",)
     for key in ("dim", "n_heads") + need:
         if getattr(cfg, key) < 1:
