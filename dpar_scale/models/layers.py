@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpar_scale.data.captions import splitmix_unit
+
 from .attention import AttentionMask, KVCache, attend
 from .rope import apply_rope
 
@@ -210,12 +212,4 @@ def class_drop_mask(sample_ids: torch.Tensor, step: int, seed: int, prob: float)
     """[B] bool: whether each sample's label is dropped at optimizer step `step`; a pure function of
     (seed, step, sample id) — a splitmix64 hash mapped to [0, 1) — so every parallel layout, and a run resumed on
     another one, drops exactly the same labels."""
-    mask64 = (1 << 64) - 1
-    out = []
-    for sid in sample_ids.tolist():
-        z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + sid * 0x94D049BB133111EB) & mask64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
-        z ^= z >> 31
-        out.append((z >> 11) / float(1 << 53) < prob)
-    return torch.tensor(out, dtype=torch.bool)
+    return torch.from_numpy(splitmix_unit(seed, step, sample_ids.cpu().numpy()) < prob)
