@@ -3,7 +3,7 @@
 
     python tools/extract_codes.py --images DIR --out DIR --tokenizer {llamagen-vq16,kmeans} \
         --tokenizer-path PATH --image-size N [--ten-crop] [--flip] [--shard-size 1024] [--batch-size 64] \
-        [--device cpu] [--num-workers K] [--crop-range 1.1]
+        [--device cpu] [--num-workers K] [--crop-range 1.1] [--captions captions.jsonl [--allow-unmatched-captions]]
     torchrun --nproc_per_node 8 tools/extract_codes.py ... --device cuda
 
 Views per image (see dpar_scale/data/images.py for the facts): plain 1; --flip 2 (image, mirror: LlamaGen's
@@ -14,6 +14,12 @@ Sharding: shard k holds images [k*S, (k+1)*S) of the sorted listing (S = --shard
 of processes; rank r builds shards r, r+W, r+2W, ... So a run can be resumed with any world size: finished
 shards (record present, checksums verified) are kept, missing or corrupt ones rebuilt. The manifest is written
 by rank 0 after a barrier, last. Unreadable images are reported, skipped and listed in the manifest.
+
+Captions (--captions FILE, JSON lines {"path": ..., "caption": ...}; paths relative to --images or absolute;
+several lines per image for several captions): written as text to OUT/captions/ with the same sharding, per code
+row (every view of an image shares its captions). Images without a caption keep their codes and train on the empty
+caption; they are counted and listed in captions/manifest.json, as are empty captions. A line naming no image is
+an error unless --allow-unmatched-captions. Adding captions to a finished folder re-uses every code shard.
 """
 
 from __future__ import annotations
@@ -49,13 +55,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda (= cuda:LOCAL_RANK under torchrun), cuda:N")
     p.add_argument("--num-workers", type=non_negative_int, default=None,
                    help="image decoding processes per rank (default: min(8, cpus/ranks - 1))")
+    p.add_argument("--captions", default="", help="caption file (JSON lines) to store beside the codes")
+    p.add_argument("--allow-unmatched-captions", action="store_true",
+                   help="count and list caption lines naming no listed image instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
+def _read_captions(args, samples):
+    """(matched captions, caption file sha256) on every rank, or (None, "") without --captions; every rank reads
+    the file and they agree on any error before anything is encoded."""
+    from dpar_scale.data.captions import CaptionFileError, match_captions, read_caption_file
+    from dpar_scale.data.shards import sha256_file
+    from dpar_scale.parallel import process_group as D
+
+    if not args.captions:
+        return None, ""
+    result, err = (None, ""), None
+    try:
+        lines = read_caption_file(args.captions)
+        result = (match_captions(lines, args.images, [p for p, _ in samples], args.allow_unmatched_captions),
+                  sha256_file(args.captions))
+    except CaptionFileError as e:
+        err = e
+    first = next((e for e in D.all_gather_object(None if err is None else str(err)) if e), None)
+    if first is not None:
+        raise err if err is not None else CaptionFileError(first)
+    return result
+
+
 def run(args) -> int:
+    from dpar_scale.data.caption_shards import CAPTIONS_SUBDIR
     from dpar_scale.data.extraction import (
-        ExtractError, build_shards, extraction_identity, prepare_out_dir, print_summary, write_codes_manifest,
+        ExtractError, build_caption_shards, build_shards, extraction_identity, prepare_out_dir,
+        print_caption_summary, print_summary, write_captions_manifest, write_codes_manifest,
     )
     from dpar_scale.data.images import list_image_folder
     from dpar_scale.data.shards import check_shard_files, read_shard_record, sha256_file, shard_stem
@@ -76,6 +109,7 @@ def run(args) -> int:
         if not samples:
             raise ExtractError(f"no images found under {args.images!r} (extensions: .jpg .jpeg .png .ppm .bmp "
                                f".pgm .tif .tiff .webp, in class sub-folders)")
+        matched, captions_sha = _read_captions(args, samples)
         device = args.device
         if device == "cuda" and world > 1:
             device = f"cuda:{D.get_local_rank()}"
@@ -100,6 +134,9 @@ def run(args) -> int:
         err, identity = D.broadcast_object(verdict)
         if err:
             raise ExtractError(err)
+        captions_manifest = os.path.join(args.out, CAPTIONS_SUBDIR, "manifest.json")
+        if rank == 0 and matched is not None and os.path.exists(captions_manifest):
+            os.remove(captions_manifest)  # rebuilt below; until then readers see the captions as incomplete
         cfg_sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
         S, N = args.shard_size, len(samples)
@@ -117,13 +154,19 @@ def run(args) -> int:
                     print(f"rank {rank}: rebuilding {shard_stem(k)}: {problem.split('; ')[0]}", file=sys.stderr)
                 todo.append(k)
         build_shards(args, tok, samples, todo, identity, cfg_sha, device, rank, world)
+        caption_counts = (0, 0)
+        if matched is not None:
+            caption_counts = build_caption_shards(args, matched, captions_sha, list(range(rank, num_shards, world)))
 
-        counts = D.all_gather_object((len(todo), reused))
+        counts = D.all_gather_object((len(todo), reused, *caption_counts))
         D.barrier()
         if rank == 0:
             write_codes_manifest(args, identity, num_shards, cfg_sha)
             built = sum(c[0] for c in counts)
             print_summary(args, identity, built, sum(c[1] for c in counts), time.time() - t0)
+            if matched is not None:
+                manifest = write_captions_manifest(args, matched, captions_sha, samples)
+                print_caption_summary(manifest, sum(c[2] for c in counts), sum(c[3] for c in counts))
         D.barrier()
         return 0
     finally:

@@ -1,7 +1,9 @@
 """What is checked when code data is opened, before anything reads a batch: every shard file's size (at open, from
 its .npy header), its sha256 against the manifest (`verify="full"`; `"size"` skips the hash), and its values —
 codes in [0, vocab), labels in [0, num_classes) (the null class num_classes too where the model has one),
-entropies finite and in [0, ln vocab] up to float16 rounding. Values are read chunk by chunk from the memory
+entropies finite and in [0, ln vocab] up to float16 rounding, caption shards consistent (each row's caption range
+inside its shard, offsets rising from 0 to the byte count, the bytes UTF-8 with every caption starting on a
+character). Values are read chunk by chunk from the memory
 maps with vectorised min/max (no Python loop over rows), so a bad row anywhere fails at open, not when a step
 first draws it.
 
@@ -17,12 +19,13 @@ import shlex
 
 import numpy as np
 
+from dpar_scale.data.caption_shards import CaptionShards, caption_shard_files
 from dpar_scale.data.shards import CODES_DTYPE, MANIFEST_NAME, CodeShards, RowArray, ShardError, _read_json, shard_stem
 from dpar_scale.data.side_arrays import SideArray
 from dpar_scale.integrity import FileCheck, VerifiedCache, WorkShare, check_files
 
 __all__ = ["VERIFY_MODES", "check_code_shards", "check_side_array", "open_checked_side_array", "entropy_bounds",
-           "check_entropy_values", "extract_command", "entropy_command"]
+           "check_entropy_values", "extract_command", "entropy_command", "check_caption_shards"]
 
 VERIFY_MODES = ("full", "size")
 CHUNK_BYTES = 32 << 20  # values are checked this many bytes of a shard at a time
@@ -236,6 +239,63 @@ def open_checked_side_array(side_dir: str, verify: str = "full", share: WorkShar
         vocab = (_read_json(os.path.join(side.manifest["codes_dir"], MANIFEST_NAME)) or {}).get("vocab_size")
     check_side_array(side, vocab, verify, share)
     return side
+
+
+def _caption_rows_check(num_captions: int, fix: str):
+    def check(path: str) -> str | None:
+        rows = np.load(path, mmap_mode="r")
+        for lo, chunk in _chunks(rows):
+            bad = (chunk[:, 0] < 0) | (chunk[:, 1] < 0) | (chunk[:, 0] + chunk[:, 1] > num_captions)
+            if bad.any():
+                row = int(np.argmax(bad))
+                return (f"{path}: row {lo + row} names captions {int(chunk[row, 0])} .. "
+                        f"{int(chunk[row, 0] + chunk[row, 1]) - 1}, outside the shard's {num_captions}; {fix}")
+        return None
+    return check
+
+
+def _caption_text_check(offsets_path: str, fix: str):
+    def check(path: str) -> str | None:
+        offsets, data = np.load(offsets_path, mmap_mode="r"), np.load(path, mmap_mode="r")
+        steps = np.diff(offsets)
+        if offsets[0] != 0 or offsets[-1] != data.size or (steps.size and int(steps.min()) <= 0):
+            return (f"{offsets_path}: caption offsets must rise strictly from 0 to {data.size} bytes (every stored "
+                    f"caption non-empty); {fix}")
+        starts = np.asarray(offsets[:-1])
+        if starts.size and ((data[starts] & 0xC0) == 0x80).any():  # a caption starting inside a character
+            c = int(np.argmax((data[starts] & 0xC0) == 0x80))
+            return f"{path}: caption {c} starts in the middle of a UTF-8 character; {fix}"
+        try:
+            data.tobytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            c = int(np.searchsorted(offsets, e.start, side="right")) - 1
+            return f"{path}: caption {c} is not UTF-8 ({e.reason} at byte {e.start}); {fix}"
+        return None
+    return check
+
+
+def check_caption_shards(captions: CaptionShards, verify: str = "full", share: WorkShare = WorkShare(),
+                         command: str = "tools/extract_codes.py with --captions", progress: bool = True) -> None:
+    """Checksums (verify="full") and consistency of every caption shard file; ShardError naming the first problems.
+    A collective when share.world > 1. `command`: what rebuilds them (extract_command(codes) + --captions)."""
+    if verify not in VERIFY_MODES:
+        raise ShardError(f"data.verify={verify!r} is not one of {', '.join(VERIFY_MODES)}")
+    checks = []
+    for s in captions.shards:
+        fix = _rebuild(os.path.join(captions.folder, caption_shard_files(s["index"])["record"]), command)
+        offsets = os.path.join(captions.folder, s["files"]["offsets"])
+        validators = {"rows": (_caption_rows_check(s["num_captions"], fix), "caption-rows"),
+                      "bytes": (_caption_text_check(offsets, fix), "caption-text"), "offsets": (None, "")}
+        for key, (validate, tag) in validators.items():
+            checks.append(FileCheck(os.path.join(captions.folder, s["files"][key]),
+                                    s["sha256"][key] if verify == "full" else None, validate, tag,
+                                    what="caption shard file", fix=fix))
+    _run(checks, captions.folder, share, "caption shard", progress)
+
+
+def captions_command(shards: CodeShards, captions: CaptionShards) -> str:
+    """The extraction command that wrote these captions."""
+    return f"{extract_command(shards)} --captions {shlex.quote(captions.manifest.get('captions_file', 'FILE'))}"
 
 
 assert CODES_DTYPE == np.uint16  # _code_check relies on unsigned codes (no value below 0)

@@ -6,8 +6,13 @@ sha256, image size, augmentation, shard size, the image listing) is the folder's
 match it, finished shards whose record and checksums match are kept, others rebuilt. The manifest is written
 last. Unreadable images are reported, skipped and listed in the manifest.
 
+With a caption file (--captions) every code shard gets a caption shard beside it (dpar_scale.data.caption_shards),
+built from the code shard's source rows, so captions follow the same sharding and resume: a caption shard is kept
+when it was made from the same code shard and the same caption file, else rebuilt (cheaply: no image is read).
+The captions are not part of the codes' identity: adding or changing captions never re-encodes an image.
+
 `args` below is the tool's parsed arguments (images, out, tokenizer, tokenizer_path, image_size, ten_crop, flip,
-crop_range, shard_size, batch_size, num_workers, quiet). The tokenizer is passed in (any object with `name`,
+crop_range, shard_size, batch_size, num_workers, quiet, captions, allow_unmatched_captions). The tokenizer is passed in (any object with `name`,
 `vocab_size`, `downsample`, `encode`), so this room does not import dpar_scale.tokenizer.
 """
 from __future__ import annotations
@@ -22,6 +27,10 @@ import sys
 import numpy as np
 import torch
 
+from dpar_scale.data.caption_shards import (
+    CAPTIONS_SUBDIR, caption_shard_complete, write_caption_manifest, write_caption_shard,
+)
+from dpar_scale.data.captions import MatchedCaptions
 from dpar_scale.data.images import ImageViews, view_names
 from dpar_scale.data.shards import (
     FORMAT, FORMAT_VERSION, MANIFEST_NAME, codes_fingerprint, read_shard_record, shard_stem, to_codes_dtype,
@@ -206,6 +215,49 @@ def write_codes_manifest(args, identity: dict, num_shards: int, cfg_sha: str) ->
         "identity": identity,
     }
     write_manifest(args.out, manifest)
+
+
+def build_caption_shards(args, matched: MatchedCaptions, captions_sha: str, shards: list[int]) -> tuple[int, int]:
+    """Caption shards for the (finished) code shards `shards`: (built, reused)."""
+    captions_dir = os.path.join(args.out, CAPTIONS_SUBDIR)
+    built = reused = 0
+    for k in shards:
+        rec = read_shard_record(args.out, k)
+        if rec is None or "source" not in rec.get("files", {}):
+            raise ExtractError(f"code shard {shard_stem(k)} in {args.out} is not complete; re-run the same command")
+        made_from = {"code_config_sha256": rec["config_sha256"], "source_sha256": rec["sha256"]["source"],
+                     "captions_sha256": captions_sha}
+        if caption_shard_complete(captions_dir, k, made_from):
+            reused += 1
+            continue
+        source = np.load(os.path.join(args.out, rec["files"]["source"]))
+        write_caption_shard(captions_dir, k, source[:, 0], matched.by_image, meta={"made_from": made_from})
+        built += 1
+    return built, reused
+
+
+def write_captions_manifest(args, matched: MatchedCaptions, captions_sha: str, samples) -> dict:
+    """Rank 0, after the code manifest: the caption manifest (totals, uncaptioned images, left-out lines)."""
+    from dpar_scale.data.shards import CodeShards
+
+    root = os.path.abspath(args.images)
+    names = [os.path.relpath(p, root).replace(os.sep, "/") for p, _ in samples]
+    extra = {"captions_file": os.path.abspath(args.captions), "captions_sha256": captions_sha, "images_root": root,
+             "paths": "relative to images_root ('/' between folders) or absolute"}
+    return write_caption_manifest(os.path.join(args.out, CAPTIONS_SUBDIR), CodeShards(args.out), matched, extra,
+                                  names)
+
+
+def print_caption_summary(m: dict, built: int, reused: int) -> None:
+    print(f"captions: {m['num_captioned_images']} of {m['num_images']} encoded images captioned ({m['num_captions']} "
+          f"captions, at most {m['max_captions_per_image']} per image), {m['num_uncaptioned_images']} uncaptioned "
+          f"({m['uncaptioned_policy']}), {m['num_empty_captions']} empty caption lines, "
+          f"{m['num_unmatched_captions']} lines matching no image, {m['num_captions_of_skipped_images']} captions of "
+          f"skipped images; {len(m['shards'])} caption shards ({built} built, {reused} reused)")
+    for path in m["uncaptioned"][:5]:
+        print(f"  uncaptioned: {path}")
+    if m["num_uncaptioned_images"] > 5:
+        print(f"  ... and {m['num_uncaptioned_images'] - 5} more (see captions/manifest.json 'uncaptioned')")
 
 
 def print_summary(args, identity, built, reused, seconds) -> None:

@@ -220,10 +220,13 @@ def codes_fingerprint(shards: list[dict]) -> str:
 
 
 def side_fingerprint(manifest: dict) -> str:
-    """One hash naming a side array (e.g. entropies): its code fingerprint and each shard's count and checksum."""
+    """One hash naming a side array (entropies, captions): its code fingerprint and each shard's count and
+    checksum(s) (a shard of several files records a {file kind: sha256} mapping)."""
     h = hashlib.sha256(f"{manifest.get('name')}:{manifest.get('codes_fingerprint')};".encode())
     for s in manifest.get("shards", []):
-        h.update(f"{s['index']}:{s['count']}:{s['sha256']};".encode())
+        sha = s["sha256"]
+        sha = ",".join(f"{k}={v}" for k, v in sorted(sha.items())) if isinstance(sha, dict) else sha
+        h.update(f"{s['index']}:{s['count']}:{sha};".encode())
     return h.hexdigest()
 
 
