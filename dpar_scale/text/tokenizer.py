@@ -128,7 +128,8 @@ class TextTokenizer:
         return list(self._sp.encode(text, out_type=str))
 
     def count_unknown(self, ids) -> int:
-        """unk ids in `ids` (a list of ids or a list of such lists): characters the model could not spell."""
+        """unk ids in `ids` (a list of ids or a list of such lists): characters the model could not spell (a run of
+        them is one unk)."""
         flat = [i for x in ids for i in (x if isinstance(x, (list, tuple)) else [x])]
         return sum(1 for i in flat if int(i) == self.unk_id)
 
