@@ -78,6 +78,12 @@ def test_image_independent_of_dataset_size(tmp_path):
     generate_dataset(str(tmp_path / "big"), num_per_class=5, num_classes=2, seed=3, progress=False)
     small, big = _tree_digest(tmp_path / "small"), _tree_digest(tmp_path / "big")
     assert all(big[k] == v for k, v in small.items() if k.endswith(".png"))
+    # captions and attributes too: seeded by (seed, class, index)
+    for name in ("captions.jsonl", "attributes.jsonl"):
+        lines = {json.dumps(json.loads(x)) for x in open(tmp_path / "big" / name)}
+        assert all(json.dumps(json.loads(x)) in lines for x in open(tmp_path / "small" / name))
+    generate_dataset(str(tmp_path / "other"), num_per_class=2, num_classes=2, seed=4, progress=False)
+    assert (tmp_path / "other" / "captions.jsonl").read_text() != (tmp_path / "small" / "captions.jsonl").read_text()
 
 
 def test_classes_differ_in_statistics():
@@ -120,3 +126,76 @@ def test_bad_arguments():
         render_image(len(CLASS_NAMES), 0)
     with pytest.raises(ValueError, match=rf"--classes must be in \[1, {len(CLASS_NAMES)}\], got 0"):
         generate_dataset("/nonexistent-never-written", 1, num_classes=0, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# captions and attributes of the embedded dataset
+
+
+def test_colour_and_position_words():
+    from dpar_scale.data.synthetic_captions import colour_name, position_name
+
+    cases = {(1, 0, 0): "red", (1, 0.55, 0): "orange", (0.9, 0.9, 0.1): "yellow", (0, 0.8, 0): "green",
+             (0, 0.8, 0.8): "cyan", (0.1, 0.1, 0.9): "blue", (0.6, 0.1, 0.9): "purple", (0.9, 0.1, 0.6): "pink",
+             (0.5, 0.5, 0.5): "grey", (0.95, 0.95, 0.95): "white", (0.05, 0.05, 0.05): "black",
+             (0.25, 0.05, 0.05): "dark red", (1, 0.8, 0.8): "pale red", (0.3, 0.3, 0.32): "dark grey"}
+    assert {rgb: colour_name(rgb) for rgb in cases} == cases
+    assert [position_name(0.2, 0.8), position_name(0.5, 0.5), position_name(0.9, 0.45)] == \
+        ["upper right", "centre", "bottom"]
+
+
+def _vivid_mask(img, shape):
+    """Pixels of the object, found from the picture alone: objects are vivid (saturation >= 0.55, value >= 0.6),
+    backgrounds muted (saturation <= 0.45); the sun is the only orange-yellow full-value region of sky_sun."""
+    import colorsys
+
+    x = img.reshape(-1, 3).astype(np.float64) / 255
+    hsv = np.array([colorsys.rgb_to_hsv(*p) for p in x]).reshape(img.shape)
+    vivid = (hsv[..., 1] >= 0.5) & (hsv[..., 2] >= 0.55)
+    if shape == "sky_sun":
+        vivid &= (hsv[..., 0] > 0.05) & (hsv[..., 0] < 0.18) & (hsv[..., 2] >= 0.97)
+    return vivid
+
+
+def test_captions_and_attributes_say_what_the_pictures_show(tmp_path):
+    from PIL import Image
+
+    from dpar_scale.data.synthetic_captions import _NOUNS, _SIZE_WORDS, colour_name, position_name
+
+    per_class, size = 5, 64
+    generate_dataset(str(tmp_path), per_class, len(CLASS_NAMES), size, seed=0, progress=False)
+    attributes = [json.loads(line) for line in open(tmp_path / "attributes.jsonl")]
+    captions = {}
+    for line in open(tmp_path / "captions.jsonl"):
+        item = json.loads(line)
+        captions.setdefault(item["path"], []).append(item["caption"])
+    assert len(attributes) == len(captions) == per_class * len(CLASS_NAMES)
+    for a in attributes:
+        img = np.asarray(Image.open(tmp_path / a["path"]).convert("RGB"))
+        assert a["shape"] == CLASS_NAMES[a["class"]] and a["path"].startswith(class_folder_name(a["class"]))
+        # every caption words the attributes: colour, size, shape and position
+        colour = a["colour"] if len(set(a["colours"])) == 1 else " and ".join(a["colours"])
+        for text in captions[a["path"]]:
+            low = text.lower()
+            assert colour in low and any(w in low for w in _SIZE_WORDS[a["size"]]), text
+            assert any(n in low for n in _NOUNS[a["shape"]]) and a["position"].split()[-1] in low, text
+        assert len(set(captions[a["path"]])) == 3
+        # the pixels agree: the object's measured colour has the stated name, its centroid the stated place
+        mask = _vivid_mask(img, a["shape"])
+        assert mask.sum() >= 8, a["path"]
+        measured = np.median(img[mask], axis=0) / 255
+        if a["colour_kind"] == "two-colour":  # the stated main colour covers a good part of the object
+            names = [colour_name(p / 255) for p in img[mask]]
+            assert names.count(a["colour"]) > 0.2 * len(names), (a["path"], a["colours"])
+        else:
+            assert colour_name(measured) == a["colour"], (a["path"], measured, a["colour"])
+        ys, xs = np.nonzero(mask)
+        cy, cx = (ys.mean() + 0.5) / size, (xs.mean() + 0.5) / size
+        # the measured centroid is where the attributes say (anti-aliased thin lines and dots move it ~0.015) and
+        # lies in the stated ninth of the picture, up to that much
+        assert abs(cy - a["centroid"][0]) < 0.025 and abs(cx - a["centroid"][1]) < 0.025, (a["path"], cy, cx)
+        near = {position_name(cy + dy, cx + dx) for dy in (-0.02, 0, 0.02) for dx in (-0.02, 0, 0.02)}
+        assert a["position"] in near, (a["path"], cy, cx, a["position"])
+    # the words are spread out: sizes and positions all occur, colours are many
+    assert {a["size"] for a in attributes} == {"small", "medium", "large"}
+    assert len({a["position"] for a in attributes}) >= 8 and len({a["colour"] for a in attributes}) >= 6
