@@ -21,6 +21,7 @@ MISSING = "/nonexistent/dpar-scale-test"
 # listed here (a new tool) gets an option that does not exist instead.
 BAD_ARGUMENTS = {
     "train.py": ["--config", f"{MISSING}.yaml"],
+    "tools/bench_captions.py": ["--rows", "0"],
     "tools/bench_checkpoint.py": ["--batch", "0"],
     "tools/bench_parallel.py": ["--layouts", "dp3"],
     "tools/bench_sample.py": ["--batch", "-1"],
@@ -38,6 +39,7 @@ BAD_ARGUMENTS = {
                                MISSING, "--image-size", "64"],
     "tools/fit_tokenizer.py": ["--images", MISSING, "--out", f"{MISSING}.safetensors"],
     "tools/make_dataset.py": ["--out", MISSING, "--classes", "0"],
+    "tools/train_text_tokenizer.py": ["--captions", f"{MISSING}.jsonl", "--vocab-size", "64", "--out", "t.model"],
     "tools/sample.py": ["--checkpoint", MISSING, "--classes", "0", "--out", MISSING],
     "tools/sample_ddp.py": ["--checkpoint", MISSING, "--out", MISSING],
     "tools/evaluate.py": ["--samples", f"{MISSING}.npz", "--reference", MISSING, "--inception", f"{MISSING}.pt"],
