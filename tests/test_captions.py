@@ -1,6 +1,5 @@
 """Captions beside the codes: caption files, extraction with captions (1 and 2 processes, resume), caption choice as a
 function of (seed, epoch, sample), ragged text batches, and every bad input (a clear error or a counted outcome)."""
-import importlib.util
 import json
 import os
 import shutil
@@ -24,18 +23,13 @@ from dpar_scale.errors import MissingFileError
 from dpar_scale.text import train_text_tokenizer
 from dpar_scale.tokenizer.kmeans import KMeansTokenizer
 
+from sampling_fixtures import load_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = "5"  # 12 images -> shards of 5, 5, 2 images (10, 10, 4 rows with --flip)
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-extract = _load_tool("extract_codes")
+extract = load_tool("extract_codes")
 
 
 def write_captions(path, lines):

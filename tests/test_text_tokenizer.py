@@ -1,6 +1,5 @@
 """The text tokenizer: sentencepiece trained deterministically on captions, our id conventions (no bos, eos appended,
 empty caption = [eos]), unknown characters, other models' id layouts, bytes round trip and the mismatch checks."""
-import importlib.util
 import io
 import os
 
@@ -11,18 +10,12 @@ from dpar_scale.config import TextConfig
 from dpar_scale.text import (TextTokenizer, TextTokenizerError, check_text_config, check_text_tokenizer,
                              load_text_tokenizer, train_text_tokenizer)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sampling_fixtures import load_tool
+
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["disc", "square", "ring", "triangle", "star"]
 CAPTIONS = [f"a {size} {c} {s} on a {bg} background, {pos}" for size in ("small", "large")
             for c in COLOURS for s in SHAPES for bg, pos in (("flat grey", "upper left"), ("graded blue", "centre"))]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("tool_ttt", os.path.join(ROOT, "tools", "train_text_tokenizer.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _raw_model(**ids) -> bytes:
@@ -57,7 +50,7 @@ def test_training_is_deterministic_and_round_trips(model_type, tmp_path):
 def test_the_tool_writes_identical_files_and_reports(tmp_path, capsys):
     captions = tmp_path / "captions.jsonl"
     captions.write_text("".join(f'{{"path": "x/{i}.png", "caption": "{c}"}}\n' for i, c in enumerate(CAPTIONS)))
-    tool = _tool()
+    tool = load_tool("train_text_tokenizer")
     for name in ("a.model", "b.model"):
         assert tool.main(["--captions", str(captions), "--vocab-size", "40", "--out", str(tmp_path / name)]) == 0
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
