@@ -228,6 +228,11 @@ def test_unreadable_or_unmatched_caption_files(env, tmp_path, capsys):
         read_caption_file(str(raw))
     assert run(env, tmp_path / "o1", "--captions", str(tmp_path / "missing.jsonl")) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert run(env, tmp_path / "o1", "--allow-unmatched-captions") == 2
+    assert "give --captions FILE too" in capsys.readouterr().err
+    bom = tmp_path / "bom.jsonl"  # as some editors save UTF-8
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"path": "a.png", "caption": "fine"}\n')
+    assert read_caption_file(str(bom))[0].caption == "fine"
     lines = [{"path": env["names"][0], "caption": "fine"}, {"path": "00_disc/99999.png", "caption": "no such image"},
              {"path": "images/" + env["names"][1], "caption": "wrong root"}]
     bad = write_captions(tmp_path / "unmatched.jsonl", lines)

@@ -36,7 +36,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from dpar_scale.cli import entry_point, existing_dir, non_negative_int, parser, positive_int  # noqa: E402
+from dpar_scale.cli import UsageError, entry_point, existing_dir, non_negative_int, parser, positive_int  # noqa: E402
 from dpar_scale.tokenizer import TOKENIZER_NAMES  # noqa: E402
 
 
@@ -70,6 +70,8 @@ def _read_captions(args, samples):
     from dpar_scale.parallel import process_group as D
 
     if not args.captions:
+        if args.allow_unmatched_captions:
+            raise UsageError("--allow-unmatched-captions applies to a caption file: give --captions FILE too")
         return None, ""
     result, err = (None, ""), None
     try:

@@ -57,7 +57,7 @@ def read_caption_file(path: str) -> list[CaptionLine]:
         for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is not JSON
             except UnicodeDecodeError as e:
                 raise CaptionFileError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); save the caption "
                                        f"file as UTF-8") from None
