@@ -15,6 +15,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from dpar_scale.flops.analytic import throughput
+
 SUPERSEDED_FILE = "metrics.superseded.jsonl"
 
 
@@ -128,3 +130,18 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             pass
     return rows
+
+
+def window_rates(window: dict, dp_size: int, dpar: bool, peak: float | None) -> dict:
+    """Rates over one logging window of this rank's steps (images, codes, global positions, FLOPs, seconds):
+    throughput of the whole data-parallel job, step time, and TFLOP/s / MFU per device (MFU only where the device's
+    peak for the precision in use is known: GPU table or train.peak_tflops)."""
+    seconds = max(window["time"], 1e-9)
+    return {
+        "images_per_s": window["images"] * dp_size / seconds,
+        "codes_per_s": window["codes"] * dp_size / seconds,
+        "global_positions_per_s": window["global_positions"] * dp_size / seconds,
+        "mean_patch_length": window["codes"] / max(1, window["global_positions"] - window["images"]) if dpar else 1.0,
+        "step_time_s": seconds / window["steps"],
+        **throughput(window["flops"], seconds, peak=peak),
+    }

@@ -27,17 +27,17 @@ from dpar_scale.checkpoint.save_load import (
 )
 from dpar_scale.checkpoint.resume_checks import check_resume
 from dpar_scale.config import Config, ConfigError, resolve_epochs, save_config, to_dict
-from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share, rank_slice
+from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share
 from dpar_scale.errors import DparError
-from dpar_scale.flops.analytic import matmul_precision, peak_flops, throughput, train_flops
-from dpar_scale.models.layers import class_drop_mask
+from dpar_scale.flops.analytic import matmul_precision, peak_flops, train_flops
 from dpar_scale.parallel.dims import ParallelDims
 from dpar_scale.parallel.process_group import (
     LaunchEnv, all_reduce_sum, default_device, init_process_group, work_share,
 )
+from dpar_scale.train.batches import StepBatches, global_positions
 from dpar_scale.train.ema import EMA
 from dpar_scale.train.loss import code_loss_per_image
-from dpar_scale.train.metrics_log import MetricsLogger, format_line
+from dpar_scale.train.metrics_log import MetricsLogger, format_line, window_rates
 from dpar_scale.train.numerics import configure_numerics
 from dpar_scale.train.optim import build_optimizer, lr_lambda
 
@@ -129,6 +129,7 @@ class Trainer:
         self.micro_batch = self.global_micro_batch // self.dp_size
         self.order = GlobalOrder(self.data.train_ids, seed=cfg.train.seed)
         self.source = BatchSource(self.data, cfg.model.patch if kind == "dpar" else None)
+        self.batches = StepBatches(cfg, self.data, self.order, self.source, self.dp_rank, self.dp_size, self.device)
         if cfg.data.global_tokens_per_microbatch > 0 and kind != "dpar":
             raise ConfigError("data.global_tokens_per_microbatch packs DPAR patch sequences; token-level models "
                               "take a fixed data.batch_size (set data.global_tokens_per_microbatch=0)")
@@ -217,58 +218,12 @@ class Trainer:
         return stop
 
     # ------------------------------------------------------------------------------------------------ batches
-    @property
-    def model_conditional(self) -> bool:
-        return self.cfg.model.kind != "entropy"
-
     def model_inputs(self, batch: Batch) -> dict:
-        inputs = {"codes": batch.codes.to(self.device), "labels": batch.labels.to(self.device)}
-        if self.model_conditional and self.cfg.model.class_dropout > 0:
-            # decided per (sample, step), not per rank: the same labels drop under every layout
-            inputs["drop_class"] = class_drop_mask(batch.sample_ids, self.state.step, self.cfg.train.seed,
-                                                   self.cfg.model.class_dropout).to(self.device)
-        if batch.patch_lengths is not None:
-            from dpar_scale.patching.layout import PatchLayout
-
-            inputs["layout"] = PatchLayout.from_lengths(batch.patch_lengths, grid=self.data.grid,
-                                                        pad_to_multiple=self.cfg.parallel.tp).to(self.device)
-        return inputs
+        return self.batches.model_inputs(batch, self.state.step)
 
     def step_batches(self) -> tuple[list[Batch], np.ndarray]:
-        """This rank's micro-batches for the next optimizer step, and the sample ids the whole step consumes from
-        the global order, all ranks together (the caller advances the cursor by their count)."""
-        if self.cfg.data.global_tokens_per_microbatch > 0:
-            return self.packed_step_batches()
-        global_ids = self.order.ids(self.state.samples_seen, self.cfg.data.batch_size)
-        micro_ids = global_ids.reshape(self.cfg.train.grad_accum, -1)
-        return [self.source.make(rank_slice(ids, self.dp_rank, self.dp_size)) for ids in micro_ids], global_ids
-
-    def packed_step_batches(self) -> tuple[list[Batch], np.ndarray]:
-        """DPAR with a global-position budget: grad_accum x dp micro-batches, each filled from the stream until
-        Σ (M_i + 1) (padded to the TP degree) would exceed data.global_tokens_per_microbatch, so the number of
-        images per micro-batch follows their patch counts. Every rank packs the same global stream from the same
-        cursor (a pure function of it), then takes its own grad_accum micro-batches."""
-        from dpar_scale.data.packing import pack_microbatches
-
-        wanted = self.cfg.train.grad_accum * self.dp_size
-        cursor = self.state.samples_seen
-
-        def stream(chunk: int = 256):
-            position = cursor
-            while True:
-                ids = self.order.ids(position, chunk)
-                yield from zip(ids.tolist(), self.source.patch_lengths(ids))
-                position += chunk
-
-        micro = []
-        for mb in pack_microbatches(stream(), self.cfg.data.global_tokens_per_microbatch,
-                                    pad_to_multiple=self.cfg.parallel.tp):
-            micro.append(mb)
-            if len(micro) == wanted:
-                break
-        mine = micro[self.dp_rank * self.cfg.train.grad_accum:(self.dp_rank + 1) * self.cfg.train.grad_accum]
-        batches = [self.source.make(np.array(mb.sample_ids, dtype=np.int64), patch_lengths=mb.lengths) for mb in mine]
-        return batches, np.array([i for mb in micro for i in mb.sample_ids], dtype=np.int64)
+        """This rank's micro-batches for the next optimizer step and the whole step's sample ids (StepBatches)."""
+        return self.batches.for_step(self.state.samples_seen)
 
     def autocast(self):
         return self.engine.autocast()
@@ -312,7 +267,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.engine.model)
         images = sum(len(b.codes) for b in batches)
-        positions = sum(self.global_positions(b) for b in batches)
+        positions = sum(global_positions(b) for b in batches)
         self.state.step += 1
         self.state.samples_seen += len(step_ids)
         self.state.codes_seen += int(total_codes)
@@ -324,12 +279,6 @@ class Trainer:
         if self.cfg.data.log_sample_ids:
             record["sample_ids"] = step_ids.tolist()  # the whole step's, every rank's micro-batches
         return record
-
-    def global_positions(self, batch: Batch) -> int:
-        """Positions the big transformer runs over: codes for token models, Σ (M_i + 1) for DPAR."""
-        if batch.patch_lengths is None:
-            return batch.num_codes
-        return batch.num_patches + len(batch.patch_lengths)
 
     def _nonfinite_message(self, what: str, value: float, batches: list[Batch]) -> str:
         ids = torch.cat([b.sample_ids for b in batches]).tolist()
@@ -438,18 +387,7 @@ class Trainer:
             if cfg.train.val_every and step % cfg.train.val_every == 0 and step < cfg.train.steps:
                 record.update(self.validate())
             if step % cfg.train.log_every == 0 or step == cfg.train.steps or "val_loss" in record:
-                seconds = max(window["time"], 1e-9)
-                record.update({
-                    "images_per_s": window["images"] * self.dp_size / seconds,
-                    "codes_per_s": window["codes"] * self.dp_size / seconds,
-                    "global_positions_per_s": window["global_positions"] * self.dp_size / seconds,
-                    "mean_patch_length": window["codes"] / max(1, window["global_positions"] - window["images"])
-                    if cfg.model.kind == "dpar" else 1.0,
-                    "step_time_s": seconds / window["steps"],
-                    # per device; MFU only where the device's peak for the precision in use is known (GPU table or
-                    # train.peak_tflops)
-                    **throughput(window["flops"], seconds, peak=peak),
-                })
+                record.update(window_rates(window, self.dp_size, dpar=cfg.model.kind == "dpar", peak=peak))
                 window = {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0}
                 self.metrics.log(record)
                 say(format_line(record))
