@@ -200,6 +200,27 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training (dpar_scale/sampling/training_eval.py): every `every` steps the trainer samples
+    `num_samples` images (balanced labels, sample i's randomness a function of (seed, i), so the set does not depend
+    on the world size) with the KV-cached sampler on all ranks, with the EMA weights when train.ema > 0, and logs
+    the metrics of tools/evaluate.py (fid_domain or fid, precision, recall, class_accuracy) with train_flops."""
+
+    every: int = 0  # steps between evaluations; 0 = off
+    num_samples: int = 100
+    cfg_scale: float = 0.0  # classifier-free guidance scale; 0 = sample.cfg_scale
+    detector: str = ""  # domain:PATH (tools/fit_evaluator.py) or inception:PATH (a bare path: Inception TorchScript)
+    reference: str = ""  # what tools/evaluate.py --reference takes: ImageFolder of real images or an npz
+    batch_size: int = 32  # samples generated together (fixed chunks: the floats do not depend on the world size)
+    detector_batch_size: int = 64
+    seed: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cache_dir: str = ""  # where reference statistics are cached (default: beside the reference)
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = True
     project: str = "dpar-scale"
@@ -216,6 +237,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -487,7 +509,33 @@ def validate(cfg: Config) -> None:
                           "instead of train.epochs, or data.global_tokens_per_microbatch=0")
     if cfg.sample.resize < 0:
         raise ConfigError(f"sample.resize must be >= 0 (0 = off), got {cfg.sample.resize}")
+    validate_eval(cfg)
     _validate_text(cfg.model)
+
+
+def validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    if e.every < 0:
+        raise ConfigError(f"eval.every must be >= 0 (0 = off), got {e.every}")
+    if e.every == 0:
+        return
+    if cfg.model.kind not in ("gpt", "dpar"):
+        raise ConfigError(f"eval.every={e.every}: evaluation during training samples class-conditional gpt / dpar "
+                          f"models, not {cfg.model.kind!r}; set eval.every=0")
+    if not e.detector or not e.reference:
+        raise ConfigError("eval.every > 0 needs eval.detector (domain:PATH from tools/fit_evaluator.py, or "
+                          "inception:PATH) and eval.reference (the real images' ImageFolder or a reference npz)")
+    kind = e.detector.partition(":")[0] if ":" in e.detector else "inception"
+    if kind not in ("domain", "inception"):
+        raise ConfigError(f"eval.detector={e.detector!r}: expected domain:PATH or inception:PATH")
+    for key in ("num_samples", "batch_size", "detector_batch_size"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"eval.{key} must be >= 1, got {getattr(e, key)}")
+    if e.num_samples < 4:
+        raise ConfigError(f"eval.num_samples={e.num_samples}: precision / recall need more than 3 samples")
+    if e.seed < 0 or e.top_k < 0 or not 0.0 < e.top_p <= 1.0 or e.cfg_scale < 0:
+        raise ConfigError("eval.seed and eval.top_k must be >= 0, eval.top_p in (0, 1], eval.cfg_scale >= 0 "
+                          "(0 = sample.cfg_scale)")
 
 
 def _validate_text(model: ModelConfig) -> None:

@@ -38,6 +38,7 @@ BAD_ARGUMENTS = {
     "tools/extract_codes.py": ["--images", MISSING, "--out", MISSING, "--tokenizer", "kmeans", "--tokenizer-path",
                                MISSING, "--image-size", "64"],
     "tools/fit_tokenizer.py": ["--images", MISSING, "--out", f"{MISSING}.safetensors"],
+    "tools/fit_evaluator.py": ["--images", MISSING, "--out", f"{MISSING}.pt"],
     "tools/make_dataset.py": ["--out", MISSING, "--classes", "0"],
     "tools/train_text_tokenizer.py": ["--captions", f"{MISSING}.jsonl", "--vocab-size", "64", "--out", "t.model"],
     "tools/sample.py": ["--checkpoint", MISSING, "--classes", "0", "--out", MISSING],

@@ -56,6 +56,7 @@ class TrainState:
     samples_seen: int = 0  # the global data cursor (see dpar_scale.data.loader)
     codes_seen: int = 0
     global_positions_seen: int = 0
+    train_flops: float = 0.0  # analytic training FLOPs of every step so far (all ranks): eval's x-axis
     wandb_id: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -9,8 +9,9 @@ probabilities [B, C] float32 or None). Two kinds, chosen by a spec string:
   `return_features=True` gives the 2048-d pool features (FID, precision/recall), `no_output_bias=True` the softmax
   of the 1008 logits without the output bias (ADM's Inception Score). Probabilities take a second forward pass.
 * `domain:PATH`: a classifier trained on the dataset's own real images (no Inception exists for it). Its FID is
-  reported as `fid_domain`, and its predictions give class accuracy. Today's file format is a TorchScript module
-  whose `forward(img)` returns (features [B, F], logits [B, C]).
+  reported as `fid_domain`, and its predictions give class accuracy. The file is the embedded evaluator
+  tools/fit_evaluator.py writes (`domain_classifier`: a plain torch.save, read with weights_only=True), or any
+  TorchScript module whose `forward(img)` returns (features [B, F], logits [B, C]).
 
 Files are only ever read from the path the user gives; nothing is downloaded.
 """
@@ -23,6 +24,7 @@ import torch
 
 from dpar_scale.data.shards import sha256_file
 
+from .domain_classifier import FIT_HINT, is_domain_classifier_file, load_domain_classifier
 from .sources import EvaluationError
 
 __all__ = ["DETECTOR_KINDS", "DomainDetector", "FeatureDetector", "InceptionDetector", "load_detector",
@@ -34,7 +36,7 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 INCEPTION_HINT = (f"download {INCEPTION_FILE} yourself (StyleGAN2-ADA's metrics detector, {INCEPTION_URL}; clean-fid "
                   f"uses the same file) and pass its local path with --inception PATH; this project never downloads "
                   f"it")
-DOMAIN_HINT = "fit one on the dataset's real images with tools/fit_evaluator.py and pass --features domain:PATH"
+DOMAIN_HINT = FIT_HINT
 _INCEPTION_ARGS = ("img", "return_features", "use_fp16", "no_output_bias")
 _NEEDED_KEYWORDS = ("return_features", "no_output_bias")  # what we pass by name; the image goes by position
 
@@ -126,7 +128,7 @@ def parse_detector_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
-def _load_torchscript(path: str, hint: str):
+def _load_torchscript(path: str, hint: str, what: str = "not a TorchScript file"):
     if not os.path.isfile(path):
         raise EvaluationError(f"{path}: detector file not found; {hint}")
     try:
@@ -136,7 +138,7 @@ def _load_torchscript(path: str, hint: str):
             module = torch.jit.load(path, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - whatever torch.jit.load raises, the file is not a usable detector
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvaluationError(f"{path}: not a TorchScript file (torch.jit.load failed: {first[:200]}); {hint}") \
+        raise EvaluationError(f"{path}: {what} (torch.jit.load failed: {first[:200]}); {hint}") \
             from None
     return module.eval()
 
@@ -160,5 +162,8 @@ def load_detector(spec: str | FeatureDetector, device: torch.device | str = "cpu
             raise EvaluationError(f"{path}: forward takes ({', '.join(args)}), not the Inception detector's "
                                   f"({', '.join(_INCEPTION_ARGS)}); {INCEPTION_HINT}")
         return InceptionDetector(module, path).to(device)
-    module = _load_torchscript(path, DOMAIN_HINT)
+    if os.path.isfile(path) and is_domain_classifier_file(path):
+        return DomainDetector(load_domain_classifier(path), path).to(device)
+    module = _load_torchscript(path, DOMAIN_HINT, "damaged, or not an evaluator file (neither tools/fit_evaluator.py's "
+                               "format nor TorchScript)")
     return DomainDetector(module, path).to(device)

@@ -95,6 +95,8 @@ def reference_statistics(source: ImageSource, detector: FeatureDetector, batch_s
     key = _key(source, detector) if path else ""
     cached = _read_cache(path, key) if path and main else None
     if pg.broadcast_object(cached is not None):
+        if not main:  # only rank 0 read the cache; the other ranks have nothing to extract
+            return None
         features, mu, sigma = cached
         from_cache = True
     else:

@@ -40,6 +40,7 @@ from dpar_scale.train.loss import code_loss_per_image
 from dpar_scale.train.metrics_log import MetricsLogger, format_line, window_rates
 from dpar_scale.train.numerics import configure_numerics
 from dpar_scale.train.optim import build_optimizer, lr_lambda
+from dpar_scale.train.training_eval import make_evaluator
 
 
 class NonFiniteLossError(DparError, RuntimeError):
@@ -194,6 +195,7 @@ class Trainer:
         self.state.wandb_id = self.metrics.wandb_id or ""
         self.stop_requested = False  # see request_stop
         self.pending_save: PendingCheckpoint | None = None  # checkpoint.async_save: shards still being written
+        self.evaluator = make_evaluator(cfg, self.device, self.engine, self.dims)  # eval.every; None when off
 
     def request_stop(self) -> None:
         """Asks `fit` to stop at the next step boundary: it saves a checkpoint and returns a result with
@@ -272,6 +274,7 @@ class Trainer:
         self.state.samples_seen += len(step_ids)
         self.state.codes_seen += int(total_codes)
         self.state.global_positions_seen += positions * self.dp_size
+        self.state.train_flops += step_flops
         # The whole step's model FLOPs spread over every device (dp × tp): what MFU compares with one device's peak.
         record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "images": images, "codes": local_codes, "global_positions": positions,
@@ -386,7 +389,11 @@ class Trainer:
             step = self.state.step
             if cfg.train.val_every and step % cfg.train.val_every == 0 and step < cfg.train.steps:
                 record.update(self.validate())
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps or "val_loss" in record:
+            if self.evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                record.update(self.evaluator.run(self.engine.model, self.ema, step, self.out, self.state.train_flops,
+                                                 progress=bar is not None))
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps or "val_loss" in record \
+                    or "eval_seconds" in record:
                 record.update(window_rates(window, self.dp_size, dpar=cfg.model.kind == "dpar", peak=peak))
                 window = {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0}
                 self.metrics.log(record)
