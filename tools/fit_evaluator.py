@@ -2,7 +2,7 @@
 """Fit the embedded evaluator: a small conv classifier of the dataset's real images, whose penultimate features
 give FID-domain / precision / recall and whose heads give class (and shape / colour) accuracy of samples.
 
-    python tools/fit_evaluator.py --images DIR --out evaluator.pt [--epochs 8] [--heads shape,colour] [--seed 0]
+    python tools/fit_evaluator.py --images DIR --out evaluator.pt [--epochs 12] [--heads shape,colour] [--seed 0]
     python tools/evaluate.py --samples S.npz --reference DIR --features domain:evaluator.pt
 
 DIR: the ImageFolder tools/make_dataset.py writes (class folders; attributes.jsonl beside them gives the shape and
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--images", type=existing_dir, required=True, help="ImageFolder of real images")
     p.add_argument("--out", required=True, help="where to write the evaluator (.pt)")
-    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--epochs", type=positive_int, default=12)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs decides)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -38,7 +38,10 @@ def main(argv=None) -> int:
                    help="attribute heads besides the class head, from DIR/attributes.jsonl ('' for none)")
     p.add_argument("--held-out", type=fraction, default=0.1, help="fraction of each class held out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=positive_int, default=None, help="default: the images' own size")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="size the images are centre-cropped to (default: their own)")
+    p.add_argument("--work-size", type=positive_int, default=32,
+                   help="the classifier's input size: images (and later samples) are resized to it (default 32)")
     p.add_argument("--min-accuracy", type=fraction, default=0.95,
                    help="held-out class accuracy below which the file is not written (default 0.95)")
     p.add_argument("--allow-low-accuracy", action="store_true", help="write it anyway, with a warning")
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
     model, meta = fit_domain_classifier(args.images, heads=heads, epochs=args.epochs, batch_size=args.batch_size,
                                         lr=args.lr, width=args.width, held_out=args.held_out, seed=args.seed,
-                                        image_size=args.image_size, max_steps=args.max_steps,
+                                        image_size=args.image_size, work_size=args.work_size, max_steps=args.max_steps,
                                         progress=not args.no_progress)
     for note in meta["notes"]:
         print(f"note: {note}")

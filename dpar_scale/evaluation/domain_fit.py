@@ -88,23 +88,27 @@ def _split(labels: np.ndarray, held_out: float, seed: int) -> tuple[np.ndarray, 
     return train, test
 
 
-def fit_domain_classifier(root: str, *, heads=DEFAULT_HEADS, epochs: int = 8, batch_size: int = 64,
+def fit_domain_classifier(root: str, *, heads=DEFAULT_HEADS, epochs: int = 12, batch_size: int = 64,
                           lr: float = 3e-3, width: int = 32, held_out: float = 0.1, seed: int = 0,
-                          image_size: int | None = None, max_steps: int = 0, progress: bool = True,
-                          ) -> tuple[DomainClassifier, dict]:
+                          image_size: int | None = None, work_size: int = 32, max_steps: int = 0,
+                          progress: bool = True) -> tuple[DomainClassifier, dict]:
     """Fits a classifier on the real images under `root`; returns (model in eval mode, meta for the file), with
     meta["held_out_accuracy"] = {head: fraction} on the held-out images."""
     started = time.perf_counter()
     images, labels, names, notes = load_labelled_images(root, image_size, heads)
     size = images.shape[1]
+    work = min(size, work_size) if work_size else size  # the model's input size (inputs are resized to it)
     train, test = _split(labels["class"], held_out, seed)
     torch.manual_seed(seed)
-    model = DomainClassifier({h: len(v) for h, v in names.items()}, size, width)
+    model = DomainClassifier({h: len(v) for h, v in names.items()}, work, width)
     steps_per_epoch = -(-len(train) // batch_size)
     total = steps_per_epoch * epochs if not max_steps else max_steps
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    if work != size:  # resized once here (the model would resize every batch again)
+        x_all = F.interpolate(x_all.float(), size=(work, work), mode="bilinear", antialias=True,
+                              align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
     y_all = {h: torch.from_numpy(v) for h, v in labels.items()}
     rng = np.random.default_rng([seed, 13])
     model.train()
@@ -127,7 +131,7 @@ def fit_domain_classifier(root: str, *, heads=DEFAULT_HEADS, epochs: int = 8, ba
             sched.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     bar.close()
     model.eval()
     held = predict(model, x_all[torch.from_numpy(test)])
@@ -135,10 +139,12 @@ def fit_domain_classifier(root: str, *, heads=DEFAULT_HEADS, epochs: int = 8, ba
     folder = FolderImages(root, size)
     classes_json = os.path.join(root, "classes.json")
     identity = json.load(open(classes_json)) if os.path.isfile(classes_json) else {}
-    meta = {"heads": names, "held_out_accuracy": accuracy, "num_train": int(len(train)),
+    per_class = {names["class"][c]: float((held["class"][labels["class"][test] == c] == c).mean())
+                 for c in range(len(names["class"]))}
+    meta = {"heads": names, "held_out_accuracy": accuracy, "held_out_class_accuracy": per_class, "num_train": int(len(train)),
             "num_held_out": int(len(test)),
             "data": {**folder.fingerprint(), "generator": identity.get("generator"), "seed": identity.get("seed")},
-            "fit": {"epochs": epochs, "steps": step, "batch_size": batch_size, "lr": lr, "width": width,
+            "fit": {"work_size": work, "epochs": epochs, "steps": step, "batch_size": batch_size, "lr": lr, "width": width,
                     "held_out": held_out, "seed": seed, "threads": torch.get_num_threads()},
             "seconds": round(time.perf_counter() - started, 2), "notes": notes}
     return model, meta
