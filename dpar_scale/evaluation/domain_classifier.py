@@ -56,7 +56,7 @@ class DomainClassifier(nn.Module):
         self.body = nn.Sequential(*_block(3, w), *_block(w, w), nn.MaxPool2d(2), *_block(w, 2 * w),
                                   *_block(2 * w, 2 * w), nn.MaxPool2d(2), *_block(2 * w, 4 * w))
         self.feature_dim = 4 * w
-        self.project = nn.Sequential(nn.Linear(4 * w, 4 * w), nn.SiLU())
+        self.project = nn.Sequential(nn.Linear(8 * w, 4 * w), nn.SiLU())
         self.heads = nn.ModuleDict({name: nn.Linear(4 * w, int(n)) for name, n in heads.items()})
         self.meta = dict(meta or {})
 
@@ -69,7 +69,10 @@ class DomainClassifier(nn.Module):
         return (x - 0.5) / 0.25
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.project(self.body(self.prepare(images)).mean((2, 3)))
+        # average and max over positions: the max keeps a small local cue (a corner, a dot) that the average of a
+        # large flat object dilutes
+        z = self.body(self.prepare(images))
+        return self.project(torch.cat([z.mean((2, 3)), z.amax((2, 3))], 1))
 
     def head_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(images)
