@@ -2,7 +2,7 @@
 """Fit the embedded evaluator: a small conv classifier of the dataset's real images, whose penultimate features
 give FID-domain / precision / recall and whose heads give class (and shape / colour) accuracy of samples.
 
-    python tools/fit_evaluator.py --images DIR --out evaluator.pt [--epochs 12] [--heads shape,colour] [--seed 0]
+    python tools/fit_evaluator.py --images DIR --out evaluator.pt [--epochs 16] [--heads shape,colour] [--seed 0]
     python tools/evaluate.py --samples S.npz --reference DIR --features domain:evaluator.pt
 
 DIR: the ImageFolder tools/make_dataset.py writes (class folders; attributes.jsonl beside them gives the shape and
@@ -29,10 +29,10 @@ def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--images", type=existing_dir, required=True, help="ImageFolder of real images")
     p.add_argument("--out", required=True, help="where to write the evaluator (.pt)")
-    p.add_argument("--epochs", type=positive_int, default=12)
+    p.add_argument("--epochs", type=positive_int, default=16)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs decides)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--width", type=positive_int, default=32, help="channels of the first stage")
     p.add_argument("--heads", default="shape,colour",
                    help="attribute heads besides the class head, from DIR/attributes.jsonl ('' for none)")

@@ -88,8 +88,8 @@ def _split(labels: np.ndarray, held_out: float, seed: int) -> tuple[np.ndarray, 
     return train, test
 
 
-def fit_domain_classifier(root: str, *, heads=DEFAULT_HEADS, epochs: int = 12, batch_size: int = 64,
-                          lr: float = 3e-3, width: int = 32, held_out: float = 0.1, seed: int = 0,
+def fit_domain_classifier(root: str, *, heads=DEFAULT_HEADS, epochs: int = 16, batch_size: int = 64,
+                          lr: float = 4e-3, width: int = 32, held_out: float = 0.1, seed: int = 0,
                           image_size: int | None = None, work_size: int = 32, max_steps: int = 0,
                           progress: bool = True) -> tuple[DomainClassifier, dict]:
     """Fits a classifier on the real images under `root`; returns (model in eval mode, meta for the file), with
@@ -144,7 +144,8 @@ def fit_domain_classifier(root: str, *, heads=DEFAULT_HEADS, epochs: int = 12, b
     meta = {"heads": names, "held_out_accuracy": accuracy, "held_out_class_accuracy": per_class, "num_train": int(len(train)),
             "num_held_out": int(len(test)),
             "data": {**folder.fingerprint(), "generator": identity.get("generator"), "seed": identity.get("seed")},
-            "fit": {"work_size": work, "epochs": epochs, "steps": step, "batch_size": batch_size, "lr": lr, "width": width,
+            "fit": {"work_size": work, "epochs": epochs, "steps": step, "batch_size": batch_size, "lr": lr,
+                    "width": width,
                     "held_out": held_out, "seed": seed, "threads": torch.get_num_threads()},
             "seconds": round(time.perf_counter() - started, 2), "notes": notes}
     return model, meta
