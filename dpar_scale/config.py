@@ -116,7 +116,8 @@ class ModelConfig:
     # checkpoints need it to give LlamaGen's logits)
     class_rope: str = "identity"
     norm_eps: float = 1e-5
-    attention_backend: str = "sdpa"  # sdpa | flex
+    # auto (varlen on CUDA in bf16/fp16, else sdpa) | sdpa (documents grouped by length) | flex | varlen (CUDA)
+    attention_backend: str = "auto"
     # class: the label conditions the image (class_dropout for CFG); text: the caption does (model.text)
     conditioning: str = "class"
     patch: PatchConfig = field(default_factory=PatchConfig)
@@ -188,6 +189,8 @@ class ParallelConfig:
     tp: int = 1
     activation_checkpoint: str = "none"  # none | full | selective
     compile: bool = False
+    # with compile, the packed global length is padded to a multiple of this, so a run sees a handful of shapes
+    compile_bucket: int = 128
 
 
 @dataclass
@@ -478,7 +481,7 @@ def validate(cfg: Config) -> None:
     _choice("model.kind", cfg.model.kind, ("", "gpt", "entropy", "dpar"))
     _choice("model.global_rope", cfg.model.global_rope, ("dynamic", "1d"))
     _choice("model.class_rope", cfg.model.class_rope, ("identity", "zero"))
-    _choice("model.attention_backend", cfg.model.attention_backend, ("sdpa", "flex"))
+    _choice("model.attention_backend", cfg.model.attention_backend, ("auto", "sdpa", "flex", "varlen"))
     validate_patch(cfg.model.patch)
     _choice("model.dpar.decoder_injection", cfg.model.dpar.decoder_injection, DECODER_INJECTIONS)
     _choice("optim.schedule", cfg.optim.schedule, ("constant", "cosine"))
@@ -488,7 +491,8 @@ def validate(cfg: Config) -> None:
     _choice("data.verify", cfg.data.verify, ("full", "size"))
     for key, value in (("train.steps", cfg.train.steps), ("train.grad_accum", cfg.train.grad_accum),
                        ("train.log_every", cfg.train.log_every), ("data.batch_size", cfg.data.batch_size),
-                       ("parallel.tp", cfg.parallel.tp), ("parallel.dp_replicate", cfg.parallel.dp_replicate)):
+                       ("parallel.tp", cfg.parallel.tp), ("parallel.dp_replicate", cfg.parallel.dp_replicate),
+                       ("parallel.compile_bucket", cfg.parallel.compile_bucket)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:

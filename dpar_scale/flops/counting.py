@@ -80,22 +80,29 @@ class AttentionRecorder:
         return sum(len(v) for v in self.pairs.values())
 
     def _record(self, q, k, mask, backend):
-        from dpar_scale.models.attention import sdpa_op_shapes
+        from dpar_scale.models.attention import sdpa_ops
 
         shape = (_ints(q.shape), _ints(k.shape))  # under jit.trace sizes are traced values: read them as ints
         tracing = torch._C._get_tracing_state()  # keep the bookkeeping out of a jit trace's graph
         torch._C._set_tracing_state(None)
         try:
-            # The op that runs may have other shapes than the call (SDPA lays packed documents out as a batch).
-            key = tuple(map(_ints, sdpa_op_shapes(q, k, mask))) if backend == "_attend_sdpa" else shape
-            self.pairs[key].append(attention_pairs(mask, shape[0][0], shape[0][-2], shape[1][-2], self.attention))
+            # The ops that run may have other shapes than the call (SDPA runs packed documents as groups, one op
+            # each, and patch queries against their gathered keys); each op is credited the pairs the mask allows
+            # among its documents (the whole call's when it is the only op).
+            ops = sdpa_ops(q, k, mask) if backend == "_attend_sdpa" else [(shape[0], shape[1], None)]
+            for q_shape, k_shape, docs in ops:
+                if docs is None:
+                    pairs = attention_pairs(mask, shape[0][0], shape[0][-2], shape[1][-2], self.attention)
+                else:
+                    pairs = sum(n * n if self.attention == "full" else n * (n + 1) // 2 for n in docs)
+                self.pairs[(_ints(q_shape), _ints(k_shape))].append(pairs)
         finally:
             torch._C._set_tracing_state(tracing)
 
     def __enter__(self):
         from dpar_scale.models import attention as attn_mod
 
-        for name in ("_attend_sdpa", "_attend_flex"):
+        for name in ("_attend_sdpa", "_attend_flex", "_attend_varlen"):
             if not hasattr(attn_mod, name):
                 raise RuntimeError(f"dpar_scale.models.attention.{name} is gone: update AttentionRecorder")
             original = getattr(attn_mod, name)
@@ -352,3 +359,37 @@ def measure(model_cfg, *, patch_lengths: Sequence[Sequence[int]] | None = None, 
         positions, mean_length = layout.num_global_positions / batch_images, h * w * batch_images / patches
     return Measurement(analytic=analytic, fvcore=fv, flop_counter=fc, params=params,
                        global_positions_per_image=positions, mean_patch_length=mean_length, disagreement=worst)
+
+
+@contextlib.contextmanager
+def sdpa_pair_counter(modules):
+    """Counts the query-key pairs handed to `F.scaled_dot_product_attention` (batch · Lq · Lk per call, heads
+    aside; padding included: what the kernels compute, not what the mask allows) while any of `modules` runs.
+    Yields a dict whose "pairs" and "calls" grow as the model runs."""
+    import math
+
+    import torch.nn.functional as nnf
+
+    state = {"depth": 0, "pairs": 0, "calls": 0}
+    real = nnf.scaled_dot_product_attention
+
+    def counting(q, k, v, *args, **kwargs):
+        if state["depth"]:
+            state["pairs"] += math.prod(q.shape[:-3]) * q.shape[-2] * k.shape[-2]
+            state["calls"] += 1
+        return real(q, k, v, *args, **kwargs)
+
+    def enter(*_):
+        state["depth"] += 1
+
+    def leave(*_):
+        state["depth"] -= 1
+
+    hooks = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    nnf.scaled_dot_product_attention = counting
+    try:
+        yield state
+    finally:
+        nnf.scaled_dot_product_attention = real
+        for h in hooks:
+            h.remove()

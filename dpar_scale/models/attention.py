@@ -13,8 +13,11 @@ cached keys, which is what an incremental-decoding KV cache needs; nothing else 
 
 Query rows that see no key at all (padding) produce zeros, never NaN, on every backend.
 
-Backends: "sdpa" (default, the reference; materialises a [B, 1, Lq, Lk] bool mask, fine for per-GPU micro-batches)
-and "flex" (flex_attention + a BlockMask that skips empty blocks; call `compile_flex()` for the fused kernel). In
+Backends (`model.attention_backend`): "auto" (varlen on a CUDA device in fp16/bf16, else sdpa), "sdpa", "flex",
+"varlen" (CUDA only). Packed self-attention and the patch cross-attention run from plans
+(dpar_scale.models.packed_attention: documents grouped by length for SDPA, cu_seqlens for varlen, a BlockMask for
+flex, [M, P_max] gathered keys for the patches) that `AttentionMask.prepare` builds once per batch, outside compiled
+code; other masks (KV-cache steps, tests) fall back to `attend_reference`, a materialised [B, 1, Lq, Lk] mask. In
 torch 2.13 flex runs eagerly on CPU for the forward only (its CPU backward raises), so CPU training uses sdpa.
 """
 from __future__ import annotations
@@ -24,7 +27,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "flex")
+from .packed_attention import (
+    PackedPlan, attend_dense, attend_gathered, attend_grouped, attend_varlen, build_packed_plan, group_documents,
+    varlen_available,
+)
+
+BACKENDS = ("auto", "sdpa", "flex", "varlen")
 
 
 @dataclass(eq=False)
@@ -33,11 +41,46 @@ class AttentionMask:
     q_ids: torch.Tensor | None = None  # [B or 1, Lq] long; -1 = padding query (sees nothing)
     kv_ids: torch.Tensor | None = None  # [B or 1, Lk] long; must be given together with q_ids
     q_offset: int = 0  # absolute position of query 0 among the keys (KV cache)
+    doc_lengths: tuple[int, ...] | None = None  # packed self-attention: document lengths, contiguous from 0
+    kv_index: torch.Tensor | None = None  # [B, Lq, P] gathered cross-attention: the keys each query may see
+    kv_valid: torch.Tensor | None = None  # [B, Lq, P] bool: which of those are real
+    plan: PackedPlan | None = None  # set by `prepare` (outside compiled code)
+    backend: str | None = None  # the backend `auto` resolved to, set by `prepare`
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if (self.q_ids is None) != (self.kv_ids is None):
             raise ValueError("AttentionMask: q_ids and kv_ids must be given together")
+
+    @classmethod
+    def packed(cls, ids: torch.Tensor, doc_lengths) -> "AttentionMask":
+        """Block-causal self-attention over contiguous documents in one row (ids [1, T], -1 = padding) whose
+        lengths the host already knows (a layout's), so no plan needs a device sync."""
+        return cls(causal=True, q_ids=ids, kv_ids=ids, doc_lengths=tuple(int(x) for x in doc_lengths))
+
+    @classmethod
+    def gathered(cls, q_ids, kv_ids, index: torch.Tensor, valid: torch.Tensor) -> "AttentionMask":
+        """Cross-attention in which query m of row b sees keys index[b, m, valid] (its group's, q_ids/kv_ids
+        describing the same rule for the reference and the pair counts)."""
+        return cls(q_ids=q_ids, kv_ids=kv_ids, kv_index=index, kv_valid=valid)
+
+    @property
+    def is_packed(self) -> bool:
+        return (self.causal and self.q_ids is not None and self.q_ids is self.kv_ids and self.q_offset == 0
+                and self.q_ids.shape[0] == 1)
+
+    def prepare(self, backend: str, device, dtype, compiled: bool = False) -> "AttentionMask":
+        """Builds what the backend will read (eagerly, once per batch), so the attention inside a compiled
+        block only reads tensors and ints: `auto` resolved, and for packed self-attention its plan (under
+        compile, sdpa uses one dense mask over the bucketed length so the graph's shapes depend on T only)."""
+        self.backend = resolve_backend(backend, device, dtype)
+        if self.is_packed:
+            length = self.q_ids.shape[1]
+            lengths = self.doc_lengths if self.doc_lengths is not None else _doc_lengths(self, length)
+            if lengths is not None:
+                kind = {"sdpa": "dense" if compiled else "groups"}.get(self.backend, self.backend)
+                self.plan = build_packed_plan(kind, lengths, length, device, self)
+        return self
 
     @property
     def is_plain_causal(self) -> bool:
@@ -89,74 +132,59 @@ class AttentionMask:
         return self._cache[key]
 
 
-def _packed_segments(mask: AttentionMask, length: int, device):
-    """For packed causal self-attention (one row, contiguous documents): gather/scatter indices that lay the
-    documents out as a padded batch [n_docs, L_max], so attention costs Σ L_max² instead of T² (the dense
-    block-causal mask over a packed micro-batch of 32 images is ~30x more work than the documents need)."""
-    key = ("segments", length, str(device))
+def _doc_lengths(mask: AttentionMask, length: int):
+    """Document lengths of a packed mask: given by its builder (host ints, no device sync), or read from the ids
+    (eager callers only); None when a document is split in two (not contiguous: the dense path then)."""
+    if mask.doc_lengths is not None:
+        return mask.doc_lengths
+    key = ("doc_lengths", length)
     if key not in mask._cache:
         ids = mask.q_ids[0].to("cpu")
         values, counts = torch.unique_consecutive(ids, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
         keep = values >= 0
-        if len(set(values[keep].tolist())) != int(keep.sum()):  # a document split in two: not contiguous
-            mask._cache[key] = None
-        else:
-            starts, counts = starts[keep], counts[keep]
-            width = int(counts.max()) if len(counts) else 0
-            offsets = torch.arange(width)
-            inside = offsets[None, :] < counts[:, None]  # [n_docs, L_max]
-            index = torch.where(inside, starts[:, None] + offsets[None, :], torch.zeros_like(inside, dtype=torch.long))
-            mask._cache[key] = (index.to(device), inside.to(device), width)
+        contiguous = len(set(values[keep].tolist())) == int(keep.sum()) and bool((ids[int(counts[keep].sum()):] < 0).all())
+        mask._cache[key] = tuple(counts[keep].tolist()) if contiguous else None
     return mask._cache[key]
 
 
-def _attend_packed_sdpa(q, k, v, segments) -> torch.Tensor:
-    index, inside, width = segments
-    n_docs = index.shape[0]
-    flat = index.reshape(-1)
-
-    def lay_out(x):  # [1, H, T, Dh] -> [n_docs, H, L_max, Dh]
-        return x[0].index_select(1, flat).reshape(x.shape[1], n_docs, width, x.shape[-1]).transpose(0, 1)
-
-    causal = torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
-    allowed = causal[None] & inside[:, None, :]  # key must be a real position of the document
-    out = F.scaled_dot_product_attention(lay_out(q), lay_out(k), lay_out(v), attn_mask=allowed[:, None])
-    out = out * inside[:, None, :, None].to(out.dtype)  # padded query slots carry nothing back
-    rows = out.transpose(0, 1).reshape(q.shape[1], n_docs * width, q.shape[-1])
-    result = q.new_zeros(q.shape[1], q.shape[2], q.shape[3]).index_add(1, flat[inside.reshape(-1)],
-                                                                        rows[:, inside.reshape(-1)])
-    return result[None]
+def _packed_plan(q, mask: AttentionMask, kinds=("groups", "dense")):
+    """The prepared plan (if its kind suits the backend) or a grouped one built now (eager), for packed causal
+    self-attention; None for every other call."""
+    if not (mask.is_packed and q.shape[0] == 1):
+        return None
+    if mask.plan is not None and mask.plan.kind in kinds:
+        return mask.plan
+    lengths = _doc_lengths(mask, q.shape[-2])
+    if lengths is None:
+        return None
+    key = ("plan", kinds[0], str(q.device))
+    if key not in mask._cache:
+        mask._cache[key] = build_packed_plan(kinds[0], lengths, q.shape[-2], q.device, mask)
+    return mask._cache[key]
 
 
-def _packed_plan(q, k, mask: AttentionMask):
-    """The padded-batch layout when this call is packed causal self-attention over contiguous documents."""
+def sdpa_ops(q, k, mask: AttentionMask) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...] | None]]:
+    """(q shape, k shape, document lengths or None = the whole call's mask) of every
+    `F.scaled_dot_product_attention` op the SDPA backend runs for this call (FLOP counters match ops to calls by
+    these shapes; a grouped packed call runs one op per document group)."""
+    h, dh = q.shape[1], q.shape[3]
+    if mask.kv_index is not None:
+        bm, p = q.shape[0] * q.shape[2], mask.kv_index.shape[-1]
+        return [((bm, h, 1, dh), (bm, k.shape[1], p, k.shape[3]), None)]
+    plan = _packed_plan(q, mask)
+    if plan is None or plan.kind == "dense":
+        return [(tuple(q.shape), tuple(k.shape), None)]
+    out, lengths = [], plan.doc_lengths
+    for docs in group_documents(lengths):
+        n, w = len(docs), max(lengths[i] for i in docs)
+        out.append(((n, h, w, dh), (n, k.shape[1], w, k.shape[3]), tuple(lengths[i] for i in docs)))
+    return out
+
+
+def attend_reference(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    """The rule of this module's docstring with a materialised [B, 1, Lq, Lk] mask: what every backend must
+    equal (tests), and the path for masks no plan covers."""
     lq, lk = q.shape[-2], k.shape[-2]
-    if (mask.causal and mask.q_ids is not None and mask.q_ids is mask.kv_ids and q.shape[0] == 1
-            and mask.q_ids.shape[0] == 1 and lq == lk and mask.q_offset == 0):
-        return _packed_segments(mask, lq, q.device)
-    return None
-
-
-def sdpa_op_shapes(q, k, mask: AttentionMask) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of the q and k that the SDPA backend hands to `F.scaled_dot_product_attention` for this call
-    (FLOP counters match ops to calls by these)."""
-    segments = _packed_plan(q, k, mask)
-    if segments is None:
-        return tuple(q.shape), tuple(k.shape)
-    n_docs, width = segments[0].shape[0], segments[2]
-    return (n_docs, q.shape[1], width, q.shape[3]), (n_docs, k.shape[1], width, k.shape[3])
-
-
-def _attend_sdpa(q, k, v, mask: AttentionMask) -> torch.Tensor:
-    lq, lk = q.shape[-2], k.shape[-2]
-    if mask.is_plain_causal and lq == lk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if not mask.causal and mask.q_ids is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    segments = _packed_plan(q, k, mask)
-    if segments is not None:
-        return _attend_packed_sdpa(q, k, v, segments)
     allowed = mask.dense(lq, lk, q.device)
     valid = mask.query_valid(lq, lk, q.device)
     # A row with no allowed key would be softmax over all -inf (NaN on some kernels): let it see everything,
@@ -165,10 +193,40 @@ def _attend_sdpa(q, k, v, mask: AttentionMask) -> torch.Tensor:
     return out * valid.to(out.dtype)
 
 
+def _attend_sdpa(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    return _sdpa(q, k, v, mask)
+
+
+def _sdpa(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    lq, lk = q.shape[-2], k.shape[-2]
+    if mask.is_plain_causal and lq == lk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if not mask.causal and mask.q_ids is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    if mask.kv_index is not None:
+        return attend_gathered(q, k, v, mask.kv_index, mask.kv_valid)
+    plan = _packed_plan(q, mask)
+    if plan is not None:
+        return attend_dense(q, k, v, plan) if plan.kind == "dense" else attend_grouped(q, k, v, plan)
+    return attend_reference(q, k, v, mask)
+
+
+def _attend_varlen(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    plan = _packed_plan(q, mask, kinds=("varlen",))
+    if plan is None:  # not packed self-attention: SDPA's own kernels (flash for the plain causal stacks)
+        return _sdpa(q, k, v, mask)
+    return attend_varlen(q, k, v, plan)
+
+
 def _attend_flex(q, k, v, mask: AttentionMask) -> torch.Tensor:
     lq, lk = q.shape[-2], k.shape[-2]
     if not mask.causal and mask.q_ids is None:
         return _flex_fn(q, k, v)
+    if mask.kv_index is not None:  # a patch sees <= P_max keys: a mask over B·M·N would only add work
+        return attend_gathered(q, k, v, mask.kv_index, mask.kv_valid)
+    plan = _packed_plan(q, mask, kinds=("flex",))
+    if plan is not None:
+        return _flex_fn(q, k, v, block_mask=plan.block_mask) * plan.valid.to(q.dtype)
     block = mask.block_mask(q.shape[0], lq, lk, q.device)
     out = _flex_fn(q, k, v, block_mask=block)  # fully masked rows come out as zeros
     if mask.q_ids is not None:
@@ -211,12 +269,31 @@ def flex_available() -> tuple[bool, str]:
         return False, f"{type(e).__name__}: {e}"
 
 
+def resolve_backend(backend: str, device, dtype) -> str:
+    """The backend that runs: `auto` is varlen on a CUDA device in fp16/bf16 where torch has it (flash attention
+    over cu_seqlens: no padding, no mask), else sdpa (grouped documents; flash kernels on every device)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    half = dtype in (torch.float16, torch.bfloat16)
+    if backend == "auto":
+        return "varlen" if torch.device(device).type == "cuda" and half and varlen_available()[0] else "sdpa"
+    if backend == "varlen" and not (torch.device(device).type == "cuda" and half):
+        raise ValueError(f"attention backend varlen needs a CUDA device and fp16/bf16 (got {device}, {dtype}): "
+                         "use model.attention_backend=auto or sdpa")
+    return backend
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, backend: str = "sdpa"):
     """q [B, H, Lq, Dh], k/v [B, H, Lk, Dh] -> [B, H, Lq, Dh] under `mask`, with the chosen backend."""
+    backend = mask.backend if mask.backend is not None and backend == "auto" else backend
+    if backend == "auto":
+        backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "sdpa":
         return _attend_sdpa(q, k, v, mask)
     if backend == "flex":
         return _attend_flex(q, k, v, mask)
+    if backend == "varlen":
+        return _attend_varlen(q, k, v, mask)
     raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
 
 

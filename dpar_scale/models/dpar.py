@@ -35,6 +35,7 @@ from dpar_scale.config import DECODER_INJECTIONS
 from dpar_scale.patching.layout import PatchLayout
 
 from .attention import AttentionMask, KVCache
+from .packed_attention import gather_keys
 from .layers import CrossAttentionBlock, DecoderBlock, RMSNorm, TransformerBlock, drop_labels, init_llamagen_
 from .rope import rope_1d, rope_2d, rope_dynamic
 
@@ -82,7 +83,7 @@ class DPAR(nn.Module):
                  n_decoder_layers: int, vocab_size: int, num_classes: int, grid: tuple[int, int],
                  multiple_of: int = 256, ffn_dim_multiplier: float | None = None, dropout: float = 0.0,
                  class_dropout: float = 0.0, rope_base: float = 10000.0, global_rope: str = "dynamic",
-                 norm_eps: float = 1e-5, attention_backend: str = "sdpa", decoder_injection: str = "every",
+                 norm_eps: float = 1e-5, attention_backend: str = "auto", decoder_injection: str = "every",
                  cross_attn_ffn: bool = False):
         super().__init__()
         if num_classes < 1:
@@ -95,6 +96,8 @@ class DPAR(nn.Module):
         self.grid, self.head_dim, self.rope_base = tuple(grid), dim // n_heads, rope_base
         self.class_dropout, self.global_rope = class_dropout, global_rope
         self.decoder_injection, self.cross_attn_ffn = decoder_injection, cross_attn_ffn
+        self.attention_backend = attention_backend
+        self.blocks_compiled = False  # set by parallel.apply_compile: attention plans then keep shapes bucketed
 
         def blocks(n, block=TransformerBlock):
             return nn.ModuleList(
@@ -155,7 +158,11 @@ class DPAR(nn.Module):
         index = layout.patch_id[..., None].expand(b, n, d)
         pooled = enc.new_zeros(b, m, d).scatter_reduce(1, index, enc, reduce="amax", include_self=False)
         query_ids = torch.where(layout.patch_valid, torch.arange(m, device=enc.device)[None], -1)
-        mask = AttentionMask(q_ids=query_ids, kv_ids=layout.patch_id)
+        # each patch query against its own <= P codes, gathered (not a [B, M, N] mask); P from the host's lengths
+        width = max(max(x) for x in layout.lengths)
+        patch_len = torch.where(layout.patch_valid, layout.patch_end - layout.patch_start + 1, 0)
+        index, valid = gather_keys(layout.patch_start, patch_len, width)
+        mask = AttentionMask.gathered(query_ids, layout.patch_id, index, valid)
         patches = self.patch_cross_attn(pooled, enc, mask)
         return patches * layout.patch_valid[..., None].to(patches.dtype)
 
@@ -167,8 +174,10 @@ class DPAR(nn.Module):
             labels = torch.full((b,), self.num_classes, dtype=torch.long, device=patches.device)
         labels = drop_labels(labels, self.num_classes, self.class_dropout, self.training, drop_class)
         x = self.global_dropout(layout.pack(self.class_embedding(labels), patches))[None]  # [1, T, D]
-        ids = layout.packed_image_id[None]
-        mask = AttentionMask(causal=True, q_ids=ids, kv_ids=ids)
+        # the plan (document groups, cu_seqlens or block mask) is built here, once per batch, outside the blocks
+        mask = AttentionMask.packed(layout.packed_image_id[None], layout.doc_lengths)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        mask.prepare(self.attention_backend, x.device, dtype, compiled=self.blocks_compiled)
         rope = self.global_rope_table(layout)
         for layer in self.global_layers:
             x = layer(x, mask, rope)

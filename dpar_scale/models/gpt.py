@@ -28,7 +28,7 @@ class GPT(nn.Module):
     def __init__(self, *, dim: int, n_layers: int, n_heads: int, vocab_size: int, num_classes: int,
                  grid: tuple[int, int], multiple_of: int = 256, ffn_dim_multiplier: float | None = None,
                  dropout: float = 0.0, class_dropout: float = 0.0, rope_base: float = 10000.0,
-                 norm_eps: float = 1e-5, attention_backend: str = "sdpa", class_rope: str = "identity"):
+                 norm_eps: float = 1e-5, attention_backend: str = "auto", class_rope: str = "identity"):
         super().__init__()
         if class_rope not in ("identity", "zero"):
             raise ValueError(f"class_rope must be identity or zero, got {class_rope!r}")

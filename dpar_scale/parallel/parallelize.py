@@ -95,11 +95,26 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         _replace(parent, name, wrap(getattr(parent, name)))
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, **compile_kwargs) -> None:
     """torch.compile per block (FSDP's hooks stay on the eager wrapper). The wrapper adds `_orig_mod.` to
-    parameter names; checkpoints do not see it (DCP's state-dict helpers and `clean_name` drop it)."""
+    parameter names; checkpoints do not see it (DCP's state-dict helpers and `clean_name` drop it).
+
+    Everything that depends on the layout (document ids, attention plans, gather indices, RoPE tables) is built by
+    the model outside the blocks, once per batch; `blocks_compiled` tells it to keep those shapes bucketed (the
+    packed length itself is padded to `parallel.compile_bucket` by the trainer, `packed_length_multiple`)."""
     for parent, name in transformer_blocks(model):
-        _replace(parent, name, torch.compile(getattr(parent, name)))
+        _replace(parent, name, torch.compile(getattr(parent, name), **compile_kwargs))
+    if hasattr(model, "blocks_compiled"):
+        model.blocks_compiled = True
+
+
+def packed_length_multiple(parallel_cfg) -> int:
+    """What the packed global length is padded to: the TP degree (sequence parallelism shards it evenly), and with
+    compile also the bucket, so compiled blocks see a handful of lengths rather than one per batch."""
+    import math
+
+    tp = parallel_cfg.tp
+    return math.lcm(tp, parallel_cfg.compile_bucket) if parallel_cfg.compile else tp
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2

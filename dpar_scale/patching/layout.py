@@ -128,6 +128,11 @@ class PatchLayout:
         return sum(len(x) + 1 for x in self.lengths)
 
     @property
+    def doc_lengths(self) -> tuple[int, ...]:
+        """Packed positions of each image's document (host ints: attention plans need no device sync)."""
+        return tuple(len(x) + 1 for x in self.lengths)
+
+    @property
     def max_seqlen(self) -> int:
         return max(len(x) + 1 for x in self.lengths)
 

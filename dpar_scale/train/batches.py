@@ -32,8 +32,11 @@ class StepBatches:
         if batch.patch_lengths is not None:
             from dpar_scale.patching.layout import PatchLayout
 
+            from dpar_scale.parallel.parallelize import packed_length_multiple
+
             inputs["layout"] = PatchLayout.from_lengths(batch.patch_lengths, grid=self.data.grid,
-                                                        pad_to_multiple=self.cfg.parallel.tp).to(self.device)
+                                                        pad_to_multiple=packed_length_multiple(self.cfg.parallel)
+                                                        ).to(self.device)
         return inputs
 
     def for_step(self, cursor: int) -> tuple[list[Batch], np.ndarray]:
