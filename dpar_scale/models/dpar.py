@@ -64,6 +64,9 @@ class DPARCache:
         return self.encoder.batch
 
 
+PATCH_BUCKET = 32  # compiled blocks: the patch count M is padded to a multiple of this
+
+
 class GlobalToCodes(nn.Module):
     """Packed global outputs [T, D] -> [B, N, D]: code t gets the output at its patch's position (class + the
     patches before it). A module of its own, without parameters, so that a tensor-parallel plan can keep just
@@ -157,13 +160,19 @@ class DPAR(nn.Module):
         m = layout.max_patches
         index = layout.patch_id[..., None].expand(b, n, d)
         pooled = enc.new_zeros(b, m, d).scatter_reduce(1, index, enc, reduce="amax", include_self=False)
-        query_ids = torch.where(layout.patch_valid, torch.arange(m, device=enc.device)[None], -1)
+        valid_patch = layout.patch_valid
         # each patch query against its own <= P codes, gathered (not a [B, M, N] mask); P from the host's lengths
         width = max(max(x) for x in layout.lengths)
-        patch_len = torch.where(layout.patch_valid, layout.patch_end - layout.patch_start + 1, 0)
-        index, valid = gather_keys(layout.patch_start, patch_len, width)
+        starts, patch_len = layout.patch_start, torch.where(valid_patch, layout.patch_end - layout.patch_start + 1, 0)
+        if self.blocks_compiled:  # bucket M and P so the compiled block sees a handful of shapes, not one per batch
+            pad = -(-m // PATCH_BUCKET) * PATCH_BUCKET - m
+            width = 1 << (width - 1).bit_length()
+            pooled = nn.functional.pad(pooled, (0, 0, 0, pad))
+            starts, patch_len, valid_patch = (nn.functional.pad(x, (0, pad)) for x in (starts, patch_len, valid_patch))
+        query_ids = torch.where(valid_patch, torch.arange(valid_patch.shape[1], device=enc.device)[None], -1)
+        index, valid = gather_keys(starts, patch_len, width)
         mask = AttentionMask.gathered(query_ids, layout.patch_id, index, valid)
-        patches = self.patch_cross_attn(pooled, enc, mask)
+        patches = self.patch_cross_attn(pooled, enc, mask)[:, :m]
         return patches * layout.patch_valid[..., None].to(patches.dtype)
 
     def run_global(self, patches: torch.Tensor, labels: torch.Tensor | None, layout: PatchLayout,
