@@ -6,13 +6,12 @@ import warnings
 import pytest
 import torch
 
-from dpar_scale.config import PatchConfig
 from dpar_scale.flops.counting import sdpa_pair_counter
 from dpar_scale.models import DPAR, AttentionMask, attend, flex_available
 from dpar_scale.models.attention import attend_reference, resolve_backend
 from dpar_scale.models.packed_attention import GROUP_SLACK, build_packed_plan, group_documents, varlen_available
 from dpar_scale.patching.layout import PatchLayout
-from dpar_scale.patching.rule import calibrate_threshold, patch_rule, starts_to_lengths
+from dpar_scale.patching.rule import synthetic_patch_lengths
 from tolerances import assert_close, model_chain
 
 FLEX_OK, FLEX_WHY = flex_available()
@@ -20,13 +19,8 @@ VARLEN_OK, VARLEN_WHY = varlen_available()
 
 
 def demo_lengths(batch=32, grid=16, mean=1.81, p_max=4, seed=0):
-    """Patch lengths of the demo's shape (16x16 codes, mean patch length 1.81, P_max 4) from entropies calibrated
-    as tools/bench_train.py does."""
-    g = torch.Generator().manual_seed(seed)
-    entropy = torch.rand(batch, grid * grid, generator=g) * 6.0
-    theta = calibrate_threshold(entropy, PatchConfig(max_patch_length=p_max), width=grid,
-                                target_mean_length=mean).threshold
-    return starts_to_lengths(patch_rule(PatchConfig(threshold=theta, max_patch_length=p_max), grid)(entropy))
+    """Patch lengths of the demo's shape (16x16 codes, mean patch length 1.81, P_max 4)."""
+    return synthetic_patch_lengths(batch, grid, mean_length=mean, max_patch_length=p_max, seed=seed)
 
 
 def spread_lengths(seed=0):

@@ -44,6 +44,7 @@ BAD_ARGUMENTS = {
     "tools/sample.py": ["--checkpoint", MISSING, "--classes", "0", "--out", MISSING],
     "tools/sample_ddp.py": ["--checkpoint", MISSING, "--out", MISSING],
     "tools/evaluate.py": ["--samples", f"{MISSING}.npz", "--reference", MISSING, "--inception", f"{MISSING}.pt"],
+    "tools/gpu_check.py": ["--steps", "0"],
     "tools/import_llamagen.py": [f"{MISSING}.pt", "--out", MISSING, "--image-size", "256"],
     "launchers/local.py": ["--config", f"{MISSING}.yaml", "--nproc", "2"],
     "launchers/slurm.py": ["--config", "configs/demo/dpar.yaml", "--nodes", "0", "--dry-run"],

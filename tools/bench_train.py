@@ -8,11 +8,15 @@ Both models see the same codes and labels; DPAR's patch layout comes from the gi
 with an entropy/ side array) or from synthetic entropies calibrated to the given mean patch length. Steps of the
 two models are interleaved so that drift in machine load hits both alike. Reports the median step time
 (forward + backward + AdamW step), images/s, and beside it the analytic training-FLOP ratio
-(dpar_scale.flops.analytic), so the measured speed-up can be read against the FLOP saving.
+(dpar_scale.flops.analytic), so the measured speed-up can be read against the FLOP saving, and the attention pair
+ratio: query-key pairs the packed global attention's kernels computed (SDPA calls counted, padding included)
+over Σ L_i² of its documents. The load average is recorded: on a shared machine only ratios measured in one run
+mean something.
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -31,7 +35,7 @@ def batch_layouts(args, n_codes: int, width: int):
     import torch
 
     from dpar_scale.config import PatchConfig
-    from dpar_scale.patching.rule import calibrate_threshold, patch_rule, starts_to_lengths
+    from dpar_scale.patching.rule import patch_rule, starts_to_lengths, synthetic_patch_lengths
 
     g = torch.Generator().manual_seed(args.seed)
     if args.codes:
@@ -44,10 +48,9 @@ def batch_layouts(args, n_codes: int, width: int):
     else:
         codes = torch.randint(0, args.vocab, (args.batch, n_codes), generator=g)
         labels = torch.randint(0, args.classes, (args.batch,), generator=g)
-        # Entropies with spatial structure (smooth regions and busy ones), calibrated to the target length.
-        entropy = torch.rand(args.batch, n_codes, generator=g) * np.log(args.vocab)
-        threshold = calibrate_threshold(entropy, PatchConfig(max_patch_length=args.max_patch_length), width=width,
-                                        target_mean_length=args.mean_patch_length).threshold
+        return codes, labels, synthetic_patch_lengths(args.batch, width, mean_length=args.mean_patch_length,
+                                                      max_patch_length=args.max_patch_length, vocab=args.vocab,
+                                                      seed=args.seed)
     rule = PatchConfig(threshold=threshold, max_patch_length=args.max_patch_length)
     return codes, labels, starts_to_lengths(patch_rule(rule, width)(entropy))
 
@@ -77,6 +80,7 @@ def main(argv=None) -> int:
 
     from dpar_scale.config import load_config
     from dpar_scale.flops.analytic import train_flops
+    from dpar_scale.flops.counting import sdpa_pair_counter
     from dpar_scale.models import build_model, resolve_model_config
     from dpar_scale.patching.layout import PatchLayout
     from dpar_scale.train.loss import code_loss
@@ -109,6 +113,14 @@ def main(argv=None) -> int:
         run["opt"].zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
+    # What the packed global attention computes (the kernels' query-key pairs, padding included) against what
+    # its documents need (Σ L_i²): one forward, SDPA calls inside the global layers counted.
+    dpar = runs["dpar"]
+    with torch.no_grad(), sdpa_pair_counter(list(dpar["model"].global_layers)) as counted:
+        dpar["model"](**dpar["inputs"])
+    needed = sum(x * x for x in layout.doc_lengths) * len(dpar["model"].global_layers)
+    attention_pair_ratio = counted["pairs"] / needed
+
     for i in range(args.warmup + args.steps):
         for run in runs.values():
             seconds = step(run)
@@ -130,6 +142,8 @@ def main(argv=None) -> int:
     g, d = result["models"]["gpt"], result["models"]["dpar"]
     result["step_time_ratio"] = d["step_time_s"] / g["step_time_s"]
     result["flop_ratio"] = d["train_flops_per_step"] / g["train_flops_per_step"]
+    result["attention_pair_ratio"] = attention_pair_ratio
+    result["load_average"] = list(os.getloadavg())
 
     print(f"batch {result['batch']} images, grid {args.grid}x{args.grid}, mean patch length "
           f"{result['mean_patch_length']:.3f}, {result['threads']} threads, median of {args.steps} steps")
@@ -138,7 +152,10 @@ def main(argv=None) -> int:
     for name, r in result["models"].items():
         print(f"{name:<6} {r['preset']:<10} {r['params']:>10,} {r['global_positions_per_image']:>15.1f} "
               f"{r['step_time_s']:>8.3f} {r['images_per_s']:>8.1f} {r['train_flops_per_step'] / 1e9:>12.2f}")
-    print(f"DPAR / GPT: step time {result['step_time_ratio']:.3f}, training FLOPs {result['flop_ratio']:.3f}")
+    print(f"DPAR / GPT: step time {result['step_time_ratio']:.3f}, training FLOPs {result['flop_ratio']:.3f} "
+          f"(step time / FLOP ratio {result['step_time_ratio'] / result['flop_ratio']:.3f}); global attention "
+          f"computed / needed pairs {attention_pair_ratio:.3f}; load average "
+          + " ".join(f"{x:.2f}" for x in result["load_average"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

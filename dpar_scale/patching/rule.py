@@ -250,3 +250,18 @@ def calibrate_threshold(
         threshold=theta, mean_patch_length=mean_patch_length(starts), target=target_mean_length,
         histogram=length_histogram(starts), num_images=e.shape[0],
     )
+
+
+def synthetic_patch_lengths(batch: int, grid: int, *, mean_length: float = 1.81, max_patch_length: int = 4,
+                            vocab: int = 512, seed: int = 0) -> list[list[int]]:
+    """Per-image patch lengths of `batch` grid x grid images from uniform random entropies (in [0, ln vocab))
+    with θ calibrated to `mean_length`: the ragged layouts benchmarks and tests use when no real entropies are
+    at hand (patch counts vary from image to image as an entropy layout's do)."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    entropy = torch.rand(batch, grid * grid, generator=g) * math.log(vocab)
+    theta = calibrate_threshold(entropy, PatchConfig(max_patch_length=max_patch_length), width=grid,
+                                target_mean_length=mean_length).threshold
+    return starts_to_lengths(patch_rule(PatchConfig(threshold=theta, max_patch_length=max_patch_length),
+                                        grid)(entropy))
