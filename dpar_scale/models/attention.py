@@ -285,9 +285,13 @@ def resolve_backend(backend: str, device, dtype) -> str:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, backend: str = "sdpa"):
     """q [B, H, Lq, Dh], k/v [B, H, Lk, Dh] -> [B, H, Lq, Dh] under `mask`, with the chosen backend."""
-    backend = mask.backend if mask.backend is not None and backend == "auto" else backend
     if backend == "auto":
-        backend = resolve_backend(backend, q.device, q.dtype)
+        # Only packed self-attention has a choice to make (elsewhere auto is SDPA's own kernels), and a prepared
+        # mask made it already: nothing device-dependent is asked inside a compiled block.
+        if mask.backend is not None:
+            backend = mask.backend
+        else:
+            backend = resolve_backend(backend, q.device, q.dtype) if mask.is_packed else "sdpa"
     if backend == "sdpa":
         return _attend_sdpa(q, k, v, mask)
     if backend == "flex":

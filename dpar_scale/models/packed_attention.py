@@ -18,6 +18,7 @@ region, so that the attention itself only reads tensors and a few ints.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -124,7 +125,9 @@ def build_packed_plan(kind: str, doc_lengths, length: int, device, mask=None,
         if length > total:
             bounds.append(length)  # the padding as one more document: finite rows, zeroed afterwards
         plan.cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
-        plan.max_len = max(max(doc_lengths, default=1), length - total)
+        # an upper bound (it sizes the kernel's grid), rounded up so that compiled code, which specialises on
+        # it, sees a handful of values
+        plan.max_len = -(-max(max(doc_lengths, default=1), length - total) // 128) * 128
         plan.valid = real.to(device)[:, None, None]
     elif kind == "flex":
         plan.block_mask = mask.block_mask(1, length, length, device)
@@ -155,6 +158,7 @@ def attend_dense(q, k, v, plan: PackedPlan) -> torch.Tensor:
     return out * plan.valid.to(out.dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def varlen_available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device"
