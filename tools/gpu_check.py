@@ -75,6 +75,9 @@ def train_run(cfg, batches, device, *, steps: int, warmup: int, compiled: bool, 
     if cfg.attention_backend == "flex" and device.type == "cuda":
         compile_flex()  # eager flex materialises the scores: the fused kernel is what anyone would train with
     if compiled:
+        # each run compiles from scratch, as a training process does: the blocks of every model and backend share
+        # code objects, whose cache entries would otherwise pile up past dynamo's recompile limit
+        torch._dynamo.reset()
         apply_compile(model, backend=compile_backend, fullgraph=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     half = device.type == "cuda"
@@ -92,7 +95,7 @@ def train_run(cfg, batches, device, *, steps: int, warmup: int, compiled: bool, 
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        value = float(loss)  # the one sync per step: the timing needs the step finished anyway
+        value = float(loss.detach())  # the one sync per step: the timing needs the step finished anyway
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         out.append((value, time.perf_counter() - t0))
