@@ -44,7 +44,13 @@ class DataConfig:
     # DPAR: fill each micro-batch up to this many global positions Σ (M_i + 1) instead of a fixed image count
     # (data.batch_size is then unused: a step is grad_accum x data-parallel micro-batches); 0 = off
     global_tokens_per_microbatch: int = 0
+    # DPAR packing: at most this many images per micro-batch (encoder/decoder activations and the [B, N, V] logits
+    # grow with images, not global positions); 0 = only the position budget limits them
+    max_images_per_microbatch: int = 0
+    # background threads building the next steps' batches (gather, patch rule, packing, layouts; pinned on CUDA)
+    # while the current step runs; 0 = built in the training loop. Same batches either way.
     num_workers: int = 0
+    prefetch_steps: int = 2  # with num_workers > 0: steps built ahead of the one training
     log_sample_ids: bool = False
     # checked when the data is opened (values always, chunked over the memory maps): full = sizes + sha256 of every
     # shard against its manifest; size = sizes only. Verified files are cached per user (~/.cache/dpar_scale)
@@ -505,6 +511,12 @@ def validate(cfg: Config) -> None:
                        ("checkpoint.universal_timeout_min", cfg.checkpoint.universal_timeout_min)):
         if value < 0:
             raise ConfigError(f"{key} must be >= 0 (0 = automatic), got {value}")
+    for key, value, zero in (("data.num_workers", cfg.data.num_workers, "batches built in the training loop"),
+                             ("data.max_images_per_microbatch", cfg.data.max_images_per_microbatch, "no cap")):
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 = {zero}), got {value}")
+    if cfg.data.prefetch_steps < 1:
+        raise ConfigError(f"data.prefetch_steps must be >= 1 (steps built ahead), got {cfg.data.prefetch_steps}")
     if cfg.train.epochs < 0:
         raise ConfigError(f"train.epochs must be >= 0 (0 = train.steps decides), got {cfg.train.epochs}")
     if cfg.train.epochs > 0 and cfg.data.global_tokens_per_microbatch > 0:

@@ -42,6 +42,7 @@ class Batch:
     text_truncated: int = 0  # captions of this batch longer than model.text.max_length, cut to it
     text_unknown: int = 0  # unk ids in this batch's text (characters the text tokenizer cannot spell)
     captions: list[str] | None = None  # the caption chosen for each image ("": none, the empty caption)
+    layout: Any = None  # DPAR: its PatchLayout, when built ahead with the batch (dpar_scale/train/batches.py)
 
     @property
     def num_codes(self) -> int:
@@ -61,21 +62,25 @@ class GlobalOrder:
         self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
         self.seed = seed
         self.shuffle = shuffle
-        self._cached_epoch = -1
-        self._perm: np.ndarray | None = None
+        # epoch -> permutation, a few recent ones: a dict (not one cached slot) so that batch-building worker
+        # threads asking for different epochs at once never see each other's permutation
+        self._perms: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._cached_epoch:
+        perm = self._perms.get(epoch)
+        if perm is None:
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._perm = torch.randperm(len(self.sample_ids), generator=g).numpy()
+                perm = torch.randperm(len(self.sample_ids), generator=g).numpy()
             else:
-                self._perm = np.arange(len(self.sample_ids))
-            self._cached_epoch = epoch
-        return self._perm
+                perm = np.arange(len(self.sample_ids))
+            if len(self._perms) >= 4:
+                self._perms.pop(min(self._perms), None)
+            self._perms[epoch] = perm
+        return perm
 
     def epochs(self, start: int, count: int) -> np.ndarray:
         """Epoch of each global position [start, start + count) (what caption choice hashes)."""
@@ -83,10 +88,12 @@ class GlobalOrder:
 
     def ids(self, start: int, count: int) -> np.ndarray:
         """Sample ids at global positions [start, start + count)."""
-        out = np.empty(count, dtype=np.int64)
         n = len(self.sample_ids)
-        for i, pos in enumerate(range(start, start + count)):
-            out[i] = self.sample_ids[self._permutation(pos // n)[pos % n]]
+        positions = start + np.arange(count, dtype=np.int64)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in range(start // n, (start + count - 1) // n + 1) if count else ():
+            inside = (positions // n) == epoch
+            out[inside] = self.sample_ids[self._permutation(epoch)[positions[inside] % n]]
         return out
 
 

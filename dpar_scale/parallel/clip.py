@@ -57,7 +57,7 @@ def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> tor
             n = torch.nn.utils.get_total_norm(group, norm_type, error_if_nonfinite=False, foreach=True)
             if isinstance(n, DTensor):
                 n = n.full_tensor()
-        norms.append(n.float().cpu())
+        norms.append(n.float().to(grads[0].device))  # stays on the device: nothing here waits for it
     stacked = torch.stack(norms)
     if math.isinf(norm_type):
         return stacked.max()
@@ -69,8 +69,11 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
     """Clips in place like torch.nn.utils.clip_grad_norm_ (max_norm <= 0: measure only); returns the total norm."""
     params = [p for p in parameters if p.grad is not None]
     total = grad_norm(params, norm_type)
-    if max_norm > 0 and torch.isfinite(total):
-        coef = min(1.0, max_norm / (float(total) + 1e-6))
+    if max_norm > 0 and params:
+        # computed on the device, without reading the norm on the host: a non-finite norm leaves the gradients as
+        # they are (the trainer stops on it)
+        coef = (max_norm / (total.double() + 1e-6)).clamp(max=1.0)
+        coef = torch.where(torch.isfinite(total), coef, torch.ones_like(coef)).float()
         for group in _group_by_mesh([p.grad for p in params]).values():
             torch._foreach_mul_(group, coef)
     return total

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from dpar_scale.config import PATCH_ALIGNMENTS as ALIGNMENTS
@@ -152,13 +153,14 @@ def starts_to_patch_ids(starts: torch.Tensor) -> torch.Tensor:
 
 
 def starts_to_lengths(starts: torch.Tensor) -> list[list[int]]:
-    """Per image, the list of patch lengths (sums to N)."""
-    out = []
-    n = starts.shape[1]
-    for row in starts.cpu():
-        idx = torch.nonzero(row, as_tuple=False).flatten().tolist()
-        out.append([b - a for a, b in zip(idx, idx[1:] + [n])])
-    return out
+    """Per image, the list of patch lengths (sums to N when code 0 starts a patch). Vectorised over the batch:
+    a patch runs from its start to the next start of its row, or to the row's end."""
+    b, n = starts.shape
+    pos = np.flatnonzero(starts.cpu().numpy().reshape(-1))
+    row_end = (pos // n + 1) * n
+    lengths = (np.minimum(np.append(pos[1:], b * n), row_end) - pos).tolist()
+    cut = np.bincount(pos // n, minlength=b).cumsum().tolist()
+    return [lengths[a:z] for a, z in zip([0] + cut[:-1], cut)]
 
 
 def patch_lengths(

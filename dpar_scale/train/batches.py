@@ -5,55 +5,104 @@ Everything here is a pure function of the training cursor and the layout (dp ran
 layout consumes the same samples and a resumed run continues exactly where it stopped."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 from dpar_scale.config import Config
 from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_slice
+from dpar_scale.flops.analytic import train_flops
 from dpar_scale.models.layers import class_drop_mask
+
+
+@dataclass
+class StepPlan:
+    """Which samples one optimizer step reads: the whole step's sample ids (every rank's micro-batches, what the
+    cursor advances by) and this rank's micro-batches as (ids, patch lengths or None: the rule computes them)."""
+    cursor: int
+    step_ids: np.ndarray
+    micro: list[tuple[np.ndarray, list[list[int]] | None]]
+    # analytic training FLOPs of the whole step, every rank's micro-batches (None: fixed-size DPAR batches, whose
+    # other ranks' patch counts this rank does not compute; the trainer sums each rank's own)
+    global_flops: float | None = None
 
 
 class StepBatches:
     def __init__(self, cfg: Config, data: CodeData, order: GlobalOrder, source: BatchSource, dp_rank: int,
                  dp_size: int, device):
         self.cfg, self.data, self.order, self.source = cfg, data, order, source
-        self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, device
+        self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, torch.device(device)
+        # batches built ahead are pinned so that their copy to the GPU is asynchronous (non_blocking)
+        self.pin = self.device.type == "cuda"
+
+    @property
+    def codes_per_image(self) -> int:
+        return self.data.grid[0] * self.data.grid[1]
 
     @property
     def conditional(self) -> bool:
         return self.cfg.model.kind != "entropy"
 
     def model_inputs(self, batch: Batch, step: int) -> dict:
-        """The model's keyword arguments for `batch` at optimizer step `step` (class dropout depends on it)."""
-        inputs = {"codes": batch.codes.to(self.device), "labels": batch.labels.to(self.device)}
+        """The model's keyword arguments for `batch` at optimizer step `step` (class dropout depends on it), on the
+        device (copied non-blocking: from pinned memory the copy overlaps the work already queued)."""
+        inputs = {"codes": batch.codes.to(self.device, non_blocking=True),
+                  "labels": batch.labels.to(self.device, non_blocking=True)}
         if self.conditional and self.cfg.model.class_dropout > 0:
             # decided per (sample, step), not per rank: the same labels drop under every layout
             inputs["drop_class"] = class_drop_mask(batch.sample_ids, step, self.cfg.train.seed,
                                                    self.cfg.model.class_dropout).to(self.device)
         if batch.patch_lengths is not None:
-            from dpar_scale.patching.layout import PatchLayout
-
-            from dpar_scale.parallel.parallelize import packed_length_multiple
-
-            inputs["layout"] = PatchLayout.from_lengths(batch.patch_lengths, grid=self.data.grid,
-                                                        pad_to_multiple=packed_length_multiple(self.cfg.parallel)
-                                                        ).to(self.device)
+            layout = batch.layout if batch.layout is not None else self.layout(batch)
+            inputs["layout"] = layout.to(self.device, non_blocking=True)
         return inputs
+
+    def layout(self, batch: Batch):
+        from dpar_scale.parallel.parallelize import packed_length_multiple
+        from dpar_scale.patching.layout import PatchLayout
+
+        # TP degree, or the compile bucket under parallel.compile (a handful of shapes, not one per batch)
+        return PatchLayout.from_lengths(batch.patch_lengths, grid=self.data.grid,
+                                        pad_to_multiple=packed_length_multiple(self.cfg.parallel))
 
     def for_step(self, cursor: int) -> tuple[list[Batch], np.ndarray]:
         """This rank's micro-batches for the optimizer step starting at global sample `cursor`, and the sample ids
         the whole step consumes from the global order, all ranks together (the caller advances the cursor by their
-        count)."""
+        count). The same as `build(plan(cursor))`, which background workers run ahead (train/prefetch.py)."""
+        plan = self.plan(cursor)
+        return self.build(plan), plan.step_ids
+
+    def plan(self, cursor: int) -> StepPlan:
         if self.cfg.data.global_tokens_per_microbatch > 0:
             return self.packed(cursor)
         global_ids = self.order.ids(cursor, self.cfg.data.batch_size)
         micro_ids = global_ids.reshape(self.cfg.train.grad_accum, -1)
-        return [self.source.make(rank_slice(ids, self.dp_rank, self.dp_size)) for ids in micro_ids], global_ids
+        micro = [(rank_slice(ids, self.dp_rank, self.dp_size), None) for ids in micro_ids]
+        flops = None
+        if self.source.patch_cfg is None:  # token models: every micro-batch of every rank has the same shape
+            flops = len(micro) * self.dp_size * train_flops(self.cfg.model, batch_images=len(micro[0][0]),
+                                                              n_codes=self.codes_per_image)
+        return StepPlan(cursor, global_ids, micro, flops)
 
-    def packed(self, cursor: int) -> tuple[list[Batch], np.ndarray]:
+    def build(self, plan: StepPlan) -> list[Batch]:
+        """The planned micro-batches: codes gathered from the shards, patch lengths (when not planned already),
+        layouts; pinned when training on CUDA."""
+        batches = []
+        for ids, lengths in plan.micro:
+            batch = self.source.make(ids, patch_lengths=lengths)
+            if batch.patch_lengths is not None:
+                batch.layout = self.layout(batch)
+            batches.append(pinned(batch) if self.pin else batch)
+        return batches
+
+    def packed(self, cursor: int) -> StepPlan:
         """DPAR with a global-position budget: grad_accum x dp micro-batches, each filled from the stream until
-        Σ (M_i + 1) (padded to the TP degree) would exceed data.global_tokens_per_microbatch, so the number of
-        images per micro-batch follows their patch counts. Every rank packs the same global stream from the same
-        cursor (a pure function of it), then takes its own grad_accum micro-batches."""
+        Σ (M_i + 1) (padded to the TP degree) would exceed data.global_tokens_per_microbatch (or it holds
+        data.max_images_per_microbatch images), so the number of images per micro-batch follows their patch
+        counts. Every rank packs the same global stream from the same cursor (a pure function of it), then takes
+        its own grad_accum micro-batches."""
         from dpar_scale.data.packing import pack_microbatches
 
         accum = self.cfg.train.grad_accum
@@ -68,13 +117,30 @@ class StepBatches:
 
         micro = []
         for mb in pack_microbatches(stream(), self.cfg.data.global_tokens_per_microbatch,
-                                    pad_to_multiple=self.cfg.parallel.tp):
+                                    pad_to_multiple=self.cfg.parallel.tp,
+                                    max_images=self.cfg.data.max_images_per_microbatch or None):
             micro.append(mb)
             if len(micro) == wanted:
                 break
         mine = micro[self.dp_rank * accum:(self.dp_rank + 1) * accum]
-        batches = [self.source.make(np.array(mb.sample_ids, dtype=np.int64), patch_lengths=mb.lengths) for mb in mine]
-        return batches, np.array([i for mb in micro for i in mb.sample_ids], dtype=np.int64)
+        # every rank packed every rank's micro-batches: the step's FLOPs need no communication
+        flops = sum(train_flops(self.cfg.model, batch_images=len(mb), patch_lengths=mb.lengths,
+                                n_codes=self.codes_per_image) for mb in micro)
+        return StepPlan(cursor, np.array([i for mb in micro for i in mb.sample_ids], dtype=np.int64),
+                        [(np.array(mb.sample_ids, dtype=np.int64), mb.lengths) for mb in mine], flops)
+
+
+def pinned(batch: Batch) -> Batch:
+    """`batch` with its tensors (and its layout's) in page-locked memory, for asynchronous copies to the GPU."""
+    def pin(obj):
+        moved = {f.name: getattr(obj, f.name).pin_memory() for f in dataclasses.fields(obj)
+                 if isinstance(getattr(obj, f.name), torch.Tensor)}
+        return dataclasses.replace(obj, **moved)
+
+    out = pin(batch)
+    if out.layout is not None:
+        out.layout = pin(out.layout)
+    return out
 
 
 def global_positions(batch: Batch) -> int:

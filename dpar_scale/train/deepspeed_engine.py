@@ -193,17 +193,17 @@ class DeepSpeedEngine:
         if not last_micro_batch:
             self.engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
 
-    def step(self, check) -> float:
-        """DeepSpeed clips ("gradient_clipping") and steps in one call, so the norm is checked afterwards."""
+    def step(self, check=None) -> float | None:
+        """DeepSpeed clips ("gradient_clipping") and steps in one call, so the norm is checked afterwards
+        (`check(norm)`, may raise; None: the caller checks it later). Returns the norm, None when none was computed."""
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed micro-step count is out of sync with train.grad_accum")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        if norm is None:  # DeepSpeed did not compute one (e.g. clipping off): nothing to check
-            norm = float("nan")
-        else:
+        if norm is not None:  # None: DeepSpeed did not compute one (e.g. clipping off): nothing to check
             norm = float(norm)
-            check(norm)
+            if check is not None:
+                check(norm)
         self.scheduler.step()
         return norm
 

@@ -44,16 +44,23 @@ class NativeEngine:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        if self.dims.fsdp_enabled:
+            # FSDP2 reduce-scatters gradients after each backward unless told not to: with gradient accumulation
+            # the micro-batches before the last keep their unsharded gradients and the last reduces the sum once
+            # per optimizer step (same result: the reduction is linear).
+            self.model.set_requires_gradient_sync(last_micro_batch)
         loss.backward()
 
-    def step(self, check) -> float:
-        """Clip (norm over all meshes) -> `check(norm)` (may raise) -> optimizer + scheduler step. Returns norm."""
+    def step(self, check=None) -> torch.Tensor:
+        """Clip (norm over all meshes) -> `check(norm)` (may raise; None: the caller checks the norm later, so
+        nothing here waits for the device) -> optimizer + scheduler step. Returns the norm, a device tensor."""
         from dpar_scale.parallel.clip import clip_grad_norm_
 
         if self.dims.tp_enabled and not self.dims.fsdp_enabled:
             reduce_partial_grads(self.model)
-        norm = float(clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
-        check(norm)
+        norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if check is not None:
+            check(float(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

@@ -14,7 +14,6 @@ step, and rank 0 alone writes metrics and the run folder.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from dpar_scale.checkpoint.save_load import (
 from dpar_scale.checkpoint.resume_checks import check_resume
 from dpar_scale.config import Config, ConfigError, resolve_epochs, save_config, to_dict
 from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share
-from dpar_scale.errors import DparError
 from dpar_scale.flops.analytic import matmul_precision, peak_flops, train_flops
 from dpar_scale.parallel.dims import ParallelDims
 from dpar_scale.parallel.process_group import (
@@ -39,12 +37,10 @@ from dpar_scale.train.ema import EMA
 from dpar_scale.train.loss import code_loss_per_image
 from dpar_scale.train.metrics_log import MetricsLogger, format_line, window_rates
 from dpar_scale.train.numerics import configure_numerics
+from dpar_scale.train.pending import NonFiniteLossError, PendingSteps
+from dpar_scale.train.prefetch import Prefetcher
 from dpar_scale.train.optim import build_optimizer, lr_lambda
 from dpar_scale.train.training_eval import make_evaluator
-
-
-class NonFiniteLossError(DparError, RuntimeError):
-    """The loss (or gradient norm) became NaN/Inf; the message names the step and the batch's samples."""
 
 
 def check_model_fits_data(cfg: Config, data: CodeData) -> None:
@@ -58,6 +54,11 @@ def check_model_fits_data(cfg: Config, data: CodeData) -> None:
     if m.kind != "entropy" and m.num_classes < data.num_classes:
         raise ConfigError(f"model.num_classes={m.num_classes} but the data has {data.num_classes} classes: "
                           f"set model.num_classes={data.num_classes}")
+
+
+def new_window() -> dict:
+    """A logging window's sums (see metrics_log.window_rates)."""
+    return {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0, "data_wait": 0.0}
 
 
 class Trainer:
@@ -97,6 +98,9 @@ class Trainer:
             dp_rank, dp_size, is_main = self.dims.dp_rank, self.dims.dp, self.env.rank == 0
         self.dp_rank, self.dp_size, self.is_main = dp_rank, dp_size, is_main
         self.dp_group = self.dims.dp_group()
+        self.flag_group = None  # the default group when it takes CPU tensors (see _step_boundary)
+        if self.env.world_size > 1 and "gloo" not in torch.distributed.get_backend():
+            self.flag_group = torch.distributed.new_group(backend="gloo")
         # TP ranks of one group share a seed: replicated regions draw the same dropout masks, and sequence-parallel
         # ones draw the whole sequence's mask and keep their slice (dpar_scale.parallel.tensor_parallel).
         torch.manual_seed(cfg.train.seed + self.dp_rank)
@@ -131,6 +135,9 @@ class Trainer:
         self.order = GlobalOrder(self.data.train_ids, seed=cfg.train.seed)
         self.source = BatchSource(self.data, cfg.model.patch if kind == "dpar" else None)
         self.batches = StepBatches(cfg, self.data, self.order, self.source, self.dp_rank, self.dp_size, self.device)
+        self.prefetch = Prefetcher(self.batches.plan, self.batches.build, lambda p: p.cursor + len(p.step_ids),
+                                   workers=cfg.data.num_workers, depth=cfg.data.prefetch_steps)
+        self.pending = PendingSteps(self.dp_group)
         if cfg.data.global_tokens_per_microbatch > 0 and kind != "dpar":
             raise ConfigError("data.global_tokens_per_microbatch packs DPAR patch sequences; token-level models "
                               "take a fixed data.batch_size (set data.global_tokens_per_microbatch=0)")
@@ -205,16 +212,15 @@ class Trainer:
         self.stop_requested = True
 
     def _step_boundary(self) -> bool:
-        """What all ranks agree on between two steps (one all-reduce of two numbers, from this thread, on the
-        default group): whether any rank was asked to stop, and whether every rank's background checkpoint writes
+        """What all ranks agree on between two steps (one all-reduce of two numbers, from this thread, on a gloo
+        group): whether any rank was asked to stop, and whether every rank's background checkpoint writes
         have finished — then the pending checkpoint is published now rather than at the next save. Returns
         whether to stop."""
         pending = self.pending_save
-        flags = torch.tensor([float(self.stop_requested), float(pending is not None and not pending.written())],
-                             device=self.device)
-        if self.env.world_size > 1:
-            flags = all_reduce_sum(flags)
-        stop, unwritten = float(flags[0]) > 0, float(flags[1]) > 0
+        flags = torch.tensor([float(self.stop_requested), float(pending is not None and not pending.written())])
+        if self.env.world_size > 1:  # CPU tensors over gloo: agreeing never waits for the queued GPU work
+            flags = all_reduce_sum(flags, self.flag_group)
+        stop, unwritten = bool(flags[0] > 0), bool(flags[1] > 0)
         if pending is not None and not unwritten:
             self.finish_pending_save()
         return stop
@@ -232,40 +238,37 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------- step
     def train_step(self) -> dict:
+        """One optimizer step. Its loss and gradient norm stay on the device (`self.pending`) until `fit` logs
+        them (`flush`); the record returned has everything else."""
         self.model.train()
-        batches, step_ids = self.step_batches()
+        plan, batches, data_wait = self.prefetch.get(self.state.samples_seen)
+        step_ids = plan.step_ids
         # The loss is the mean over every real code of the global batch, whatever the layout: each micro-batch
         # contributes its code-loss *sum* divided by the step's global code count. Engines average gradients over
-        # the dp ranks, so the backward loss is multiplied by dp_size to undo that average.
+        # the dp ranks, so the backward loss is multiplied by dp_size to undo that average. Every image has H·W
+        # codes and every rank knows the whole step's sample ids, so the global count needs no communication.
         # (A single process standing in for one rank of a bigger run, dp_size > 1 without a process group, has
-        # nothing to reduce with: it uses its own codes, as if alone.)
+        # nothing to reduce with: it uses its own codes and FLOPs, as if alone.)
         local_codes = sum(b.num_codes for b in batches)
-        # Analytic training FLOPs of this rank's batches (actual patch counts; attention from the real lengths),
-        # summed with the code counts over the data-parallel ranks only: the ranks of a TP group share one batch.
-        local_flops = sum(train_flops(self.cfg.model, batch_images=len(b.codes), patch_lengths=b.patch_lengths,
-                                      n_codes=b.codes.shape[1]) for b in batches)
         reduced = self.env.world_size > 1 or self.dp_size == 1
-        totals = all_reduce_sum(torch.tensor([float(local_codes), local_flops], dtype=torch.float64,
-                                             device=self.device), self.dp_group)
-        total_codes, step_flops = float(totals[0]), float(totals[1])
+        total_codes = len(step_ids) * self.data.grid[0] * self.data.grid[1] if reduced else local_codes
+        # Analytic training FLOPs of the whole step (actual patch counts; attention from the real lengths), known
+        # from the plan; only fixed-size DPAR batches (other ranks' patch counts unknown here) sum this rank's
+        # over the data-parallel ranks when logged. The ranks of a TP group share one batch.
+        local_flops = None if reduced and plan.global_flops is not None else sum(
+            train_flops(self.cfg.model, batch_images=len(b.codes), patch_lengths=b.patch_lengths,
+                        n_codes=b.codes.shape[1]) for b in batches)
         scale = (self.dp_size if reduced else 1) / total_codes
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
+            inputs = self.model_inputs(batch)
             with self.autocast():
-                logits = self.model(**self.model_inputs(batch))
-            batch_sum = code_loss_per_image(logits, batch.codes.to(self.device)).sum()
+                logits = self.model(**inputs)
+            batch_sum = code_loss_per_image(logits, inputs["codes"]).sum()
             self.engine.backward(batch_sum * scale, last_micro_batch=i == len(batches) - 1)
             loss_sum += batch_sum.detach()
-        loss = float(all_reduce_sum(loss_sum, self.dp_group)) / total_codes
-        if not math.isfinite(loss):  # the same value on every rank, so all of them stop here together
-            raise NonFiniteLossError(self._nonfinite_message("loss", loss, batches))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (both engines step our LambdaLR)
-
-        def check(norm: float) -> None:
-            if not math.isfinite(norm):
-                raise NonFiniteLossError(self._nonfinite_message("gradient norm", norm, batches))
-
-        grad_norm = self.engine.step(check)
+        grad_norm = self.engine.step(None)  # checked when flushed, with the loss
         if self.ema is not None:
             self.ema.update(self.engine.model)
         images = sum(len(b.codes) for b in batches)
@@ -274,20 +277,36 @@ class Trainer:
         self.state.samples_seen += len(step_ids)
         self.state.codes_seen += int(total_codes)
         self.state.global_positions_seen += positions * self.dp_size
-        self.state.train_flops += step_flops
         # The whole step's model FLOPs spread over every device (dp × tp): what MFU compares with one device's peak.
-        record = {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "images": images, "codes": local_codes, "global_positions": positions,
-                  "flops_per_device": step_flops / self.env.world_size}
+        record = {"step": self.state.step, "lr": lr, "images": images, "codes": local_codes,
+                  "global_positions": positions, "data_wait_s": data_wait,
+                  "flops_per_device": (plan.global_flops if local_flops is None else local_flops) / self.env.world_size}
         if self.cfg.data.log_sample_ids:
             record["sample_ids"] = step_ids.tolist()  # the whole step's, every rank's micro-batches
+        ids = np.concatenate([b.sample_ids.numpy() for b in batches])
+        self.pending.add(record, loss_sum, total_codes, grad_norm, ids, reduce_flops=local_flops is not None)
         return record
 
-    def _nonfinite_message(self, what: str, value: float, batches: list[Batch]) -> str:
-        ids = torch.cat([b.sample_ids for b in batches]).tolist()
+    def _flush_into(self, window: dict) -> None:
+        """Flushes the pending steps; the time it waits (the device finishing their work) and their FLOPs count
+        in the logging window."""
+        t0 = time.perf_counter()
+        records = self.flush()
+        window["time"] += time.perf_counter() - t0
+        step_flops = sum(r["flops_per_device"] for r in records)
+        window["flops"] += step_flops
+        self.state.train_flops += step_flops * self.env.world_size
+
+    def flush(self) -> list[dict]:
+        """The steps run since the last flush, with their loss and gradient norm (PendingSteps.flush: one
+        collective, one device→host sync; raises NonFiniteLossError on every rank for the first bad step)."""
+        return self.pending.flush(self._nonfinite_message)
+
+    def _nonfinite_message(self, what: str, value: float, step: int, ids: np.ndarray) -> str:
+        ids = ids.tolist()
         last = list_checkpoints(self.out)
         keep = f"the last checkpoint ({last[-1]}) is untouched" if last else "no checkpoint was written yet"
-        return (f"{what} is {value} at step {self.state.step + 1}; batch sample ids {ids[:64]}"
+        return (f"{what} is {value} at step {step}; batch sample ids {ids[:64]}"
                 f"{' …' if len(ids) > 64 else ''}; {keep}. Lower optim.lr, check those samples, or use "
                 f"train.precision=fp32, then resume with checkpoint.resume=auto")
 
@@ -362,47 +381,56 @@ class Trainer:
             say(f"resumed from {self.resumed_from} at step {self.state.step} (sample {self.state.samples_seen})")
         peak = peak_flops(self.device, precision=matmul_precision(cfg.train.precision, cfg.train.tf32),
                           override=cfg.train.peak_tflops * 1e12 or None)
-        window = {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0}
-        last: dict = {}
-        while self.state.step < cfg.train.steps:
-            if self._step_boundary():
-                path = self.save(last=True)
-                say(f"stop requested: saved {path} at step {self.state.step}")
-                if bar is not None:
-                    bar.close()
-                self.metrics.close()
-                return {**last, "step": self.state.step, "checkpoint": str(path), "preempted": True}
-            t0 = time.perf_counter()
-            try:
+        window, last = new_window(), {}
+        try:
+            while self.state.step < cfg.train.steps:
+                if self._step_boundary():
+                    self._flush_into(window)  # a non-finite step is never checkpointed
+                    path = self.save(last=True)
+                    say(f"stop requested: saved {path} at step {self.state.step}")
+                    if bar is not None:
+                        bar.close()
+                    self.metrics.close()
+                    return {**last, "step": self.state.step, "checkpoint": str(path), "preempted": True}
+                t0 = time.perf_counter()
                 record = self.train_step()
-            except NonFiniteLossError:  # every rank stops here; an earlier save still being written is kept
-                self.finish_pending_save()
-                raise
-            window["time"] += time.perf_counter() - t0
-            window["steps"] += 1
-            for key in ("images", "codes", "global_positions"):
-                window[key] += record.pop(key)
-            window["flops"] += record["flops_per_device"]
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-            step = self.state.step
-            if cfg.train.val_every and step % cfg.train.val_every == 0 and step < cfg.train.steps:
-                record.update(self.validate())
-            if self.evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
-                record.update(self.evaluator.run(self.engine.model, self.ema, step, self.out, self.state.train_flops,
-                                                 progress=bar is not None))
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps or "val_loss" in record \
-                    or "eval_seconds" in record:
-                record.update(window_rates(window, self.dp_size, dpar=cfg.model.kind == "dpar", peak=peak))
-                window = {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0}
-                self.metrics.log(record)
-                say(format_line(record))
-            elif cfg.data.log_sample_ids:
-                self.metrics.log(record)
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps:
-                self.save()
-            last = record
+                window["time"] += time.perf_counter() - t0
+                window["steps"] += 1
+                for key in ("images", "codes", "global_positions", "data_wait"):
+                    window[key] += record.pop("data_wait_s" if key == "data_wait" else key)
+                if bar is not None:
+                    bar.update(1)
+                step = self.state.step
+                validate = bool(cfg.train.val_every and step % cfg.train.val_every == 0 and step < cfg.train.steps)
+                evaluate = self.evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps)
+                save = bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.steps)
+                if validate or evaluate or save or cfg.data.log_sample_ids:
+                    self._flush_into(window)  # what follows needs the losses, FLOPs or finite weights
+                if validate:
+                    record.update(self.validate())
+                if evaluate:
+                    record.update(self.evaluator.run(self.engine.model, self.ema, step, self.out,
+                                                     self.state.train_flops, progress=bar is not None))
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps or "val_loss" in record \
+                        or "eval_seconds" in record:
+                    self._flush_into(window)
+                    record.update(window_rates(window, self.dp_size, dpar=cfg.model.kind == "dpar", peak=peak))
+                    window = new_window()
+                    self.metrics.log(record)
+                    say(format_line(record))
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                elif cfg.data.log_sample_ids:
+                    self.metrics.log(record)
+                if save:
+                    self.save()
+                last = record
+            self._flush_into(window)
+        except NonFiniteLossError:  # every rank stops here; an earlier save still being written is kept
+            self.finish_pending_save()
+            raise
+        finally:
+            self.prefetch.close()
         final = self.validate()
         if final:
             self.metrics.log({"step": self.state.step, **final})
