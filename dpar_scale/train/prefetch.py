@@ -32,6 +32,7 @@ class Prefetcher:
         self._planner: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.starts = 0  # times the planner (re)started at a cursor: 1 for a run that never jumps
 
     def get(self, cursor: int) -> tuple[Any, Any, float]:
         """(plan, batches, seconds waited) of the step starting at `cursor`."""
@@ -59,6 +60,7 @@ class Prefetcher:
 
     # ------------------------------------------------------------------------------------------- planner
     def _start(self, cursor: int) -> None:
+        self.starts += 1
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.depth)
         self._planner = threading.Thread(target=self._plan_ahead, args=(cursor, self._stop, self._queue),
