@@ -39,7 +39,8 @@ TP2 = ["parallel.dp_shard=1", "parallel.tp=2"]
 LAYOUTS = {
     "dp2": (2, ["parallel.dp_shard=2"], {"gpt": ["parallel.activation_checkpoint=full"]},
             [("entropy-hsdp", "entropy", ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
-             ("dpar-ids", "dpar", ["parallel.dp_shard=2", *IDS])]),
+             ("dpar-ids", "dpar", ["parallel.dp_shard=2", *IDS]),
+             ("gpt-accum", "gpt", ["parallel.dp_shard=2", "train.grad_accum=2"])]),
     "tp2": (2, TP2, {"gpt": ["parallel.compile=true"]},
             [(name, kind, [*TP2, *more]) for name, (kind, more) in DROPOUT_RUNS.items()]),
     "dp2tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"],
@@ -105,6 +106,12 @@ def test_layout_matches_single_process(workdir, references, layout, kind):
     for part in ("model", "optimizer"):
         assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(nproc)]
     assert not list(ckpt.rglob("*.safetensors"))
+
+
+def test_fsdp_gradient_accumulation_matches_single_process(workdir, references):
+    """FSDP2 with train.grad_accum=2 reduces the gradients once per optimizer step (the first micro-batch keeps
+    them unsharded, set_requires_gradient_sync): the same training as one process taking the batch at once."""
+    assert_same_run(references / "gpt", launch("dp2", workdir) / "gpt-accum", "gpt")
 
 
 def test_hsdp_matches_single_process(workdir, references):
