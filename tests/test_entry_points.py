@@ -23,6 +23,7 @@ BAD_ARGUMENTS = {
     "train.py": ["--config", f"{MISSING}.yaml"],
     "tools/bench_captions.py": ["--rows", "0"],
     "tools/bench_checkpoint.py": ["--batch", "0"],
+    "tools/bench_data.py": ["--steps", "0"],
     "tools/bench_parallel.py": ["--layouts", "dp3"],
     "tools/bench_sample.py": ["--batch", "-1"],
     "tools/bench_train.py": ["--codes", MISSING],

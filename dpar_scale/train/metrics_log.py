@@ -132,6 +132,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+def new_window() -> dict:
+    """A logging window's sums, what `window_rates` turns into rates."""
+    return {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0, "data_wait": 0.0}
+
+
 def window_rates(window: dict, dp_size: int, dpar: bool, peak: float | None) -> dict:
     """Rates over one logging window of this rank's steps (images, codes, global positions, FLOPs, seconds):
     throughput of the whole data-parallel job, step time, and TFLOP/s / MFU per device (MFU only where the device's

@@ -45,10 +45,10 @@ class PendingSteps:
             reduce_flops: bool = False) -> None:
         self.steps.append(_Step(record, loss_sum.detach(), total_codes, grad_norm, sample_ids, reduce_flops))
 
-    def flush(self, message) -> list[dict]:
+    def flush(self, run_dir) -> list[dict]:
         """The pending records with `loss` and `grad_norm` filled in, oldest first (then forgotten). Collective
         over the data-parallel ranks when anything is pending (every rank has the same steps pending). Raises
-        NonFiniteLossError(message(what, value, step, sample_ids)) for the first non-finite step."""
+        NonFiniteLossError for the first non-finite step, naming it, its samples and run_dir's last checkpoint."""
         steps, self.steps = self.steps, []
         if not steps:
             return []
@@ -69,6 +69,17 @@ class PendingSteps:
             loss = total / s.total_codes
             for what, value in (("loss", loss), ("gradient norm", norm)):
                 if not math.isfinite(value) and (what == "loss" or s.grad_norm is not None):
-                    raise NonFiniteLossError(message(what, value, s.record["step"], s.sample_ids))
+                    raise NonFiniteLossError(nonfinite_message(run_dir, what, value, s.record["step"], s.sample_ids))
             s.record["loss"], s.record["grad_norm"] = loss, norm
         return [s.record for s in steps]
+
+
+def nonfinite_message(run_dir, what: str, value: float, step: int, ids: np.ndarray) -> str:
+    from dpar_scale.checkpoint.save_load import list_checkpoints
+
+    ids = ids.tolist()
+    last = list_checkpoints(run_dir)
+    keep = f"the last checkpoint ({last[-1]}) is untouched" if last else "no checkpoint was written yet"
+    return (f"{what} is {value} at step {step}; batch sample ids {ids[:64]}{' …' if len(ids) > 64 else ''}; "
+            f"{keep}. Lower optim.lr, check those samples, or use train.precision=fp32, then resume with "
+            f"checkpoint.resume=auto")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dpar_scale.checkpoint.save_load import (
-    PendingCheckpoint, TrainState, finish_checkpoint, find_resume_checkpoint, list_checkpoints, load_checkpoint,
+    PendingCheckpoint, TrainState, finish_checkpoint, find_resume_checkpoint, load_checkpoint,
     read_train_state, save_checkpoint,
 )
 from dpar_scale.checkpoint.resume_checks import check_resume
@@ -35,7 +35,7 @@ from dpar_scale.parallel.process_group import (
 from dpar_scale.train.batches import StepBatches, global_positions
 from dpar_scale.train.ema import EMA
 from dpar_scale.train.loss import code_loss_per_image
-from dpar_scale.train.metrics_log import MetricsLogger, format_line, window_rates
+from dpar_scale.train.metrics_log import MetricsLogger, format_line, new_window, window_rates
 from dpar_scale.train.numerics import configure_numerics
 from dpar_scale.train.pending import NonFiniteLossError, PendingSteps
 from dpar_scale.train.prefetch import Prefetcher
@@ -54,11 +54,6 @@ def check_model_fits_data(cfg: Config, data: CodeData) -> None:
     if m.kind != "entropy" and m.num_classes < data.num_classes:
         raise ConfigError(f"model.num_classes={m.num_classes} but the data has {data.num_classes} classes: "
                           f"set model.num_classes={data.num_classes}")
-
-
-def new_window() -> dict:
-    """A logging window's sums (see metrics_log.window_rates)."""
-    return {"images": 0, "codes": 0, "global_positions": 0, "flops": 0.0, "time": 0.0, "steps": 0, "data_wait": 0.0}
 
 
 class Trainer:
@@ -244,17 +239,15 @@ class Trainer:
         plan, batches, data_wait = self.prefetch.get(self.state.samples_seen)
         step_ids = plan.step_ids
         # The loss is the mean over every real code of the global batch, whatever the layout: each micro-batch
-        # contributes its code-loss *sum* divided by the step's global code count. Engines average gradients over
-        # the dp ranks, so the backward loss is multiplied by dp_size to undo that average. Every image has H·W
-        # codes and every rank knows the whole step's sample ids, so the global count needs no communication.
-        # (A single process standing in for one rank of a bigger run, dp_size > 1 without a process group, has
-        # nothing to reduce with: it uses its own codes and FLOPs, as if alone.)
+        # contributes its code-loss *sum* divided by the step's global code count (H·W per image of the step's
+        # ids, which every rank knows: no communication). Engines average gradients over the dp ranks, so the
+        # backward loss is multiplied by dp_size to undo that. (A single process standing in for one rank of a
+        # bigger run, dp_size > 1 without a process group, uses its own codes and FLOPs, as if alone.)
         local_codes = sum(b.num_codes for b in batches)
         reduced = self.env.world_size > 1 or self.dp_size == 1
         total_codes = len(step_ids) * self.data.grid[0] * self.data.grid[1] if reduced else local_codes
-        # Analytic training FLOPs of the whole step (actual patch counts; attention from the real lengths), known
-        # from the plan; only fixed-size DPAR batches (other ranks' patch counts unknown here) sum this rank's
-        # over the data-parallel ranks when logged. The ranks of a TP group share one batch.
+        # Analytic training FLOPs of the whole step, from the plan; fixed-size DPAR batches (other ranks' patch
+        # counts unknown here) sum this rank's over the dp ranks when flushed. TP ranks share one batch.
         local_flops = None if reduced and plan.global_flops is not None else sum(
             train_flops(self.cfg.model, batch_images=len(b.codes), patch_lengths=b.patch_lengths,
                         n_codes=b.codes.shape[1]) for b in batches)
@@ -288,27 +281,14 @@ class Trainer:
         return record
 
     def _flush_into(self, window: dict) -> None:
-        """Flushes the pending steps; the time it waits (the device finishing their work) and their FLOPs count
-        in the logging window."""
+        """The steps run since the last flush get their loss and gradient norm (PendingSteps.flush: one collective,
+        one device→host sync; NonFiniteLossError on every rank for the first bad step); the wait for the device
+        and their FLOPs count in the logging window and the run's total."""
         t0 = time.perf_counter()
-        records = self.flush()
+        flops = sum(r["flops_per_device"] for r in self.pending.flush(self.out))
+        window["flops"] += flops
+        self.state.train_flops += flops * self.env.world_size  # the whole step's, as checkpointed
         window["time"] += time.perf_counter() - t0
-        step_flops = sum(r["flops_per_device"] for r in records)
-        window["flops"] += step_flops
-        self.state.train_flops += step_flops * self.env.world_size
-
-    def flush(self) -> list[dict]:
-        """The steps run since the last flush, with their loss and gradient norm (PendingSteps.flush: one
-        collective, one device→host sync; raises NonFiniteLossError on every rank for the first bad step)."""
-        return self.pending.flush(self._nonfinite_message)
-
-    def _nonfinite_message(self, what: str, value: float, step: int, ids: np.ndarray) -> str:
-        ids = ids.tolist()
-        last = list_checkpoints(self.out)
-        keep = f"the last checkpoint ({last[-1]}) is untouched" if last else "no checkpoint was written yet"
-        return (f"{what} is {value} at step {step}; batch sample ids {ids[:64]}"
-                f"{' …' if len(ids) > 64 else ''}; {keep}. Lower optim.lr, check those samples, or use "
-                f"train.precision=fp32, then resume with checkpoint.resume=auto")
 
     # ----------------------------------------------------------------------------------------------- validate
     @torch.no_grad()
