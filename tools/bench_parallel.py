@@ -190,9 +190,10 @@ def scalar_theory(model, dims) -> dict:
         if isinstance(p, DTensor):
             per_mesh[p.device_mesh] += 1
             sharded_dims[p.device_mesh] |= {i for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate)}
-    # code count + loss sum; the gradient norm: the partial norms of a mesh's gradients, stacked, reduced once
-    # per mesh dimension that shards any of them (HSDP's replicate dimension holds full copies)
-    return {"all_reduce": 2 * 4 + sum(n * 4 * len(sharded_dims[mesh]) for mesh, n in per_mesh.items())}
+    # the gradient norm: the partial norms of a mesh's gradients, stacked, reduced once per mesh dimension that
+    # shards any of them (HSDP's replicate dimension holds full copies). The code count needs no communication
+    # and the loss sums are reduced once per log interval, outside train_step (Trainer._flush_into).
+    return {"all_reduce": sum(n * 4 * len(sharded_dims[mesh]) for mesh, n in per_mesh.items())}
 
 
 # ------------------------------------------------------------------------------------------------- worker
