@@ -17,9 +17,11 @@ All index tensors are built vectorised on the CPU (no per-code Python loop) and 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -149,18 +151,26 @@ class PatchLayout:
         n = h * w if n_codes is None else int(n_codes)
         if not 1 <= n <= h * w:
             raise ValueError(f"n_codes must be in [1, {h * w}] for grid {h}x{w}, got {n}")
-        lengths = tuple(tuple(int(v) for v in per_image) for per_image in lengths)
-        if not lengths:
+        # vectorised over the batch: one flat array of every patch length, checked per image with segment sums
+        counts_np = np.fromiter(map(len, lengths), dtype=np.int64)
+        flat_np = np.fromiter(itertools.chain.from_iterable(lengths), dtype=np.int64, count=int(counts_np.sum()))
+        if len(counts_np) == 0:
             raise ValueError("PatchLayout needs at least one image")
         if pad_to_multiple < 1:
             raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
-        for i, per_image in enumerate(lengths):
-            if sum(per_image) != n or min(per_image, default=0) < 1:
-                raise ValueError(f"image {i}: patch lengths must be positive and sum to {n} codes (grid "
-                                 f"{h}x{w}); got {len(per_image)} lengths summing to {sum(per_image)}")
+        image_of = np.repeat(np.arange(len(counts_np)), counts_np)
+        sums = np.bincount(image_of, weights=flat_np, minlength=len(counts_np))
+        non_positive = np.bincount(image_of[flat_np < 1], minlength=len(counts_np))
+        bad = np.flatnonzero((sums != n) | (non_positive > 0) | (counts_np == 0))
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"image {i}: patch lengths must be positive and sum to {n} codes (grid "
+                             f"{h}x{w}); got {int(counts_np[i])} lengths summing to {int(sums[i])}")
+        flat_list, cut = flat_np.tolist(), np.cumsum(counts_np).tolist()
+        lengths = tuple(tuple(flat_list[a:z]) for a, z in zip([0] + cut[:-1], cut))
         b = len(lengths)
-        counts = torch.tensor([len(x) for x in lengths], dtype=torch.long)
-        flat_len = torch.tensor([v for x in lengths for v in x], dtype=torch.long)
+        counts = torch.from_numpy(counts_np)
+        flat_len = torch.from_numpy(flat_np)
         m_max = int(counts.max())
         patch_image = torch.repeat_interleave(torch.arange(b), counts)  # image of each flat patch
         first_patch = torch.cumsum(counts, 0) - counts  # flat index of each image's patch 0
