@@ -28,7 +28,7 @@ class Prefetcher:
         `workers` 0: everything happens in `get`, when asked."""
         self.plan_fn, self.build_fn, self.advance = plan, build, advance
         self.workers, self.depth = workers, depth
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="dpar-batches") if workers > 0 else None
+        self._pool: ThreadPoolExecutor | None = None  # started with the planner, ended by close
         self._planner: threading.Thread | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -37,7 +37,7 @@ class Prefetcher:
     def get(self, cursor: int) -> tuple[Any, Any, float]:
         """(plan, batches, seconds waited) of the step starting at `cursor`."""
         t0 = time.perf_counter()
-        if self._pool is None:
+        if self.workers == 0:
             plan = self.plan_fn(cursor)
             return plan, self.build_fn(plan), time.perf_counter() - t0
         if self._planner is None:
@@ -57,10 +57,13 @@ class Prefetcher:
         self._halt()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None  # a later `get` starts again
 
     # ------------------------------------------------------------------------------------------- planner
     def _start(self, cursor: int) -> None:
         self.starts += 1
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dpar-batches")
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.depth)
         self._planner = threading.Thread(target=self._plan_ahead, args=(cursor, self._stop, self._queue),
