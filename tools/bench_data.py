@@ -3,7 +3,7 @@
 batches built in the loop (data.num_workers=0) and built ahead by background workers, fixed-size and packed.
 
     python tools/bench_data.py [--workers 0 2] [--modes fixed packed] [--steps 30] [--warmup 5] [--batch 32] \
-        [--images 4096] [--threads 1] [--device cpu] [--json results/bench_data.json]
+        [--images 4096] [--threads 1] [--device cpu] [--override KEY=VALUE ...] [--json results/bench_data.json]
 
 Trains the demo's DPAR (configs/demo/dpar.yaml: dpar-tiny, 16x16 codes, vocabulary 512) on random codes and
 entropies written in the real shard format (one memory-mapped shard; θ=3.0 on entropies uniform in [0, ln 512]
@@ -64,6 +64,7 @@ def run(args, codes: Path, out: Path, mode: str, workers: int) -> dict:
                  f"data.num_workers={workers}", f"data.prefetch_steps={args.prefetch}",
                  f"train.steps={args.warmup + args.steps}", "train.log_every=1", "train.progress_bar=false",
                  "wandb.enabled=false", "model.patch.threshold=3.0", "model.class_dropout=0.0"]
+    overrides += args.override
     if mode == "packed":
         overrides.append(f"data.global_tokens_per_microbatch={args.batch // args.grad_accum * 142}")
     with contextlib.redirect_stdout(io.StringIO()):  # the trainer's log lines; the table says it all
@@ -89,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=positive_int, default=4096)
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads of the training loop")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--override", nargs="*", default=[],
+                   help="more config overrides, e.g. model.dim=32 for a step as short as a GPU's")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     if min(args.workers) < 0:
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
         cases = [(m, w) for m in args.modes for w in args.workers]
         for mode, workers in tqdm(cases, desc="bench_data", leave=False):
             results.append(run(args, Path(tmp) / "codes", Path(tmp) / f"run-{mode}-{workers}", mode, workers))
-    machine = {"cpus": os.cpu_count(), "loadavg_1min_before": load_before[0], "loadavg_1min_after": os.getloadavg()[0],
+    machine = {"overrides": args.override, "cpus": os.cpu_count(), "loadavg_1min_before": load_before[0], "loadavg_1min_after": os.getloadavg()[0],
                "torch_threads": args.threads, "device": args.device, "torch": torch.__version__}
     print(f"{'mode':>7} {'workers':>8} {'images/step':>12} {'step ms':>9} {'data wait ms':>13} {'wait % of step':>15}")
     for r in results:
