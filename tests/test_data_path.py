@@ -167,3 +167,40 @@ def test_foreach_ema_is_the_per_tensor_formula():
                 ref[k].lerp_(v.float(), 1.0 - 0.9)
     for k in ref:
         assert torch.equal(ema.shadow[k], ref[k]), k
+
+
+def test_losses_are_reduced_once_per_log_interval(tmp_path, code_dataset, monkeypatch):
+    """The step's loss sums stay on the device: one all-reduce of a whole logging window's sums at its log line
+    (12 steps, a line every 4: 3 reductions of 4 sums each), none inside the steps. (Packed: the step's FLOPs come
+    from the plan; fixed-size DPAR batches would add one reduction of their FLOPs per line.)"""
+    import dpar_scale.train.pending as pending
+
+    calls = []
+    real = pending.all_reduce_sum
+    monkeypatch.setattr(pending, "all_reduce_sum", lambda values, group=None: calls.append(values.shape) or
+                        real(values, group))
+    trainer = Trainer(make_cfg(tmp_path, code_dataset, "dpar", *PACKED, "train.steps=12", "train.log_every=4"))
+    trainer.train_step()
+    assert calls == [] and "loss" not in trainer.pending.steps[0].record
+    trainer.state = type(trainer.state)()  # back to step 0 (the model moved once: only counts are checked)
+    trainer.pending.steps.clear()
+    trainer.fit()
+    assert calls == [torch.Size([4])] * 3
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "gpt"])
+def test_step_flops_from_the_plan_are_the_batches_flops(tmp_path, code_dataset, packed):
+    """The step's analytic FLOPs computed from the plan alone (no reduction over ranks) equal the sum over the
+    micro-batches actually built, patch lengths included."""
+    from dpar_scale.flops.analytic import train_flops
+
+    kind = "dpar" if packed else "gpt"
+    trainer = Trainer(make_cfg(tmp_path, code_dataset, kind, *(PACKED if packed else ["train.grad_accum=2"])))
+    cursor = 0
+    for _ in range(3):
+        plan = trainer.batches.plan(cursor)
+        built = trainer.batches.build(plan)
+        expected = sum(train_flops(trainer.cfg.model, batch_images=len(b.codes), patch_lengths=b.patch_lengths,
+                                   n_codes=b.codes.shape[1]) for b in built)
+        assert plan.global_flops == pytest.approx(expected, rel=1e-12)
+        cursor += len(plan.step_ids)
