@@ -22,7 +22,7 @@ from dpar_scale.train.metrics_log import read_metrics
 from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
-from parallel_helpers import REPO, assert_same_run, overrides, torchrun
+from parallel_helpers import REPO, assert_same_run, assert_same_training, overrides, torchrun
 from tolerances import abs_tol
 
 WORKER = REPO / "tests" / "parallel_worker.py"
@@ -39,7 +39,7 @@ TP2 = ["parallel.dp_shard=1", "parallel.tp=2"]
 LAYOUTS = {
     "dp2": (2, ["parallel.dp_shard=2"], {"gpt": ["parallel.activation_checkpoint=full"]},
             [("entropy-hsdp", "entropy", ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
-             ("dpar-ids", "dpar", ["parallel.dp_shard=2", *IDS]),
+             ("dpar-ids", "dpar", ["parallel.dp_shard=2", "data.num_workers=2", *IDS]),
              ("gpt-accum", "gpt", ["parallel.dp_shard=2", "train.grad_accum=2"])]),
     "tp2": (2, TP2, {"gpt": ["parallel.compile=true"]},
             [(name, kind, [*TP2, *more]) for name, (kind, more) in DROPOUT_RUNS.items()]),
@@ -112,6 +112,15 @@ def test_fsdp_gradient_accumulation_matches_single_process(workdir, references):
     """FSDP2 with train.grad_accum=2 reduces the gradients once per optimizer step (the first micro-batch keeps
     them unsharded, set_requires_gradient_sync): the same training as one process taking the batch at once."""
     assert_same_run(references / "gpt", launch("dp2", workdir) / "gpt-accum", "gpt")
+
+
+def test_batch_workers_on_two_ranks_match_single_process(workdir, references):
+    """dp_shard=2 with batches built ahead by 2 workers per rank trains like one process building them in the loop."""
+    ref = [r for r in read_metrics(references / "dpar" / "metrics.jsonl") if "loss" in r]
+    got = [r for r in read_metrics(launch("dp2", workdir) / "dpar-ids" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm"):
+        assert_same_training([r[key] for r in got], [r[key] for r in ref], "dpar", 4, key, backward=key != "loss")
 
 
 def test_hsdp_matches_single_process(workdir, references):
