@@ -11,6 +11,10 @@ JOBS.json is a list of jobs run in order in the same process group:
   {"job": "config_error", "overrides": [...], "out": "error.txt"}
                                                  the trainer must refuse this config in every process with a
                                                  ConfigError; rank 0 writes its message
+  {"job": "nonfinite", "overrides": [...], "step": 3, "rank": 1, "out": "error"}
+                                                 rank `rank`'s forward returns NaN at step `step`: every rank
+                                                 must stop with NonFiniteLossError; each writes its message to
+                                                 error.<rank>
   {"job": "packed_sp", "out": "result.json"}     DPAR forward/backward over packed batches with different patch
                                                  counts under TP=world (sequence parallel), against a one-process
                                                  copy of the same model, in the authors' structure and the legacy
@@ -64,6 +68,27 @@ def die_in_save(job: dict) -> None:
 
     native.dcp_save = dcp_save
     train(job)
+
+
+def nonfinite(job: dict) -> None:
+    from dpar_scale.config import load_config
+    from dpar_scale.train.trainer import NonFiniteLossError, Trainer
+
+    trainer = Trainer(load_config(None, job["overrides"]))
+    forward = trainer.model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        bad = trainer.state.step == job["step"] - 1 and dist.get_rank() == job["rank"]
+        return out * float("nan") if bad else out
+
+    trainer.model.forward = poisoned
+    try:
+        trainer.fit()
+    except NonFiniteLossError as e:
+        Path(f"{job['out']}.{dist.get_rank()}").write_text(str(e))
+        return
+    raise AssertionError(f"rank {dist.get_rank()}: no NonFiniteLossError")
 
 
 def packed_sp(job: dict) -> None:
@@ -145,7 +170,7 @@ def main() -> None:
     jobs = json.loads(Path(sys.argv[1]).read_text())
     for job in jobs:
         {"train": train, "packed_sp": packed_sp, "die_in_save": die_in_save,
-         "config_error": config_error}[job["job"]](job)
+         "config_error": config_error, "nonfinite": nonfinite}[job["job"]](job)
     if dist.is_initialized():
         dist.destroy_process_group()
 

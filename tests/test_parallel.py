@@ -75,9 +75,12 @@ def _launch(layout: str, root: Path, codes: Path) -> tuple[Path, str]:
         jobs.append({"job": "train", "overrides": overrides(out / kind, codes, kind, *parallel, *extra.get(kind, []))})
     for name, kind, more in extra_runs:
         jobs.append({"job": "train", "overrides": overrides(out / name, codes, kind, *more)})
-    if layout == "dp2":  # a TP degree the 2 launched processes cannot hold
+    if layout == "dp2":  # a TP degree the 2 launched processes cannot hold; a NaN on one rank only
         jobs.append({"job": "config_error", "out": str(out / "tp4_error.txt"),
                      "overrides": overrides(out / "bad", codes, "gpt", "parallel.tp=4")})
+        jobs.append({"job": "nonfinite", "out": str(out / "nonfinite"), "step": 3, "rank": 1,
+                     "overrides": overrides(out / "nan", codes, "gpt", "parallel.dp_shard=2", "train.log_every=2",
+                                            "checkpoint.interval=1")})
     if layout == "dp2tp2":  # stop after 2 steps, resume to 4 (sharded optimizer state through DCP)
         first = overrides(out / "gpt-resumed", codes, "gpt", *parallel, "train.steps=2")
         jobs += [{"job": "train", "overrides": first},
@@ -121,6 +124,16 @@ def test_batch_workers_on_two_ranks_match_single_process(workdir, references):
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm"):
         assert_same_training([r[key] for r in got], [r[key] for r in ref], "dpar", 4, key, backward=key != "loss")
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_that_step(workdir):
+    """Rank 1's loss turns NaN at step 3; losses are read at the log line (every 2 steps) and before each
+    checkpoint (every step): both ranks stop at step 3's flush naming step 3, and no checkpoint holds it."""
+    out = launch("dp2", workdir)
+    messages = [(out / f"nonfinite.{rank}").read_text() for rank in (0, 1)]
+    assert all(m.startswith("loss is nan at step 3; batch sample ids [") for m in messages), messages
+    assert all("the last checkpoint (" in m and "step-000002" in m for m in messages), messages
+    assert sorted(p.name for p in (out / "nan" / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
 
 def test_hsdp_matches_single_process(workdir, references):
