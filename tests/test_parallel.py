@@ -22,7 +22,7 @@ from dpar_scale.train.metrics_log import read_metrics
 from dpar_scale.train.trainer import Trainer
 
 from conftest import write_code_dataset
-from parallel_helpers import REPO, assert_same_run, assert_same_training, overrides, torchrun
+from parallel_helpers import REPO, assert_same_run, assert_same_training, assert_same_weights, overrides, torchrun
 from tolerances import abs_tol
 
 WORKER = REPO / "tests" / "parallel_worker.py"
@@ -40,7 +40,7 @@ LAYOUTS = {
     "dp2": (2, ["parallel.dp_shard=2"], {"gpt": ["parallel.activation_checkpoint=full"]},
             [("entropy-hsdp", "entropy", ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
              ("dpar-ids", "dpar", ["parallel.dp_shard=2", "data.num_workers=2", *IDS]),
-             ("gpt-accum", "gpt", ["parallel.dp_shard=2", "train.grad_accum=2"])]),
+             ("gpt-accum", "gpt", ["parallel.dp_shard=2", "train.grad_accum=2", "train.ema=0.9"])]),
     "tp2": (2, TP2, {"gpt": ["parallel.compile=true"]},
             [(name, kind, [*TP2, *more]) for name, (kind, more) in DROPOUT_RUNS.items()]),
     "dp2tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"],
@@ -115,6 +115,18 @@ def test_fsdp_gradient_accumulation_matches_single_process(workdir, references):
     """FSDP2 with train.grad_accum=2 reduces the gradients once per optimizer step (the first micro-batch keeps
     them unsharded, set_requires_gradient_sync): the same training as one process taking the batch at once."""
     assert_same_run(references / "gpt", launch("dp2", workdir) / "gpt-accum", "gpt")
+
+
+def test_foreach_ema_on_fsdp_shards_matches_single_process(workdir, references, tmp_path):
+    """train.ema on FSDP2 (each rank lerps its own shards in one foreach op) holds the one-process EMA."""
+    from dpar_scale.checkpoint.export import consolidated_weights
+
+    root, codes = workdir
+    Trainer(load_config(None, overrides(tmp_path / "ema", codes, "gpt", "train.grad_accum=2", "train.ema=0.9"))).fit()
+    ema = [consolidated_weights(run / "checkpoints" / "step-000004", use_ema=True) for run in
+           (tmp_path / "ema", launch("dp2", workdir) / "gpt-accum")]
+    assert ema[0][2] == ema[1][2] == "ema"
+    assert_same_weights(ema[1][0], ema[0][0], "gpt", 4)
 
 
 def test_batch_workers_on_two_ranks_match_single_process(workdir, references):

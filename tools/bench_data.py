@@ -108,7 +108,8 @@ def main(argv=None) -> int:
         cases = [(m, w) for m in args.modes for w in args.workers]
         for mode, workers in tqdm(cases, desc="bench_data", leave=False):
             results.append(run(args, Path(tmp) / "codes", Path(tmp) / f"run-{mode}-{workers}", mode, workers))
-    machine = {"overrides": args.override, "cpus": os.cpu_count(), "loadavg_1min_before": load_before[0], "loadavg_1min_after": os.getloadavg()[0],
+    machine = {"overrides": args.override, "cpus": os.cpu_count(), "loadavg_1min_before": load_before[0],
+               "loadavg_1min_after": os.getloadavg()[0],
                "torch_threads": args.threads, "device": args.device, "torch": torch.__version__}
     print(f"{'mode':>7} {'workers':>8} {'images/step':>12} {'step ms':>9} {'data wait ms':>13} {'wait % of step':>15}")
     for r in results:

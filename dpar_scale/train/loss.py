@@ -21,7 +21,8 @@ def code_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), codes.reshape(-1))
 
 
-def code_loss_per_image(logits: torch.Tensor, codes: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def code_loss_per_image(logits: torch.Tensor, codes: torch.Tensor,
+                        chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """[B] summed next-code cross-entropy of each image (sums, so ranks and micro-batches combine exactly),
     computed in fp32 a chunk of rows at a time."""
     v = logits.shape[-1]
