@@ -37,9 +37,9 @@ from dpar_scale.train.ema import EMA
 from dpar_scale.train.loss import code_loss_per_image
 from dpar_scale.train.metrics_log import MetricsLogger, format_line, new_window, window_rates
 from dpar_scale.train.numerics import configure_numerics
+from dpar_scale.train.optim import build_optimizer, lr_lambda
 from dpar_scale.train.pending import NonFiniteLossError, PendingSteps
 from dpar_scale.train.prefetch import Prefetcher
-from dpar_scale.train.optim import build_optimizer, lr_lambda
 from dpar_scale.train.training_eval import make_evaluator
 
 
