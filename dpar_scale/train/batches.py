@@ -108,7 +108,14 @@ class StepBatches:
         accum = self.cfg.train.grad_accum
         wanted = accum * self.dp_size
 
-        def stream(chunk: int = 256):
+        # Read the entropies of as many images as the step can hold at most, in one go: no patch is longer than
+        # P_max, so an image takes at least ceil(N / P_max) + 1 positions (+1: the packer reads the image that
+        # closes the last micro-batch). The stream is a function of the positions alone, whatever the chunk.
+        budget, cap = self.cfg.data.global_tokens_per_microbatch, self.cfg.data.max_images_per_microbatch
+        per_micro = budget // (-(-self.codes_per_image // self.cfg.model.patch.max_patch_length) + 1)
+        bound = wanted * (min(per_micro, cap) if cap else per_micro) + 1
+
+        def stream(chunk: int = min(max(bound, 1), 4096)):
             position = cursor
             while True:
                 ids = self.order.ids(position, chunk)
@@ -116,9 +123,7 @@ class StepBatches:
                 position += chunk
 
         micro = []
-        for mb in pack_microbatches(stream(), self.cfg.data.global_tokens_per_microbatch,
-                                    pad_to_multiple=self.cfg.parallel.tp,
-                                    max_images=self.cfg.data.max_images_per_microbatch or None):
+        for mb in pack_microbatches(stream(), budget, pad_to_multiple=self.cfg.parallel.tp, max_images=cap or None):
             micro.append(mb)
             if len(micro) == wanted:
                 break
