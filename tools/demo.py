@@ -58,6 +58,13 @@ class Stages:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 1)
 
 
+def shown(path: Path) -> str:
+    """A path as the summary records it: relative to the repository when inside it (the committed copy in
+    results/ then names no one's checkout)."""
+    path = Path(path)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def final_checkpoint(run_dir: Path, steps: int) -> Path:
     return run_dir / "checkpoints" / f"step-{steps:06d}"
 
@@ -140,11 +147,11 @@ def main(argv=None) -> int:
             stages.run(f"grid_{name}", ["tools/sample.py", "--checkpoint", ckpt, "--classes", "0,1,2,3,4,5,6,7,8,9",
                                         "--num-per-class", 2 if args.quick else 8, "--cfg-scale", SAMPLE_CFG,
                                         "--seed", 0, "--out", target, "--tokenizer-path", tokenizer])
-        grids[name] = str(target / "grid.png")
+        grids[name] = shown(target / "grid.png")
 
     summary = summarize(out, theta_file, grids, evaluator)
     plot(summary, out / PLOT)
-    summary["plot"] = str(out / PLOT)
+    summary["plot"] = shown(out / PLOT)
     summary["stage_seconds"] = stages.seconds  # stages that ran in this invocation (reused ones are absent)
     summary["demo_seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
