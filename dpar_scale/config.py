@@ -564,6 +564,9 @@ def _validate_text(model: ModelConfig) -> None:
         raise ConfigError(f"model.text.dropout must be in [0, 1), got {text.dropout}")
     if text.vocab_size < 0:
         raise ConfigError(f"model.text.vocab_size must be >= 0, got {text.vocab_size}")
+    if model.preset.endswith("-text") and model.conditioning != "text":
+        raise ConfigError(f"model.preset={model.preset} is a text-to-image model: set model.conditioning=text (and "
+                          f"model.text.tokenizer / model.text.vocab_size), or pick {model.preset[:-5]} for classes")
     if model.conditioning != "text":
         return
     if model.kind == "entropy":

@@ -158,10 +158,16 @@ def test_text_config_defaults_and_saved_configs_without_it(tmp_path):
     assert load_saved_config(tmp_path / "old.yaml").model.conditioning == "class"
 
 
-def test_text_models_are_refused_until_they_exist():
+def test_text_config_builds_text_models_and_refuses_what_cannot_be_one():
     from dpar_scale.models import build_model
 
-    cfg = load_config(None, ["model.conditioning=text", "model.preset=dpar-tiny", "model.text.tokenizer=t.model",
-                             "model.text.vocab_size=64"])
-    with pytest.raises(ConfigError, match="text-conditioned DPAR / GPT models are not built yet"):
-        build_model(cfg.model)
+    for preset in ("dpar-tiny", "gpt-tiny"):
+        cfg = load_config(None, ["model.conditioning=text", f"model.preset={preset}", "model.text.tokenizer=t.model",
+                                 "model.text.vocab_size=64"])
+        model = build_model(cfg.model)
+        assert model.text_embeddings.num_embeddings == 64 and not hasattr(model, "class_embedding")
+    with pytest.raises(ConfigError, match="is a text-to-image model: set model.conditioning=text"):
+        load_config(None, ["model.preset=dpar-tiny-text"])
+    with pytest.raises(ConfigError, match="entropy model is unconditional"):
+        load_config(None, ["model.conditioning=text", "model.kind=entropy", "model.preset=gpt-tiny",
+                           "model.text.tokenizer=t.model", "model.text.vocab_size=64"])

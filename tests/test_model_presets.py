@@ -149,3 +149,31 @@ def test_count_params_tool(tmp_path, capsys):
     assert "paper 120M, code 115.0M" in printed and "paper 111M" in printed
     assert tool.main(["--dpar", "every"]) == 2  # a user error: one line, exit 2
     assert "expected INJECTION,FFN" in capsys.readouterr().err
+
+
+# Text presets at T5's vocabulary (32,000 pieces): printed by tools/count_params.py (README "Text-to-image models").
+TEXT_TOTALS = {"dpar-b-text": 138_829_056, "dpar-l-text": 383_049_728, "dpar-xl-text": 829_134_080,
+               "dpar-xxl-text": 1_482_193_920, "gpt-b-text": 134_695_680, "gpt-l-text": 374_653_952,
+               "gpt-xl-text": 814_378_240, "gpt-xxl-text": 1_458_587_136}
+
+
+def test_text_presets_swap_the_class_embedding_for_a_text_embedding(tmp_path):
+    """Every *-text preset is its class preset with the (1,000 + 1)-row class table replaced by a 32,000-row text
+    table (derived here), and the tool prints the pinned totals."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "count_params_tool", Path(__file__).resolve().parent.parent / "tools" / "count_params.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "text.json"
+    names = list(TEXT_TOTALS) + ["dpar-tiny-text", "gpt-tiny-text"]
+    assert tool.main(["--presets", *names, *[n[:-5] for n in names], "--json", str(out)]) == 0
+    counts = json.loads(out.read_text())
+    for name in names:
+        dim = PRESETS[name]["dim"]
+        assert counts[name]["total"] == counts[name[:-5]]["total"] - 1001 * dim + 32000 * dim, name
+        assert counts[name]["embeddings"] == counts[name[:-5]]["embeddings"] - 1001 * dim + 32000 * dim, name
+    assert {n: counts[n]["total"] for n in TEXT_TOTALS} == TEXT_TOTALS

@@ -37,6 +37,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         if cfg.preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {cfg.preset!r} (known: {', '.join(sorted(PRESETS))})")
         preset = PRESETS[cfg.preset]
+        if preset.get("conditioning") == "text":  # a *-text preset is a text model
+            cfg = dataclasses.replace(cfg, conditioning="text")
         if not cfg.kind:
             cfg = dataclasses.replace(cfg, kind=preset["kind"])
         same_family = (preset["kind"] == cfg.kind) or (preset["kind"] in _TOKEN_KINDS and cfg.kind in _TOKEN_KINDS)
@@ -44,7 +46,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
             raise ConfigError(f"model.kind={cfg.kind!r} does not fit model.preset={cfg.preset!r} (a "
                               f"{preset['kind']} shape): set model.kind={preset['kind']} or pick a "
                               f"{cfg.kind}-* preset")
-        values = {k: v for k, v in preset.items() if k != "kind" and not getattr(cfg, k)}
+        values = {k: v for k, v in preset.items() if k not in ("kind", "conditioning") and not getattr(cfg, k)}
     out = dataclasses.replace(cfg, **values)
     if out.kind == "entropy":
         out = dataclasses.replace(out, num_classes=0)
@@ -56,10 +58,13 @@ def _check(cfg: ModelConfig) -> None:
     if cfg.kind not in ("gpt", "entropy", "dpar"):
         raise ConfigError(f"model.kind: {cfg.kind!r} is not one of gpt, entropy, dpar")
     if cfg.conditioning == "text":
-        # the data side exists (captions beside the codes, the text tokenizer, text batches); the models do not
-        # yet, and building a class-conditional model for a text config would train the wrong thing silently
-        raise ConfigError("model.conditioning=text: text-conditioned DPAR / GPT models are not built yet (the "
-                          "captions, text tokenizer and text batches are); use model.conditioning=class")
+        if cfg.kind == "entropy":
+            raise ConfigError("model.conditioning=text: the entropy model is unconditional (patch boundaries "
+                              "depend on the image, not on the prompt); set model.conditioning=class for it")
+        if cfg.text.vocab_size < 1:
+            raise ConfigError("model.conditioning=text needs model.text.vocab_size >= 1: the text embedding's "
+                              "rows, at least the text tokenizer's vocabulary (tools/train_text_tokenizer.py "
+                              "prints it)")
     need = ("n_encoder_layers", "n_global_layers", "n_decoder_layers") if cfg.kind == "dpar" else ("n_layers",)
     for key in ("dim", "n_heads") + need:
         if getattr(cfg, key) < 1:
@@ -67,12 +72,12 @@ def _check(cfg: ModelConfig) -> None:
     if cfg.dim % cfg.n_heads or (cfg.dim // cfg.n_heads) % 4:
         raise ConfigError(f"model.dim={cfg.dim} / n_heads={cfg.n_heads} must give a head dim divisible by 4 "
                           f"(2-D RoPE splits the rotary pairs between rows and columns)")
-    if cfg.kind == "gpt" and cfg.num_classes < 1:
+    if cfg.kind == "gpt" and cfg.num_classes < 1 and cfg.conditioning != "text":
         raise ConfigError("model.num_classes must be >= 1 for kind=gpt (kind=entropy is the unconditional model)")
     if cfg.kind == "dpar" and cfg.class_rope != "identity":
         raise ConfigError("model.class_rope applies to gpt/entropy models (LlamaGen imports); DPAR's class "
                           "position always uses the identity rotation")
-    if cfg.kind == "dpar" and cfg.num_classes < 1:
+    if cfg.kind == "dpar" and cfg.num_classes < 1 and cfg.conditioning != "text":
         raise ConfigError("model.num_classes must be >= 1 for kind=dpar")
     if cfg.kind == "dpar" and cfg.dpar.decoder_injection not in DECODER_INJECTIONS:
         raise ConfigError(f"model.dpar.decoder_injection: {cfg.dpar.decoder_injection!r} is not one of "
@@ -85,7 +90,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     common = dict(dim=cfg.dim, n_heads=cfg.n_heads, vocab_size=cfg.vocab_size, grid=tuple(cfg.grid),
                   multiple_of=cfg.ffn_multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier or None,
                   dropout=cfg.dropout, class_dropout=cfg.class_dropout, rope_base=cfg.rope_base,
-                  norm_eps=cfg.norm_eps, attention_backend=cfg.attention_backend)
+                  norm_eps=cfg.norm_eps, attention_backend=cfg.attention_backend,
+                  text_vocab_size=cfg.text.vocab_size if cfg.conditioning == "text" else 0,
+                  text_dropout=cfg.text.dropout)
     if cfg.kind == "dpar":
         return DPAR(n_encoder_layers=cfg.n_encoder_layers, n_global_layers=cfg.n_global_layers,
                     n_decoder_layers=cfg.n_decoder_layers, num_classes=cfg.num_classes,

@@ -15,6 +15,10 @@ Alignment (what makes it causal; each line is checked by tests/test_models_leak.
   before the first layer. Every input at positions <= t depends on codes < t only (g_m on codes < s_m <= t),
   so logits[:, t] does too.
 
+Text conditioning (text_vocab_size > 0; dpar_scale.models.text_prefix): the caption's tokens replace the class
+position, so the global document of an image is [text..., P_0, ..., P_{M-1}] (PatchLayout cond_lengths) and g_0 is
+the output at the caption's eos; everything above holds with "class" read as "caption".
+
 A static-patch DPAR is the same model with a fixed-length layout; P_max = 1 gives one patch per code.
 
 Incremental decoding (generation) runs the same three stages one code at a time on a `DPARCache`: `start` (class
@@ -38,6 +42,7 @@ from .attention import AttentionMask, KVCache
 from .packed_attention import gather_keys
 from .layers import CrossAttentionBlock, DecoderBlock, RMSNorm, TransformerBlock, drop_labels, init_llamagen_
 from .rope import rope_1d, rope_2d, rope_dynamic
+from .text_prefix import MaskedKVCache, check_text_inputs, hide_dropped_captions, left_padded, text_drop
 
 
 @dataclass(eq=False)
@@ -77,7 +82,7 @@ class GlobalToCodes(nn.Module):
 
 
 class DPAR(nn.Module):
-    PARAM_GROUPS = {"tok_embeddings": "embeddings", "class_embedding": "embeddings",
+    PARAM_GROUPS = {"tok_embeddings": "embeddings", "class_embedding": "embeddings", "text_embeddings": "embeddings",
                     "encoder_layers": "encoder", "patch_cross_attn": "encoder", "global_layers": "global",
                     "dec_start": "decoder", "global_to_local_norm": "decoder", "global_to_local": "decoder",
                     "decoder_layers": "decoder", "norm": "head", "output": "head"}
@@ -87,10 +92,10 @@ class DPAR(nn.Module):
                  multiple_of: int = 256, ffn_dim_multiplier: float | None = None, dropout: float = 0.0,
                  class_dropout: float = 0.0, rope_base: float = 10000.0, global_rope: str = "dynamic",
                  norm_eps: float = 1e-5, attention_backend: str = "auto", decoder_injection: str = "every",
-                 cross_attn_ffn: bool = False):
+                 cross_attn_ffn: bool = False, text_vocab_size: int = 0, text_dropout: float = 0.0):
         super().__init__()
-        if num_classes < 1:
-            raise ValueError("DPAR is class-conditional: num_classes must be >= 1")
+        if num_classes < 1 and text_vocab_size < 1:
+            raise ValueError("DPAR is conditional: num_classes must be >= 1 (or text_vocab_size for text)")
         if global_rope not in ("dynamic", "1d"):
             raise ValueError(f"global_rope {global_rope!r} is not one of dynamic, 1d")
         if decoder_injection not in DECODER_INJECTIONS:
@@ -101,6 +106,7 @@ class DPAR(nn.Module):
         self.decoder_injection, self.cross_attn_ffn = decoder_injection, cross_attn_ffn
         self.attention_backend = attention_backend
         self.blocks_compiled = False  # set by parallel.apply_compile: attention plans then keep shapes bucketed
+        self.text_vocab_size, self.text_dropout = text_vocab_size, text_dropout
 
         def blocks(n, block=TransformerBlock):
             return nn.ModuleList(
@@ -109,7 +115,10 @@ class DPAR(nn.Module):
                 for _ in range(n))
 
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
-        self.class_embedding = nn.Embedding(num_classes + 1, dim)  # + the null class for CFG
+        if self.text_conditioned:  # the caption is the condition; its empty version ([eos]) the CFG null
+            self.text_embeddings = nn.Embedding(text_vocab_size, dim)
+        else:
+            self.class_embedding = nn.Embedding(num_classes + 1, dim)  # + the null class for CFG
         self.tok_dropout = nn.Dropout(dropout)
         self.encoder_layers = blocks(n_encoder_layers)
         self.patch_cross_attn = CrossAttentionBlock(dim, n_heads, ffn=cross_attn_ffn, multiple_of=multiple_of,
@@ -128,6 +137,10 @@ class DPAR(nn.Module):
         self.norm = RMSNorm(dim, norm_eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
         self.init_weights()
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.text_vocab_size > 0
 
     def init_weights(self) -> None:
         """LlamaGen init (N(0, 0.02), zero output head). Call again after materialising from the meta device."""
@@ -176,15 +189,25 @@ class DPAR(nn.Module):
         return patches * layout.patch_valid[..., None].to(patches.dtype)
 
     def run_global(self, patches: torch.Tensor, labels: torch.Tensor | None, layout: PatchLayout,
-                   drop_class: torch.Tensor | None = None) -> torch.Tensor:
-        """Global outputs [T, D] over the packed [class, patches...] sequence of every image (block-causal)."""
+                   drop_class: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
+                   drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """Global outputs [T, D] over the packed [class | text..., patches...] sequence of every image
+        (block-causal)."""
         b = patches.shape[0]
-        if labels is None:  # unconditional (the CFG branch): every image gets the null class
-            labels = torch.full((b,), self.num_classes, dtype=torch.long, device=patches.device)
-        labels = drop_labels(labels, self.num_classes, self.class_dropout, self.training, drop_class)
-        x = self.global_dropout(layout.pack(self.class_embedding(labels), patches))[None]  # [1, T, D]
+        ids, doc_lengths = layout.packed_image_id, layout.doc_lengths
+        if self.text_conditioned:
+            cond = self.text_embeddings(text_ids)
+            drop = text_drop(b, self.text_dropout, self.training, drop_text)
+            if drop is not None and bool(drop.any()):  # the empty caption: all but the eos split off (text_prefix)
+                ids, doc_lengths = hide_dropped_captions(layout, drop)
+        else:
+            if labels is None:  # unconditional (the CFG branch): every image gets the null class
+                labels = torch.full((b,), self.num_classes, dtype=torch.long, device=patches.device)
+            labels = drop_labels(labels, self.num_classes, self.class_dropout, self.training, drop_class)
+            cond = self.class_embedding(labels)
+        x = self.global_dropout(layout.pack(cond, patches))[None]  # [1, T, D]
         # the plan (document groups, cu_seqlens or block mask) is built here, once per batch, outside the blocks
-        mask = AttentionMask.packed(layout.packed_image_id[None], layout.doc_lengths)
+        mask = AttentionMask.packed(ids[None], doc_lengths)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         mask.prepare(self.attention_backend, x.device, dtype, compiled=self.blocks_compiled)
         rope = self.global_rope_table(layout)
@@ -211,24 +234,36 @@ class DPAR(nn.Module):
         return self.output(self.norm(h)).float()
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None,
-                layout: PatchLayout | None = None, drop_class: torch.Tensor | None = None) -> torch.Tensor:
+                layout: PatchLayout | None = None, drop_class: torch.Tensor | None = None,
+                text_ids: torch.Tensor | None = None, text_lengths: torch.Tensor | None = None,
+                drop_text: torch.Tensor | None = None) -> torch.Tensor:
         """codes [B, N] (full H·W grid) + layout -> logits [B, N, vocab], `logits[:, t]` predicts `codes[:, t]`.
-        `drop_class` [B] bool: which labels class dropout replaces (see `drop_labels`)."""
+        `drop_class` [B] bool: which labels class dropout replaces (see `drop_labels`). Text models: the ragged
+        captions `text_ids` [Σ L] / `text_lengths` [B], the layout built with cond_lengths=text_lengths, and
+        `drop_text` [B] bool: which captions caption dropout empties (training only)."""
         if layout is None:
             raise ValueError("DPAR needs a PatchLayout (PatchLayout.from_lengths(patch_lengths, grid)); "
                              "use PatchLayout.static(B, grid, 1) for one patch per code")
         if tuple(layout.patch_id.shape) != tuple(codes.shape):
             raise ValueError(f"layout covers {tuple(layout.patch_id.shape)} codes, batch has {tuple(codes.shape)}")
+        if self.text_conditioned:
+            check_text_inputs(text_ids, text_lengths, codes.shape[0], "this DPAR")
+            if text_ids.shape[0] != layout.num_cond_positions:
+                raise ValueError(f"the layout holds {layout.num_cond_positions} condition positions, the captions "
+                                 f"{text_ids.shape[0]} tokens: build it with cond_lengths=text_lengths")
         enc = self.encode(codes)
         patches = self.patch_embeddings(enc, layout)
-        global_out = self.run_global(patches, labels, layout, drop_class)
+        global_out = self.run_global(patches, labels, layout, drop_class, text_ids, drop_text)
         return self.decode(enc, global_out, layout)
 
     # ------------------------------------------------------------------------------- incremental decoding
-    def new_cache(self, batch: int) -> DPARCache:
+    def new_cache(self, batch: int, text_width: int = 0) -> DPARCache:
+        """`text_width`: a text model's prefix room, the longest caption the rows will be started with."""
         n = self.grid[0] * self.grid[1]
+        glob = (MaskedKVCache(len(self.global_layers), batch, n + text_width) if text_width
+                else KVCache(len(self.global_layers), batch, n + 1))
         return DPARCache(encoder=KVCache(len(self.encoder_layers), batch, n),
-                         glob=KVCache(len(self.global_layers), batch, n + 1),
+                         glob=glob,
                          decoder=KVCache(len(self.decoder_layers), batch, n),
                          patch_start=torch.zeros(batch, dtype=torch.long),
                          num_patches=torch.zeros(batch, dtype=torch.long))
@@ -261,6 +296,27 @@ class DPAR(nn.Module):
             x = layer.step(x, cache.glob, i, rope)
         cache.glob.advance(1)
         cache.global_state = x[:, 0]
+
+    def step_text(self, cache: DPARCache, text_ids: torch.Tensor, text_lengths: torch.Tensor) -> None:
+        """The caption prefix of every row, prefilled in one pass: right-aligned in the cache's text room (left
+        padding hidden from every later query), at the positions training gives it; the global state is then the
+        output at each caption's eos."""
+        if cache.global_state is not None:
+            raise RuntimeError("DPAR.step_text: the cache already holds its prefix")
+        check_text_inputs(text_ids, text_lengths, cache.batch, "this DPAR")
+        if not isinstance(cache.glob, MaskedKVCache):
+            raise RuntimeError("DPAR.step_text: make the cache with new_cache(batch, text_width=longest caption)")
+        width = cache.glob.max_len - self.grid[0] * self.grid[1]
+        ids, valid = left_padded(text_ids, text_lengths.tolist(), width)
+        cache.glob.key_valid[:, :width] = valid
+        x = self.global_dropout(self.text_embeddings(ids))
+        pos = torch.arange(width) - (width - 1)
+        zero = torch.zeros_like(pos)
+        rope = self._global_rope_rows(pos, zero, zero, pos, x.device)[:, 0]
+        for i, layer in enumerate(self.global_layers):
+            x = layer.step(x, cache.glob, i, rope)
+        cache.glob.advance(width)
+        cache.global_state = x[:, -1]
 
     def step_encode(self, cache: DPARCache, codes: torch.Tensor) -> None:
         """Encoder position of the next code: codes [B] (code number `cache.n_encoded` of every row)."""
@@ -327,9 +383,13 @@ class DPAR(nn.Module):
         cache.n_decoded = t + 1
         return self.output(self.norm(h)).float()[:, 0]
 
-    def start(self, cache: DPARCache, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Class position, then the logits [B, vocab] of code 0."""
-        self.step_class(cache, labels)
+    def start(self, cache: DPARCache, labels: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
+              text_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Class position (or a text model's caption prefix), then the logits [B, vocab] of code 0."""
+        if self.text_conditioned:
+            self.step_text(cache, text_ids, text_lengths)
+        else:
+            self.step_class(cache, labels)
         return self.step_decode(cache)
 
     def step(self, cache: DPARCache, codes: torch.Tensor, close: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,10 @@ for _size, (_dim, _heads, _depths) in _DPAR.items():
 PRESETS["gpt-tiny"] = _gpt("gpt", 128, 4, 4)
 PRESETS["entropy-tiny"] = _gpt("entropy", 128, 4, 4)
 PRESETS["dpar-tiny"] = _dpar(128, 4, (1, 2, 1))
+# Text-to-image: the same shapes with model.conditioning=text (the caption's tokens replace the class position; the
+# text embedding has model.text.vocab_size rows, which the config gives).
+for _name in [n for n in PRESETS if n.startswith(("gpt-", "dpar-"))]:
+    PRESETS[f"{_name}-text"] = {**PRESETS[_name], "conditioning": "text"}
 
 # Reported sizes in millions of parameters, for tools/count_params.py: "paper" is LlamaGen's paper for the GPTs and
 # the DPAR paper for DPAR (≈120M for B, 789M for XL); "authors_code" is the DPAR authors' public model code

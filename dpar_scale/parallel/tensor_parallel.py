@@ -31,7 +31,9 @@ reduce-scatter a [B, N, D] partial sum, in every layer. The shard of g is cut on
 output gathered to codes (`global_to_codes`: Replicate -> Shard(1), a local slice; the backward all-gathers its
 gradient once). With decoder_injection=first the single injection runs before the stack on the replicated input.
 
-Embeddings: `tok_embeddings` RowwiseParallel (vocabulary rows sharded, output all-reduced, replicated). The class
+Embeddings: `tok_embeddings` RowwiseParallel (vocabulary rows sharded, output all-reduced, replicated), and so is a
+text model's `text_embeddings` (the caption tokens, replicated like the class vectors they replace; a text GPT
+left-pads its captions so that its sequence stays a multiple of tp, `GPT.sequence_multiple`). The class
 embedding, the entropy model's start vector, DPAR's decoder start vector and its single global-to-local
 projection (decoder_injection=first) stay replicated (small). DPAR's patch cross-attention block runs TP without
 SP: its queries are the patches of each image ([B, M, D], M ragged), so it uses head-sharded attention (and,
@@ -75,6 +77,10 @@ def check_tp_compatible(model_cfg, tp: int) -> None:
     if hidden % tp:
         problems.append(f"the FFN hidden width {hidden} is not divisible by parallel.tp={tp} (adjust "
                         f"model.ffn_multiple_of)")
+    if model_cfg.conditioning == "text" and model_cfg.text.vocab_size % tp:
+        problems.append(f"model.text.vocab_size={model_cfg.text.vocab_size} is not divisible by parallel.tp={tp} "
+                        f"(the text embedding is split over its rows; extra rows are never produced by the "
+                        f"tokenizer, so round it up)")
     if model_cfg.vocab_size % tp:
         problems.append(f"model.vocab_size={model_cfg.vocab_size} is not divisible by parallel.tp={tp} (the "
                         f"embedding and the head are split over the vocabulary)")
@@ -180,7 +186,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
     from dpar_scale.models import DPAR, GPT
 
     embed = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+    if getattr(model, "text_vocab_size", 0):
+        embed["text_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if isinstance(model, GPT):
+        model.sequence_multiple = tp_mesh.size()
         parallelize_module(model, tp_mesh, embed)
         _parallelize_stack(model.layers, tp_mesh, gather_output=False)
         parallelize_module(model, tp_mesh, _head_plan())

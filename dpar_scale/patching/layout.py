@@ -2,15 +2,24 @@
 
 A batch of B images, each N = H·W codes in raster order, is cut into patches (contiguous runs of codes). Image i
 has M_i patches. The DPAR global transformer runs over one *packed* sequence holding, for every image in turn,
-M_i + 1 positions:
+M_i + C_i positions:
 
-    [class_i, patch_i,0, ..., patch_i,M_i-1]
+    [class_i, patch_i,0, ..., patch_i,M_i-1]          (class conditioning: C_i = 1)
+    [text_i,0, ..., text_i,C_i-1, patch_i,0, ...]      (text conditioning: the caption's C_i tokens, eos last)
 
 concatenated over images (no per-image padding), with `cu_seqlens` marking the image boundaries and the total
 padded only up to a multiple of `pad_to_multiple` (the tensor-parallel degree, so sequence parallelism can shard
-it evenly). Packed position cu_seqlens[i] + m holds class_i (m = 0) or patch m-1; because the global transformer
-is causal, its *output* there summarises the class and patches < m, which is exactly what the codes of patch m
-may see. Hence `code_to_packed[i, t] = cu_seqlens[i] + patch_id[i, t]`.
+it evenly). Packed position cu_seqlens[i] + C_i - 1 + m holds the last condition position (m = 0) or patch m-1;
+because the global transformer is causal, its *output* there summarises the condition and patches < m, which is
+exactly what the codes of patch m may see. Hence `code_to_packed[i, t] = cu_seqlens[i] + C_i - 1 + patch_id[i, t]`.
+Variable caption lengths cost no padding: each image's run is exactly C_i + M_i long.
+
+Positions of the condition (`cond_lengths`): its last position (the class, or the caption's eos) sits at position
+0 / row 0, column 0 (the identity rotation), and caption token j of C_i at 1-D position / row j - (C_i - 1) < 0
+(columns 0): the caption reads like lines *above* the picture, ending right above row 0. So the image keeps
+exactly the positions a class-conditional image has (patch m at 1-D position m + 1; dynamic RoPE rows/columns of
+its codes), text-to-text offsets are plain 1-D distances, and a patch sees the k-th last caption token at the same
+relative position whatever the caption's length.
 
 All index tensors are built vectorised on the CPU (no per-code Python loop) and moved with `.to(device)`.
 """
@@ -98,13 +107,14 @@ class PatchLayout:
     patch_valid: torch.Tensor  # [B, M] bool: m < M_i
     cu_seqlens: torch.Tensor  # [B + 1] int32: image boundaries in the packed sequence (unpadded total last)
     packed_image_id: torch.Tensor  # [T] long: image of each packed position, -1 for padding
-    packed_pos: torch.Tensor  # [T] long: position inside its image's run (0 = class), 0 for padding
-    packed_row: torch.Tensor  # [T] long: row of the patch's first code (0 for class / padding)
+    packed_pos: torch.Tensor  # [T] long: position in its image's run, last condition position = 0 (patch m: m+1)
+    packed_row: torch.Tensor  # [T] long: row of the patch's first code (class / eos / padding 0, caption < 0)
     packed_col_start: torch.Tensor  # [T] long: column of the patch's first code
     packed_col_end: torch.Tensor  # [T] long: column of the patch's last code
-    packed_source: torch.Tensor  # [T] long: row of cat([class [B], patches [B*M], zero]) for `pack`
+    packed_source: torch.Tensor  # [T] long: row of cat([cond [ΣC], patches [B*M], zero]) for `pack`
     code_to_packed: torch.Tensor  # [B, N] long: packed position whose output feeds code t
     patch_to_packed: torch.Tensor  # [B, M] long: packed position of patch m, -1 for padding patches
+    cond_lengths: tuple[int, ...] = ()  # per image, condition positions C_i (1 = class; a caption's tokens)
 
     # ------------------------------------------------------------------------------------------- properties
     @property
@@ -126,26 +136,33 @@ class PatchLayout:
 
     @property
     def num_global_positions(self) -> int:
-        """Σ_i (M_i + 1), the positions that are not padding."""
-        return sum(len(x) + 1 for x in self.lengths)
+        """Σ_i (M_i + C_i), the positions that are not padding."""
+        return sum(len(x) + c for x, c in zip(self.lengths, self.cond_lengths))
+
+    @property
+    def num_cond_positions(self) -> int:
+        """Σ_i C_i: the class positions (B) or the caption tokens of the batch."""
+        return sum(self.cond_lengths)
 
     @property
     def doc_lengths(self) -> tuple[int, ...]:
         """Packed positions of each image's document (host ints: attention plans need no device sync)."""
-        return tuple(len(x) + 1 for x in self.lengths)
+        return tuple(len(x) + c for x, c in zip(self.lengths, self.cond_lengths))
 
     @property
     def max_seqlen(self) -> int:
-        return max(len(x) + 1 for x in self.lengths)
+        return max(len(x) + c for x, c in zip(self.lengths, self.cond_lengths))
 
     # ---------------------------------------------------------------------------------------------- builders
     @classmethod
     def from_lengths(cls, lengths: Sequence[Sequence[int]], grid: tuple[int, int] | Sequence[int],
-                     pad_to_multiple: int = 1, n_codes: int | None = None) -> "PatchLayout":
+                     pad_to_multiple: int = 1, n_codes: int | None = None,
+                     cond_lengths: Sequence[int] | None = None) -> "PatchLayout":
         """Layout from per-image patch lengths (the output of `dpar_scale.patching.rule.patch_lengths`).
 
         Each image's lengths sum to `n_codes` (default H·W); a smaller `n_codes` describes the first codes of the
-        images in raster order (a generation prefix, whose last patch may still be growing).
+        images in raster order (a generation prefix, whose last patch may still be growing). `cond_lengths`: per
+        image, the condition positions before its patches (default 1, the class; a text model's caption lengths).
         """
         h, w = int(grid[0]), int(grid[1])
         n = h * w if n_codes is None else int(n_codes)
@@ -169,6 +186,11 @@ class PatchLayout:
         flat_list, cut = flat_np.tolist(), np.cumsum(counts_np).tolist()
         lengths = tuple(tuple(flat_list[a:z]) for a, z in zip([0] + cut[:-1], cut))
         b = len(lengths)
+        cond = tuple(int(c) for c in cond_lengths) if cond_lengths is not None else (1,) * b
+        if len(cond) != b or min(cond) < 1:
+            raise ValueError(f"cond_lengths must give every one of the {b} images >= 1 condition positions, got "
+                             f"{list(cond)}")
+        cond_t = torch.tensor(cond, dtype=torch.long)
         counts = torch.from_numpy(counts_np)
         flat_len = torch.from_numpy(flat_np)
         m_max = int(counts.max())
@@ -184,35 +206,43 @@ class PatchLayout:
         patch_end = torch.zeros(b, m_max, dtype=torch.long)
         patch_start[valid], patch_end[valid] = start, end  # boolean indexing is row-major, like the flat order
 
-        run = counts + 1  # class + patches
+        run = counts + cond_t  # condition + patches
         cu = torch.zeros(b + 1, dtype=torch.long)
         cu[1:] = torch.cumsum(run, 0)
         total = int(cu[-1])
         t_len = -(-total // pad_to_multiple) * pad_to_multiple
         image_id = torch.full((t_len,), -1, dtype=torch.long)
         image_id[:total] = torch.repeat_interleave(torch.arange(b), run)
+        # position inside the run, shifted so that the last condition position is 0 (module docstring)
         pos = torch.zeros(t_len, dtype=torch.long)
-        pos[:total] = torch.arange(total) - torch.repeat_interleave(cu[:-1], run)
+        pos[:total] = (torch.arange(total) - torch.repeat_interleave(cu[:-1] + cond_t - 1, run))
 
-        patch_packed = cu[patch_image] + 1 + local
+        patch_packed = cu[patch_image] + cond_t[patch_image] + local
         patch_to_packed = torch.full((b, m_max), -1, dtype=torch.long)
         patch_to_packed[valid] = patch_packed
         row, col_start, col_end = (torch.zeros(t_len, dtype=torch.long) for _ in range(3))
+        cond_image = torch.repeat_interleave(torch.arange(b), cond_t)
+        cond_first = torch.cumsum(cond_t, 0) - cond_t  # flat index of each image's first condition row
+        cond_packed = cu[cond_image] + torch.arange(int(cond_t.sum())) - cond_first[cond_image]
+        row[cond_packed] = pos[cond_packed]  # <= 0: the caption's lines above the picture
         row[patch_packed], col_start[patch_packed], col_end[patch_packed] = start // w, start % w, end % w
-        # Source rows for `pack`: class vectors first, then the [B, M] patch grid flattened, then one zero row.
-        source = torch.full((t_len,), b + b * m_max, dtype=torch.long)
-        source[cu[:-1]] = torch.arange(b)
-        source[patch_packed] = b + patch_image * m_max + local
-        code_to_packed = cu[:-1, None] + patch_id
+        # Source rows for `pack`: condition vectors first (flat, image by image), then the [B, M] patch grid
+        # flattened, then one zero row.
+        n_cond = int(cond_t.sum())
+        source = torch.full((t_len,), n_cond + b * m_max, dtype=torch.long)
+        source[cond_packed] = torch.arange(n_cond)
+        source[patch_packed] = n_cond + patch_image * m_max + local
+        code_to_packed = (cu[:-1] + cond_t - 1)[:, None] + patch_id
 
         return cls(grid=(h, w), lengths=lengths, pad_to_multiple=pad_to_multiple, patch_id=patch_id,
                    num_patches=counts, patch_start=patch_start, patch_end=patch_end, patch_valid=valid,
                    cu_seqlens=cu.to(torch.int32), packed_image_id=image_id, packed_pos=pos, packed_row=row,
                    packed_col_start=col_start, packed_col_end=col_end, packed_source=source,
-                   code_to_packed=code_to_packed, patch_to_packed=patch_to_packed)
+                   code_to_packed=code_to_packed, patch_to_packed=patch_to_packed, cond_lengths=cond)
 
     @classmethod
-    def from_patch_ids(cls, patch_id: torch.Tensor, grid, pad_to_multiple: int = 1) -> "PatchLayout":
+    def from_patch_ids(cls, patch_id: torch.Tensor, grid, pad_to_multiple: int = 1,
+                       cond_lengths: Sequence[int] | None = None) -> "PatchLayout":
         """Layout from a [B, N] tensor of per-code patch indices (0, 0, 1, 2, 2, ...: starting at 0, +0 or +1)."""
         patch_id = patch_id.detach().cpu().long()
         if patch_id.dim() != 2:
@@ -221,22 +251,30 @@ class PatchLayout:
         if (patch_id[:, 0] != 0).any() or ((steps != 0) & (steps != 1)).any():
             raise ValueError("patch_id rows must start at 0 and grow by 0 or 1 from code to code")
         lengths = [torch.bincount(row).tolist() for row in patch_id]
-        return cls.from_lengths(lengths, grid, pad_to_multiple, n_codes=patch_id.shape[1])
+        return cls.from_lengths(lengths, grid, pad_to_multiple, n_codes=patch_id.shape[1], cond_lengths=cond_lengths)
 
     @classmethod
-    def from_starts(cls, starts: torch.Tensor, grid, pad_to_multiple: int = 1) -> "PatchLayout":
+    def from_starts(cls, starts: torch.Tensor, grid, pad_to_multiple: int = 1,
+                    cond_lengths: Sequence[int] | None = None) -> "PatchLayout":
         """Layout from a [B, N] bool tensor, True where a code starts a patch (code 0 must start one)."""
-        return cls.from_patch_ids(torch.cumsum(starts.long(), dim=1) - 1, grid, pad_to_multiple)
+        return cls.from_patch_ids(torch.cumsum(starts.long(), dim=1) - 1, grid, pad_to_multiple, cond_lengths)
 
     @classmethod
-    def static(cls, batch: int, grid, length: int, row_reset: bool = True, pad_to_multiple: int = 1):
+    def static(cls, batch: int, grid, length: int, row_reset: bool = True, pad_to_multiple: int = 1,
+               cond_lengths: Sequence[int] | None = None):
         """Every image cut into fixed-length patches (the static-patch ablation; length 1 = the token model)."""
-        return cls.from_lengths([static_lengths(tuple(grid), length, row_reset)] * batch, grid, pad_to_multiple)
+        return cls.from_lengths([static_lengths(tuple(grid), length, row_reset)] * batch, grid, pad_to_multiple,
+                                cond_lengths=cond_lengths)
+
+    def with_cond_lengths(self, cond_lengths: Sequence[int]) -> "PatchLayout":
+        """The same patches after other condition runs (a text model's caption lengths)."""
+        return PatchLayout.from_lengths(self.lengths, self.grid, self.pad_to_multiple, n_codes=self.n_codes,
+                                        cond_lengths=cond_lengths)
 
     def prefix(self, n_codes: int) -> "PatchLayout":
         """The layout of the first `n_codes` codes of every image (the patch holding the cut is shortened)."""
         return PatchLayout.from_lengths([prefix_lengths(x, n_codes) for x in self.lengths], self.grid,
-                                        self.pad_to_multiple, n_codes=n_codes)
+                                        self.pad_to_multiple, n_codes=n_codes, cond_lengths=self.cond_lengths)
 
     # ------------------------------------------------------------------------------------------------- use
     def to(self, device, non_blocking: bool = False) -> "PatchLayout":
@@ -245,7 +283,8 @@ class PatchLayout:
         return dataclasses.replace(self, **moved)
 
     def pack(self, class_emb: torch.Tensor, patch_emb: torch.Tensor) -> torch.Tensor:
-        """class_emb [B, D] and patch_emb [B, M, D] -> packed sequence [T, D] (zeros at padding).
+        """class_emb [Σ C_i, D] (the class vectors [B, D], or a text batch's flat caption embeddings) and
+        patch_emb [B, M, D] -> packed sequence [T, D] (zeros at padding).
 
         One gather from a concatenated source, so the backward is one scatter-add and nothing is written in place.
         """
@@ -255,7 +294,7 @@ class PatchLayout:
         return source[self.packed_source]
 
     def gather_codes(self, packed: torch.Tensor) -> torch.Tensor:
-        """Packed outputs [T, D] -> per-code [B, N, D]: code t of patch m gets packed position cu_seqlens + m."""
+        """Packed outputs [T, D] -> per-code [B, N, D]: code t of patch m gets packed position cu_seqlens + C - 1 + m."""
         return packed[self.code_to_packed]
 
     def __repr__(self) -> str:
