@@ -70,3 +70,40 @@ def write_code_dataset(folder, *, n_images=64, grid=(4, 4), vocab=32, num_classe
 @pytest.fixture
 def code_dataset(tmp_path):
     return write_code_dataset(tmp_path / "codes")
+
+
+_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+
+
+def text_caption(label: int, image: int, k: int) -> str:
+    """A caption that names the class (so a text model can learn it) in a few templates; image 5 has a long one."""
+    colour = _COLOURS[(image + k) % len(_COLOURS)]
+    if image == 5:
+        return " ".join([f"a very long caption about a {colour} thing of class {label}"] * 4)
+    return (f"a {colour} thing of class {label}", f"class {label} in {colour}", f"{colour} {label}")[(image + k) % 3]
+
+
+def add_text_captions(folder, *, captions_per_image: int = 2, uncaptioned=(3,), vocab_size: int = 36):
+    """Caption shards beside the codes written by `write_code_dataset` (every image has captions_per_image
+    captions naming its class, except `uncaptioned`), and a sentencepiece model trained on them at
+    folder/text.model. Returns the model's path."""
+    from dpar_scale.data.caption_shards import CAPTIONS_SUBDIR, write_caption_manifest, write_caption_shard
+    from dpar_scale.data.captions import MatchedCaptions
+    from dpar_scale.text import train_text_tokenizer
+
+    codes = S.CodeShards(str(folder))
+    labels = np.concatenate([np.load(os.path.join(str(folder), s["files"]["labels"])) for s in codes.shards])
+    by_image = {i: [text_caption(int(labels[i]), i, k) for k in range(captions_per_image)]
+                for i in range(len(codes)) if i not in uncaptioned}
+    out = os.path.join(str(folder), CAPTIONS_SUBDIR)
+    start = 0
+    for s in codes.shards:
+        write_caption_shard(out, s["index"], np.arange(start, start + s["count"]), by_image,
+                            meta={"made_from": {"test": True}})
+        start += s["count"]
+    write_caption_manifest(out, codes, MatchedCaptions(by_image=by_image, num_lines=sum(map(len, by_image.values()))),
+                           {}, [f"img{i}.png" for i in range(len(codes))])
+    tok = train_text_tokenizer([c for v in by_image.values() for c in v], vocab_size)
+    path = os.path.join(str(folder), "text.model")
+    tok.save(path)
+    return path

@@ -146,7 +146,9 @@ def window_rates(window: dict, dp_size: int, dpar: bool, peak: float | None) -> 
         "images_per_s": window["images"] * dp_size / seconds,
         "codes_per_s": window["codes"] * dp_size / seconds,
         "global_positions_per_s": window["global_positions"] * dp_size / seconds,
-        "mean_patch_length": window["codes"] / max(1, window["global_positions"] - window["images"]) if dpar else 1.0,
+        "mean_patch_length": (window["codes"] / max(1, window["global_positions"]
+                                                     - window.get("cond_positions", window["images"]))
+                              if dpar else 1.0),
         "step_time_s": seconds / window["steps"],
         # seconds a step waited for its batch (built in the loop, or not yet ready from the workers)
         "data_wait_s": window.get("data_wait", 0.0) / window["steps"],

@@ -26,7 +26,7 @@ from dpar_scale.checkpoint.save_load import (
 )
 from dpar_scale.checkpoint.resume_checks import check_resume
 from dpar_scale.config import Config, ConfigError, resolve_epochs, save_config, to_dict
-from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, rank_share
+from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, TextSource, rank_share
 from dpar_scale.flops.analytic import matmul_precision, peak_flops, train_flops
 from dpar_scale.parallel.dims import ParallelDims
 from dpar_scale.parallel.process_group import (
@@ -51,7 +51,7 @@ def check_model_fits_data(cfg: Config, data: CodeData) -> None:
     if tuple(m.grid) != tuple(data.grid):
         raise ConfigError(f"model.grid={list(m.grid)} but the codes are on a {list(data.grid)} grid: "
                           f"set model.grid={list(data.grid)}")
-    if m.kind != "entropy" and m.num_classes < data.num_classes:
+    if m.kind != "entropy" and m.conditioning != "text" and m.num_classes < data.num_classes:
         raise ConfigError(f"model.num_classes={m.num_classes} but the data has {data.num_classes} classes: "
                           f"set model.num_classes={data.num_classes}")
 
@@ -111,9 +111,17 @@ class Trainer:
         cfg, kind = self.cfg, self.cfg.model.kind
         needs_entropy = kind == "dpar" and cfg.model.patch.mode != "static"
         # every rank opens the data: the checks are split over them (and agree on any error)
+        text = cfg.model.conditioning == "text"
         self.data = CodeData.open(cfg.data.codes_dir, cfg.data.entropy_dir, need_entropy=needs_entropy,
                                   val_fraction=cfg.data.val_fraction, verify=cfg.data.verify, share=work_share(),
-                                  allow_null_label=kind in ("gpt", "dpar"))
+                                  allow_null_label=kind in ("gpt", "dpar"), captions_dir=cfg.data.captions_dir,
+                                  need_captions=text)
+        self.text_tokenizer = None
+        if text:
+            from dpar_scale.text import check_text_config, load_text_tokenizer
+
+            self.text_tokenizer = load_text_tokenizer(cfg.model.text.tokenizer)
+            check_text_config(cfg.model.text, self.text_tokenizer)
         check_model_fits_data(cfg, self.data)
         epochs_line = resolve_epochs(cfg, self.data.num_train_images)  # before config.yaml is written
         if epochs_line and self.is_main:
@@ -128,7 +136,9 @@ class Trainer:
         self.global_micro_batch = cfg.data.batch_size // cfg.train.grad_accum
         self.micro_batch = self.global_micro_batch // self.dp_size
         self.order = GlobalOrder(self.data.train_ids, seed=cfg.train.seed)
-        self.source = BatchSource(self.data, cfg.model.patch if kind == "dpar" else None)
+        text_source = (TextSource(self.text_tokenizer, cfg.model.text.max_length, cfg.train.seed)
+                       if self.text_tokenizer is not None else None)
+        self.source = BatchSource(self.data, cfg.model.patch if kind == "dpar" else None, text=text_source)
         self.batches = StepBatches(cfg, self.data, self.order, self.source, self.dp_rank, self.dp_size, self.device)
         self.prefetch = Prefetcher(self.batches.plan, self.batches.build, lambda p: p.cursor + len(p.step_ids),
                                    workers=cfg.data.num_workers, depth=cfg.data.prefetch_steps)
@@ -250,7 +260,8 @@ class Trainer:
         # counts unknown here) sum this rank's over the dp ranks when flushed. TP ranks share one batch.
         local_flops = None if reduced and plan.global_flops is not None else sum(
             train_flops(self.cfg.model, batch_images=len(b.codes), patch_lengths=b.patch_lengths,
-                        n_codes=b.codes.shape[1]) for b in batches)
+                        n_codes=b.codes.shape[1], text_lengths=None if b.text_lengths is None
+                        else b.text_lengths.tolist()) for b in batches)
         scale = (self.dp_size if reduced else 1) / total_codes
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
@@ -273,7 +284,15 @@ class Trainer:
         # The whole step's model FLOPs spread over every device (dp × tp): what MFU compares with one device's peak.
         record = {"step": self.state.step, "lr": lr, "images": images, "codes": local_codes,
                   "global_positions": positions, "data_wait_s": data_wait,
+                  # condition positions among them (the class: one per image; a caption: its tokens)
+                  "cond_positions": sum(len(b.codes) if b.text_lengths is None else int(b.text_lengths.sum())
+                                        for b in batches),
                   "flops_per_device": (plan.global_flops if local_flops is None else local_flops) / self.env.world_size}
+        if self.source.text is not None:  # captions cut to model.text.max_length over the whole step (every rank
+            # knows every rank's samples and their epochs: no communication), counted, never silent
+            texts = self.data.choose_captions(step_ids, self.order.epochs(plan.cursor, len(step_ids)),
+                                              self.cfg.train.seed)
+            record["text_truncated"] = self.text_tokenizer.encode_captions(texts, self.cfg.model.text.max_length)[1]
         if self.cfg.data.log_sample_ids:
             record["sample_ids"] = step_ids.tolist()  # the whole step's, every rank's micro-batches
         ids = np.concatenate([b.sample_ids.numpy() for b in batches])
@@ -308,7 +327,7 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, code count
         for start in range(0, len(ids), self.global_micro_batch):
             local, weight = rank_share(ids[start:start + self.global_micro_batch], self.dp_rank, self.dp_size)
-            batch = self.source.make(local)
+            batch = self.source.make(local, epochs=0 if self.source.text is not None else None)
             with self.autocast():
                 logits = self.model(**self.model_inputs(batch))
             per_image = code_loss_per_image(logits, batch.codes.to(self.device)).double()
@@ -376,8 +395,8 @@ class Trainer:
                 record = self.train_step()
                 window["time"] += time.perf_counter() - t0
                 window["steps"] += 1
-                for key in ("images", "codes", "global_positions", "data_wait"):
-                    window[key] += record.pop("data_wait_s" if key == "data_wait" else key)
+                for key in ("images", "codes", "global_positions", "data_wait", "cond_positions"):
+                    window[key] = window.get(key, 0) + record.pop("data_wait_s" if key == "data_wait" else key)
                 if bar is not None:
                     bar.update(1)
                 step = self.state.step
