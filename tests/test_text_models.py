@@ -180,3 +180,42 @@ def test_text_models_refuse_inputs_without_captions():
         make("dpar")(codes, layout=layout_for([1, 1, 1]), text_ids=ids, text_lengths=lengths)
     with pytest.raises(ValueError, match="3 captions for 2 images"):
         make("gpt")(codes[:2], text_ids=ids, text_lengths=lengths)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "dpar"])
+def test_sampling_with_prompts_cached_equals_uncached(kind):
+    """CFG with the prompts and the empty caption as the two halves of one batch, prompts of different lengths:
+    the KV-cached generation (prefix prefilled once) draws exactly the codes the uncached one draws."""
+    from dpar_scale.config import PatchConfig
+    from dpar_scale.sampling.generate import GenerationStats, generate_dpar, generate_gpt
+    from dpar_scale.sampling.streams import sample_uniforms
+
+    model = make(kind)
+    ids, lengths = captions(LENGTHS)
+    uniforms = sample_uniforms(0, range(3), N)
+    labels = torch.zeros(3, dtype=torch.long)
+    runs = []
+    for use_cache in (True, False):
+        stats = GenerationStats()
+        draw = dict(uniforms=uniforms, cfg_scale=2.5, temperature=1.0, use_cache=use_cache, stats=stats,
+                    text=(ids, lengths, EOS))
+        if kind == "gpt":
+            runs.append((generate_gpt(model, labels, **draw), None))
+        else:
+            torch.manual_seed(1)
+            entropy = GPT(n_layers=1, num_classes=0, dim=32, n_heads=2, vocab_size=VOCAB, grid=GRID, multiple_of=16)
+            with torch.no_grad():
+                for p in entropy.parameters():
+                    p.copy_(torch.randn(p.shape) * 0.3)
+            runs.append(generate_dpar(model, entropy.eval(), labels, patch_cfg=PatchConfig(threshold=3.4), **draw))
+    (cached, lengths_c), (uncached, lengths_u) = runs
+    assert torch.equal(cached, uncached)
+    assert lengths_c == lengths_u
+    # the prompts matter: other prompts draw other images from the same random streams
+    other = (torch.cat([torch.tensor([5, 6, EOS]), torch.tensor([EOS]), torch.tensor([7, EOS])]),
+             torch.tensor([3, 1, 2]), EOS)
+    if kind == "gpt":
+        moved = generate_gpt(model, labels, uniforms=uniforms, cfg_scale=2.5, text=other)
+        assert not torch.equal(moved, cached)
+    with pytest.raises(ValueError, match="text-conditioned: pass text="):
+        generate_gpt(make("gpt"), labels, uniforms=uniforms)

@@ -95,8 +95,10 @@ def load_model_for_inference(path: str | Path, use_ema: bool = True, device: str
     return model.to(device).eval(), cfg
 
 
-def write_export(weights: dict[str, torch.Tensor], cfg: Config, out_dir: str | Path, metadata: dict) -> dict:
-    """Writes `out_dir/model.safetensors` (atomically) + `out_dir/config.json`; returns a summary."""
+def write_export(weights: dict[str, torch.Tensor], cfg: Config, out_dir: str | Path, metadata: dict,
+                 text_tokenizer=None) -> dict:
+    """Writes `out_dir/model.safetensors` (atomically) + `out_dir/config.json` (+ a text model's tokenizer);
+    returns a summary."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -106,6 +108,10 @@ def write_export(weights: dict[str, torch.Tensor], cfg: Config, out_dir: str | P
               metadata={k: str(v) for k, v in {**metadata, "kind": cfg.model.kind}.items()})
     tmp.replace(out_dir / EXPORT_WEIGHTS)
     (out_dir / EXPORT_CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    if text_tokenizer is not None:
+        from dpar_scale.checkpoint.text_model import write_text_tokenizer
+
+        write_text_tokenizer(out_dir, text_tokenizer)
     return {**metadata, "out": str(out_dir / EXPORT_WEIGHTS), "config": str(out_dir / EXPORT_CONFIG),
             "tensors": len(weights), "parameters": sum(v.numel() for v in weights.values()), "kind": cfg.model.kind}
 
@@ -113,4 +119,9 @@ def write_export(weights: dict[str, torch.Tensor], cfg: Config, out_dir: str | P
 def export_checkpoint(path: str | Path, out_dir: str | Path, use_ema: bool = True) -> dict:
     """Writes `out_dir/model.safetensors` + `out_dir/config.json`; returns a summary."""
     weights, cfg, which = consolidated_weights(path, use_ema)
-    return write_export(weights, cfg, out_dir, {"source": str(path), "weights": which})
+    text_tokenizer = None
+    if cfg.model.conditioning == "text":  # the export carries it too, checked against the checkpoint's record
+        from dpar_scale.checkpoint.text_model import read_text_tokenizer
+
+        text_tokenizer = read_text_tokenizer(path)
+    return write_export(weights, cfg, out_dir, {"source": str(path), "weights": which}, text_tokenizer)

@@ -12,6 +12,8 @@ Where things come from:
   (`<data.entropy_dir or data.codes_dir/entropy>/manifest.json`, written by tools/compute_entropy.py). Entropies
   are rounded to the dtype the manifest says training read them in (float16), so the boundaries follow
   training's rule exactly; mode=static needs no entropy model;
+* a text model's text tokenizer: the one the checkpoint / export carries (dpar_scale.checkpoint.text_model), or
+  `text_tokenizer_path`, which must be that same model;
 * the patch rule: the checkpoint's `model.patch`, with `patch_overrides` (dotted `model.patch.*=value` strings)
   applied on top; only DPAR has one.
 """
@@ -49,6 +51,7 @@ class SamplingInputs:
     entropy_dtype: torch.dtype = torch.float32
     entropy_checkpoint: str = ""
     manifest: dict | None = None  # the codes manifest (class names), when there is one
+    text_tokenizer: object | None = None  # a text model's TextTokenizer (prompts -> ids)
     sources: dict = field(default_factory=dict)  # where each piece came from, for logs and meta files
 
     @property
@@ -131,7 +134,7 @@ def describe_rule(patch_cfg: PatchConfig) -> str:
 
 def load_sampling_inputs(checkpoint: str, *, device: str | torch.device = "cpu", tokenizer_path: str = "",
                          tokenizer_name: str = "", entropy_checkpoint: str = "",
-                         patch_overrides: list[str] | None = None) -> SamplingInputs:
+                         patch_overrides: list[str] | None = None, text_tokenizer_path: str = "") -> SamplingInputs:
     """Loads and checks everything before a (long) generation starts; SamplingInputError says what is missing."""
     try:
         model, cfg = load_model_for_inference(checkpoint, device=str(device))
@@ -139,8 +142,19 @@ def load_sampling_inputs(checkpoint: str, *, device: str | torch.device = "cpu",
         raise SamplingInputError(str(e)) from None
     kind = cfg.model.kind
     if kind not in ("gpt", "dpar"):
-        raise SamplingInputError(f"{checkpoint} is a {kind!r} model; sampling takes class-conditional gpt or dpar "
-                                 f"checkpoints")
+        raise SamplingInputError(f"{checkpoint} is a {kind!r} model; sampling takes class- or text-conditional gpt "
+                                 f"or dpar checkpoints")
+    text_tokenizer = None
+    if cfg.model.conditioning == "text":
+        from dpar_scale.checkpoint.text_model import read_text_tokenizer
+        from dpar_scale.text import TextTokenizerError
+
+        try:
+            text_tokenizer = read_text_tokenizer(checkpoint, text_tokenizer_path)
+        except (FileNotFoundError, TextTokenizerError) as e:
+            raise SamplingInputError(f"text tokenizer: {e}") from None
+    elif text_tokenizer_path:
+        raise SamplingInputError(f"{checkpoint} is class-conditional: a text tokenizer applies to text models only")
     trained_rule = cfg.model.patch
     if patch_overrides:
         if kind != "dpar":
@@ -165,7 +179,7 @@ def load_sampling_inputs(checkpoint: str, *, device: str | torch.device = "cpu",
         raise SamplingInputError(f"tokenizer {tok_path} has {tokenizer.vocab_size} codes, the model "
                                  f"{model.vocab_size}")
     inputs = SamplingInputs(model=model, cfg=cfg, tokenizer=tokenizer, tokenizer_name=tok_name,
-                            tokenizer_path=tok_path, manifest=manifest,
+                            tokenizer_path=tok_path, manifest=manifest, text_tokenizer=text_tokenizer,
                             sources={"checkpoint": str(checkpoint), "tokenizer": tok_path})
     if kind == "dpar":
         inputs.sources["trained_patch_rule"] = describe_rule(trained_rule)

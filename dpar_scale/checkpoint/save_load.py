@@ -167,9 +167,10 @@ class PendingCheckpoint:
 
 def save_checkpoint(output_dir, cfg: Config, engine, scheduler, state: TrainState, layout: dict, ema=None,
                     keep_last: int = 0, protect: Path | None = None, data_info: dict | None = None,
-                    background: bool = False) -> Path | PendingCheckpoint:
+                    background: bool = False, text_tokenizer=None) -> Path | PendingCheckpoint:
     """Collective (every rank calls it): engine state as shards, then rank 0 writes the small files, complete.json
-    and renames. `layout` describes the process layout (recorded, compared on resume). `background`: the
+    and renames. `layout` describes the process layout (recorded, compared on resume); `text_tokenizer`: a text
+    model's tokenizer, carried inside the checkpoint (dpar_scale.checkpoint.text_model). `background`: the
     shards are written by threads and a PendingCheckpoint is returned; `finish_checkpoint` (collective) waits
     for them and publishes."""
     rank = get_rank()
@@ -187,6 +188,10 @@ def save_checkpoint(output_dir, cfg: Config, engine, scheduler, state: TrainStat
                     "layout": layout}, tmp / "train_state.pt")
         save_config(cfg, tmp / "config.yaml")
         write_data_info(tmp, data_info)
+        if text_tokenizer is not None:
+            from dpar_scale.checkpoint.text_model import write_text_tokenizer
+
+            write_text_tokenizer(tmp, text_tokenizer)
     pending = PendingCheckpoint(tmp, final, futures, {"step": state.step, "engine": engine.name,
                                                       "world_size": get_world_size()},
                                 cfg.checkpoint.checksums, Path(output_dir), keep_last, protect)

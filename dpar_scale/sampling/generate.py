@@ -20,6 +20,11 @@ the encoder and the global model takes one step for that image; the decoder then
 global output of patch k+1's predecessors. Both CFG halves share the boundaries (the entropy model is
 unconditional and sees the same codes).
 
+Text models take `text=(text_ids, text_lengths, eos_id)`: the B prompts ragged (dpar_scale.data.loader.ragged_text)
+and the text tokenizer's eos; the unconditional half of CFG is the empty caption [eos] for every image. The prompts
+are prefilled into the KV caches once (their lengths may differ; the padding is masked), and `labels` then only
+sets B.
+
 `use_cache=False` recomputes the whole prefix at every code with the training `forward` (the authors' way, and
 the reference the tests compare against): GPT on the codes so far, DPAR with the prefix layout.
 """
@@ -95,6 +100,30 @@ def sample_logits(logits: torch.Tensor, u: torch.Tensor, *, temperature: float =
     return (cdf < target).sum(dim=-1).clamp_max(v - 1)
 
 
+def _text_rows(text, b: int, cfg: bool, device):
+    """(text_ids, text_lengths) of the rows: the prompts, then (CFG) the empty caption [eos] for every image."""
+    if text is None:
+        return None
+    ids, lengths, eos = text
+    lengths = torch.as_tensor(lengths, dtype=torch.long).cpu()
+    if lengths.shape != (b,) or int(lengths.min()) < 1 or int(lengths.sum()) != len(ids):
+        raise ValueError(f"text: need one caption of >= 1 token (eos last) per image ({b}), ragged: got lengths "
+                         f"{lengths.tolist()} for {len(ids)} ids")
+    ids = torch.as_tensor(ids, dtype=torch.long).to(device)
+    if cfg:
+        ids = torch.cat([ids, torch.full((b,), int(eos), dtype=torch.long, device=device)])
+        lengths = torch.cat([lengths, torch.ones(b, dtype=torch.long)])
+    return ids, lengths
+
+
+def _check_text(model, text) -> None:
+    if getattr(model, "text_conditioned", False) and text is None:
+        raise ValueError("this model is text-conditioned: pass text=(text_ids, text_lengths, eos_id) (the prompts, "
+                         "e.g. ragged_text(tokenizer, prompts, max_length)[:2] and tokenizer.eos_id)")
+    if text is not None and not getattr(model, "text_conditioned", False):
+        raise ValueError("text prompts given to a class-conditional model")
+
+
 def _cfg_labels(model, labels: torch.Tensor, cfg: bool) -> torch.Tensor:
     if not cfg:
         return labels
@@ -145,7 +174,7 @@ def _bar(total: int, progress: bool, desc: str):
 @torch.no_grad()
 def generate_gpt(model, labels: torch.Tensor, *, uniforms: torch.Tensor, cfg_scale: float = 1.0,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, use_cache: bool = True,
-                 progress: bool = False, stats: GenerationStats | None = None) -> torch.Tensor:
+                 progress: bool = False, stats: GenerationStats | None = None, text=None) -> torch.Tensor:
     """Codes [B, N] (raster order) from the GPT baseline for class `labels` [B]; `uniforms` [B, N] are the
     images' random streams (see the module docstring).
 
@@ -155,23 +184,28 @@ def generate_gpt(model, labels: torch.Tensor, *, uniforms: torch.Tensor, cfg_sca
     labels = _check_labels(model, labels).to(device)
     b, n = labels.shape[0], model.grid[0] * model.grid[1]
     uniforms = _check_uniforms(uniforms, b, n, device)
-    cfg = model.num_classes > 0 and cfg_scale != 1.0
-    cond = _cfg_labels(model, labels, cfg) if model.num_classes > 0 else None
+    _check_text(model, text)
+    cfg = model.conditional and cfg_scale != 1.0
+    cond = _cfg_labels(model, labels, cfg) if model.num_classes > 0 and text is None else None
     rows = 2 * b if cfg else b
+    words = _text_rows(text, b, cfg, device)
+    width = int(words[1].max()) if words is not None else 0
+    prompt = dict(text_ids=words[0], text_lengths=words[1]) if words is not None else {}
     codes = torch.zeros(b, n, dtype=torch.long, device=device)
     stats = stats if stats is not None else GenerationStats()
     stats.rows, stats.codes = rows, n
     draw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    cache = model.new_cache(rows) if use_cache else None
+    cache = (model.new_cache(rows, text_width=width) if width else model.new_cache(rows)) if use_cache else None
     with _eval(model), _bar(n, progress, "gpt") as bar:
         for k in range(n):
             if use_cache:
-                # Input position k: the condition (k = 0) or code k-1; its output predicts code k.
+                # Input position k: the condition (k = 0: the class, or the prompts prefilled) or code k-1; its
+                # output predicts code k.
                 prev = None if k == 0 else codes[:, k - 1:k].repeat(rows // b, 1)
-                logits = model.step(cache, prev, cond)[:, -1]
+                logits = model.step(cache, prev, cond, **(prompt if k == 0 else {}))[:, -1]
             else:
                 prefix = torch.cat([codes[:, :k], codes.new_zeros(b, 1)], dim=1).repeat(rows // b, 1)
-                logits = model(prefix, cond)[:, k]  # the dummy code k is never read for position k
+                logits = model(prefix, cond, **prompt)[:, k]  # the dummy code k is never read for position k
                 stats.token_positions += rows * (k + 1)
             codes[:, k] = sample_logits(guide(logits, cfg_scale, cfg), uniforms[:, k], **draw)
             bar.update(1)
@@ -198,7 +232,7 @@ def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, unif
                   cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   use_cache: bool = True,
                   entropy_dtype: torch.dtype = torch.float32, progress: bool = False,
-                  stats: GenerationStats | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+                  stats: GenerationStats | None = None, text=None) -> tuple[torch.Tensor, list[list[int]]]:
     """(codes [B, N], per-image patch lengths) from DPAR for class `labels` [B]; `uniforms` [B, N] are the
     images' random streams (see the module docstring).
 
@@ -216,10 +250,14 @@ def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, unif
     needs_entropy = patch_cfg.mode != "static"
     _check_entropy_model(model, entropy_model, needs_entropy)
     rule = patch_rule(patch_cfg, w)
+    _check_text(model, text)
     cfg = cfg_scale != 1.0
     halves = 2 if cfg else 1
-    cond = _cfg_labels(model, labels, cfg)
+    cond = _cfg_labels(model, labels, cfg) if text is None else None
     rows = halves * b
+    words = _text_rows(text, b, cfg, device)
+    prompt = dict(text_ids=words[0], text_lengths=words[1]) if words is not None else {}
+    cond_lengths = words[1].tolist() if words is not None else None
     codes = torch.zeros(b, n, dtype=torch.long, device=device)
     entropy = torch.zeros(b, n, dtype=torch.float32)  # CPU: the rule's input; entries not yet known stay 0
     stats = stats if stats is not None else GenerationStats()
@@ -231,11 +269,11 @@ def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, unif
 
     with _eval(model, entropy_model if needs_entropy else None), _bar(n, progress, "dpar") as bar:
         if use_cache:
-            cache = model.new_cache(rows)
+            cache = model.new_cache(rows, text_width=max(cond_lengths)) if words is not None else model.new_cache(rows)
             if needs_entropy:
                 ecache = entropy_model.new_cache(b)
                 entropy[:, 0] = rounded(entropy_from_logits(entropy_model.step(ecache, None)[:, -1]))
-            logits = model.start(cache, cond)
+            logits = model.start(cache, cond, **prompt)
             for k in range(n):
                 code = sample_logits(guide(logits, cfg_scale, cfg), uniforms[:, k], **draw)
                 codes[:, k] = code
@@ -257,8 +295,9 @@ def generate_dpar(model, entropy_model, labels: torch.Tensor, *, patch_cfg, unif
                 if needs_entropy:
                     entropy[:, :k + 1] = rounded(entropy_from_logits(entropy_model(prefix)))
                     stats.entropy_positions += b * (k + 1)
-                layout = PatchLayout.from_starts(rule(entropy)[:, :k + 1].repeat(halves, 1), (h, w)).to(device)
-                logits = model(prefix.repeat(halves, 1), cond, layout)[:, k]
+                layout = PatchLayout.from_starts(rule(entropy)[:, :k + 1].repeat(halves, 1), (h, w),
+                                                 cond_lengths=cond_lengths).to(device)
+                logits = model(prefix.repeat(halves, 1), cond, layout, **prompt)[:, k]
                 stats.encoder_positions += rows * (k + 1)
                 stats.decoder_positions += rows * (k + 1)
                 stats.global_positions += layout.num_global_positions

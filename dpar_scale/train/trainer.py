@@ -130,6 +130,12 @@ class Trainer:
         self.resumed_from = find_resume_checkpoint(self.out, cfg.checkpoint.resume)
         if self.resumed_from is not None:
             check_resume(self.resumed_from, cfg.model, self.data_info, cfg.checkpoint.allow_data_change)
+            if self.text_tokenizer is not None:  # the captions' ids must mean what they meant before the stop
+                from dpar_scale.checkpoint.text_model import recorded_text_identity
+                from dpar_scale.text import check_text_tokenizer
+
+                check_text_tokenizer(recorded_text_identity(self.resumed_from), self.text_tokenizer,
+                                     f"the checkpoint {self.resumed_from}")
         if cfg.data.batch_size % (cfg.train.grad_accum * self.dp_size):
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by train.grad_accum × "
                               f"data-parallel ranks = {cfg.train.grad_accum} × {self.dp_size}")
@@ -356,7 +362,8 @@ class Trainer:
         c = self.cfg.checkpoint
         result = save_checkpoint(self.out, self.cfg, self.engine, self.scheduler, self.state, self.layout(),
                                  ema=self.ema, keep_last=c.keep_last, protect=self.resumed_from,
-                                 data_info=self.data_info, background=c.async_save and not last)
+                                 data_info=self.data_info, background=c.async_save and not last,
+                                 text_tokenizer=self.text_tokenizer)
         if isinstance(result, PendingCheckpoint):
             self.pending_save = result
             return result.final
