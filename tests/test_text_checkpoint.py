@@ -1,0 +1,115 @@
+"""A text model's checkpoint and export carry its text tokenizer, so sampling needs nothing else; another text
+model is a clear error (at sampling and on resume); tools/sample.py samples prompts (--prompts, --prompts-file)
+into a prompt-labelled grid."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpar_scale.checkpoint.export import export_checkpoint
+from dpar_scale.checkpoint.text_model import TEXT_IDENTITY_FILE, TEXT_MODEL_FILE
+from dpar_scale.config import load_config
+from dpar_scale.text import TextTokenizer, TextTokenizerError, train_text_tokenizer
+from dpar_scale.train.trainer import Trainer
+
+from conftest import add_text_captions, write_code_dataset
+from parallel_helpers import overrides
+from sampling_fixtures import load_tool
+
+sample = load_tool("sample")
+
+
+def text_run(root, codes, model_path, kind, *extra):
+    more = ["model.patch.mode=static"] if kind == "dpar" else []  # no entropy model needed to sample it
+    return overrides(root / kind, codes, kind, "model.conditioning=text", f"model.text.tokenizer={model_path}",
+                     "model.text.vocab_size=36", "model.text.max_length=12", *more, *extra)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from dpar_scale.tokenizer.kmeans import KMeansTokenizer
+
+    root = tmp_path_factory.mktemp("text_ckpt")
+    codes = write_code_dataset(root / "codes", entropy=False)
+    model_path = add_text_captions(codes)
+    KMeansTokenizer(torch.rand(32, 3 * 2 * 2, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+                    block_size=2).save(str(root / "km.safetensors"))
+    for kind in ("dpar", "gpt"):
+        Trainer(load_config(None, text_run(root, codes, model_path, kind))).fit()
+    return root, codes, model_path
+
+
+def ckpt(root, kind):
+    return root / kind / "checkpoints" / "step-000004"
+
+
+def sample_args(root, checkpoint, out, *extra):
+    return ["--checkpoint", str(checkpoint), "--out", str(out), "--tokenizer", "kmeans", "--tokenizer-path",
+            str(root / "km.safetensors"), "--cfg-scale", "2.0", *extra]
+
+
+def test_checkpoint_and_export_carry_the_text_model(trained, tmp_path):
+    root, _, model_path = trained
+    original = open(model_path, "rb").read()
+    for kind in ("dpar", "gpt"):
+        folder = ckpt(root, kind)
+        assert (folder / TEXT_MODEL_FILE).read_bytes() == original
+        assert json.loads((folder / TEXT_IDENTITY_FILE).read_text()) == TextTokenizer(original).identity()
+        assert TEXT_MODEL_FILE in json.loads((folder / "complete.json").read_text())["files"]
+        export_checkpoint(folder, tmp_path / kind)
+        assert (tmp_path / kind / TEXT_MODEL_FILE).read_bytes() == original
+
+
+@pytest.mark.parametrize("kind", ["dpar", "gpt"])
+def test_sample_prompts_from_an_export_alone(trained, tmp_path, kind):
+    root, _, model_path = trained
+    export_checkpoint(ckpt(root, kind), tmp_path / "export")
+    (root / "moved.model").write_bytes(open(model_path, "rb").read())  # the training path is not needed
+    prompts = ["a red thing of class 1", "class 2 in blue", "x" * 200]  # the last is truncated, as in training
+    out = tmp_path / "samples"
+    assert sample.main(sample_args(root, tmp_path / "export", out, "--prompts", *prompts,
+                                   "--num-per-prompt", "2", "--batch-size", "4")) == 0
+    meta = json.loads((out / "prompts.json").read_text())
+    longer = sum(len(TextTokenizer.load(model_path).encode(p)) > 12 for p in prompts)
+    assert meta["prompts"] == prompts and meta["truncated_prompts"] == longer >= 1 and meta["num_per_prompt"] == 2
+    assert np.load(out / "labels.npy").tolist() == [0, 0, 1, 1, 2, 2]
+    assert np.load(out / "codes.npy").shape == (6, 4, 4)
+    from PIL import Image
+
+    grid = Image.open(out / "grid.png")
+    assert grid.size[1] == 3 * (8 + 2) + 2  # one row per prompt (8 px images)
+    # the same prompts from a file (plain lines and JSON Lines) give the same images
+    listing = tmp_path / "prompts.jsonl"
+    listing.write_text(json.dumps({"caption": prompts[0]}) + "\n\n" + prompts[1] + "\n" + prompts[2] + "\n")
+    assert sample.main(sample_args(root, tmp_path / "export", tmp_path / "again", "--prompts-file", str(listing),
+                                   "--num-per-prompt", "2")) == 0
+    assert np.array_equal(np.load(tmp_path / "again" / "codes.npy"), np.load(out / "codes.npy"))
+
+
+def test_another_text_model_is_refused(trained, tmp_path, capsys):
+    root, codes, model_path = trained
+    other = tmp_path / "other.model"
+    train_text_tokenizer(["some other words entirely", "and a different vocabulary here"] * 5, 24).save(str(other))
+    base = sample_args(root, ckpt(root, "gpt"), tmp_path / "s", "--prompts", "a red thing")
+    assert sample.main(base + ["--text-tokenizer", str(other)]) == 2
+    assert "is not the one the checkpoint" in capsys.readouterr().err
+    assert sample.main(sample_args(root, ckpt(root, "gpt"), tmp_path / "s", "--classes", "0")) == 2
+    assert "is a text model: give --prompts" in capsys.readouterr().err
+    # a damaged copy inside the checkpoint is found by its recorded sha256
+    damaged = tmp_path / "damaged"
+    export_checkpoint(ckpt(root, "gpt"), damaged)
+    data = bytearray((damaged / TEXT_MODEL_FILE).read_bytes())
+    data[-5] ^= 1
+    (damaged / TEXT_MODEL_FILE).write_bytes(bytes(data))
+    assert sample.main(sample_args(root, damaged, tmp_path / "s", "--prompts", "a")) == 2
+    err = capsys.readouterr().err
+    assert "does not match its recorded sha256" in err or "not a sentencepiece model" in err
+    (damaged / TEXT_MODEL_FILE).unlink()
+    assert sample.main(sample_args(root, damaged, tmp_path / "s", "--prompts", "a")) == 2
+    assert "carries no text_tokenizer.model" in capsys.readouterr().err
+    # resuming with another text model is refused before anything trains
+    resumed = text_run(root, codes, str(other), "gpt", "checkpoint.resume=auto", "train.steps=6",
+                       "model.text.vocab_size=36")
+    with pytest.raises(TextTokenizerError, match="is not the one the checkpoint"):
+        Trainer(load_config(None, resumed))
