@@ -7,6 +7,7 @@ FlopCounterMode) and cross-checked against an analytic formula.
         --entropies runs/demo/data/codes/entropy --threshold 7.8 --max-patch-length 4 --json flops.json
     python tools/count_flops.py --all [--json grid.json]     # B/L/XL/XXL x 256/384 px at the paper's statistics
     python tools/count_flops.py ... --dpar first,true        # DPAR in the legacy structure (default every,false)
+    python tools/count_flops.py ... --text-length 32         # text-to-image models: a 32-token caption prefix
 
 Layout: `--mean-patch-length ℓ` builds a valid layout (codes 0 and 1 start patches, row resets, P_max) with
 round(N/ℓ) patches per image spread evenly (FLOPs depend on a layout only through its patch counts); the default
@@ -65,14 +66,18 @@ def conventions(attention: str, probe: bool) -> dict:
 
 
 def model_config(name: str, grid: tuple[int, int], vocab: int, classes: int,
-                 dpar: DPARConfig | None = None) -> ModelConfig:
-    from dpar_scale.config import DPARConfig, ModelConfig
+                 dpar: DPARConfig | None = None, text_vocab: int = 0) -> ModelConfig:
+    """The preset's model; `text_vocab` > 0: its text-to-image version (model.conditioning=text)."""
+    from dpar_scale.config import DPARConfig, ModelConfig, TextConfig
     from dpar_scale.models import PRESETS
 
     if name not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    if PRESETS[name].get("conditioning") == "text" and not text_vocab:
+        raise UsageError(f"{name} is a text model: give --text-length L (the caption tokens counted)")
     return ModelConfig(kind=PRESETS[name]["kind"], preset=name, grid=tuple(grid), vocab_size=vocab,
-                       num_classes=classes, dpar=dpar or DPARConfig())
+                       num_classes=classes, dpar=dpar or DPARConfig(),
+                       conditioning="text" if text_vocab else "class", text=TextConfig(vocab_size=text_vocab))
 
 
 def load_entropies(path: str, max_images: int, verify: str = "full",
@@ -138,8 +143,12 @@ def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple
     from dpar_scale.config import PatchConfig
     from dpar_scale.patching.rule import PAPER_MEAN_PATCH_LENGTH, PAPER_THRESHOLD, patch_kwargs, patch_lengths
 
-    cfgs = {name: model_config(name, grid, args.vocab, args.classes, args.structure) for name in (baseline, model)}
+    text_vocab = args.text_vocab if args.text_length else 0
+    cfgs = {name: model_config(name, grid, args.vocab, args.classes, args.structure, text_vocab)
+            for name in (baseline, model)}
     layout_info: dict = {"max_patch_length": args.max_patch_length}
+    if args.text_length:
+        layout_info["text_length"] = args.text_length
     dataset = None
     if entropies is not None:
         theta = args.threshold if args.threshold is not None else PAPER_THRESHOLD.get(image_size)
@@ -165,7 +174,7 @@ def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple
         lengths = lengths_with_mean(grid, target, args.max_patch_length, args.batch_images or 1)
         layout_info.update(source="even layout of the given mean length", target_mean_patch_length=target)
     results = {name: measure(cfg, patch_lengths=lengths, batch_images=len(lengths), attention=args.attention,
-                             probe=not args.full_depth) for name, cfg in cfgs.items()}
+                             probe=not args.full_depth, text_length=args.text_length) for name, cfg in cfgs.items()}
     layout_info.update(batch_images=len(lengths), mean_patch_length=results[model].mean_patch_length
                        if PRESETS[model]["kind"] == "dpar" else 1.0)
     record = {"model": model, "baseline": baseline, "image_size": image_size, "grid": list(grid),
@@ -178,7 +187,7 @@ def compare(args, model: str, baseline: str, image_size: int | None, grid: tuple
         per = {}
         for name, cfg in cfgs.items():
             b = analytic_breakdown(cfg, batch_images=len(all_lengths), patch_lengths=all_lengths,
-                                   attention=args.attention)
+                                   attention=args.attention, text_lengths=args.text_length or None)
             per[name] = TRAIN_FACTOR * b.total / len(all_lengths)
         dataset.update(train_flops_per_image=per, reduction=1 - per[model] / per[baseline])
         record["dataset"] = dataset
@@ -292,6 +301,11 @@ def main(argv=None) -> int:
                          "(true | false); default every,false (the authors' code)")
     ap.add_argument("--verify", default="full", choices=("full", "size"),
                     help="an --entropies folder: check its shards' sha256 (full) or only their sizes (values always)")
+    ap.add_argument("--text-length", type=non_negative_int, default=0,
+                    help="count text-to-image models (model.conditioning=text) with captions of this many tokens "
+                         "(the prefix replaces the class position); 0 = class-conditional")
+    ap.add_argument("--text-vocab", type=positive_int, default=32000, help="rows of the text embedding (not counted: "
+                    "lookups are free) for --text-length")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     from dpar_scale.config import ConfigError, parse_dpar_structure, to_dict

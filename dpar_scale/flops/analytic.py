@@ -16,6 +16,9 @@ Conventions (every number in this module and in tools/count_flops.py follows the
 * **Training = 3 x forward.** The backward of each matmul y = x·W computes dx = dy·Wᵀ and dW = xᵀ·dy, two matmuls
   of the forward's size (attention's likewise: dQ, dK from dS; dP, dV from dO), so backward = 2 x forward.
   Activation recomputation is not counted (it is hardware work, not model work: MFU excludes it).
+* **Text models** (`text_lengths`, a caption length L_i per image): the caption's tokens replace the class
+  position, so DPAR's global documents are M_i + L_i long and a text GPT's rows L_i + N - 1 (its left padding to
+  the batch's longest caption is padding, below). Their embedding lookup is not counted; the head runs on codes.
 * **Padding.** The analytic count is, by default, the useful work (Σ (M_i + 1) global positions, Σ M_i patch
   queries): padding then shows up as lower MFU. `include_padding=True` counts the rows the dense implementation
   really runs (the packed sequence padded to `pad_to_multiple`, B x max M_i patch queries): that is what the
@@ -132,14 +135,16 @@ def _patch_counts(batch_images, patch_lengths, num_patches, layout, n_codes):
 def analytic_breakdown(model_cfg, *, batch_images: int = 1, patch_lengths: Sequence[Sequence[int]] | None = None,
                        num_patches: Sequence[int] | torch.Tensor | None = None, layout=None,
                        n_codes: int | None = None, attention: str = "full", include_padding: bool = False,
-                       pad_to_multiple: int | None = None) -> FlopBreakdown:
+                       pad_to_multiple: int | None = None, text_lengths: Sequence[int] | int | None = None
+                       ) -> FlopBreakdown:
     """Forward FLOPs of one batch from the model's shapes and the batch's layout (see the module docstring).
 
     `model_cfg` is a ModelConfig (resolved or not). For DPAR give the per-image patch lengths (or patch counts
     M_i, or the PatchLayout); N (codes per image) defaults to the config's grid. Per matmul row: attention block
     4·d², SwiGLU 3·d·h, head d·V, global-to-local d² (per code and per decoder layer with
     model.dpar.decoder_injection=every, once with first), patch cross-attention 4·d² (+ a SwiGLU with
-    model.dpar.cross_attn_ffn); per attention pair 2·d multiply-adds.
+    model.dpar.cross_attn_ffn); per attention pair 2·d multiply-adds. `text_lengths`: a text model's caption
+    lengths (one per image, or one for all), the prefix replacing the class position.
     """
     from dpar_scale.models.layers import ffn_hidden_dim
 
@@ -151,17 +156,26 @@ def analytic_breakdown(model_cfg, *, batch_images: int = 1, patch_lengths: Seque
     block = 4 * d * d + 3 * d * h  # MACs per position of one LLaMA block's weights
     pair = 2 * d  # MACs per attention (query, key) pair: QKᵀ and PV over all heads
     b = batch_images
+    if text_lengths is None:
+        cond = [1] * b  # the class position
+    else:
+        cond = [int(text_lengths)] * b if isinstance(text_lengths, int) else [int(x) for x in text_lengths]
+        if len(cond) != b or min(cond) < 1:
+            raise ValueError(f"text_lengths: need one caption length >= 1 per image ({b}), got {cond}")
     matmul, attn = defaultdict(float), defaultdict(float)
     if cfg.kind in ("gpt", "entropy"):
-        n = n_codes or cfg.grid[0] * cfg.grid[1]  # [cond, x_0 .. x_{N-2}]: N positions
-        matmul["global"] = cfg.n_layers * b * n * block
-        attn["global"] = cfg.n_layers * b * causal_pairs(n, attention) * pair
+        n = n_codes or cfg.grid[0] * cfg.grid[1]  # [cond..., x_0 .. x_{N-2}]: N - 1 + C_i positions
+        rows = [c + n - 1 for c in cond]
+        if include_padding and text_lengths is not None:  # left-padded to the longest caption
+            rows = [max(cond) + n - 1] * b
+        matmul["global"] = cfg.n_layers * sum(rows) * block
+        attn["global"] = cfg.n_layers * sum(causal_pairs(c + n - 1, attention) for c in cond) * pair
         matmul["head"] = b * n * d * v
     else:
         counts, n = _patch_counts(b, patch_lengths, num_patches, layout, n_codes)
         n = n or cfg.grid[0] * cfg.grid[1]
         pad = pad_to_multiple or (layout.pad_to_multiple if layout is not None else 1)
-        positions = sum(m + 1 for m in counts)  # [class, patches] per image
+        positions = sum(m + c for m, c in zip(counts, cond))  # [class | caption, patches] per image
         global_rows = -(-positions // pad) * pad if include_padding else positions
         query_rows = b * max(counts) if include_padding else sum(counts)
         codes = b * n
@@ -172,7 +186,7 @@ def analytic_breakdown(model_cfg, *, batch_images: int = 1, patch_lengths: Seque
         matmul["encoder"] = cfg.n_encoder_layers * codes * block + query_rows * (2 * d * d + ffn) + codes * 2 * d * d
         attn["encoder"] = (cfg.n_encoder_layers * b * causal_pairs(n, attention) + codes) * pair
         matmul["global"] = cfg.n_global_layers * global_rows * block
-        attn["global"] = cfg.n_global_layers * sum(causal_pairs(m + 1, attention) for m in counts) * pair
+        attn["global"] = cfg.n_global_layers * sum(causal_pairs(m + c, attention) for m, c in zip(counts, cond)) * pair
         # decoder: the global-to-local Linear on every code, before every layer (decoder_injection=every) or once
         injections = cfg.n_decoder_layers if cfg.dpar.decoder_injection == "every" else 1
         matmul["decoder"] = injections * codes * d * d + cfg.n_decoder_layers * codes * block

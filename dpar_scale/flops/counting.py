@@ -193,12 +193,15 @@ def _group_counts(per_module: dict[str, dict[str, float]], group_of: dict[str, s
 class _Traced(torch.nn.Module):
     """jit.trace takes tensors only: the layout is held here and captured as constants."""
 
-    def __init__(self, model, layout):
+    def __init__(self, model, layout, text=None):
         super().__init__()
         self.counted, self.layout = model, layout
+        self.text = {} if text is None else {"text_ids": text[0], "text_lengths": text[1]}
 
     def forward(self, codes, labels=None):
-        return self.counted(codes, labels, self.layout) if self.layout is not None else self.counted(codes, labels)
+        if self.layout is not None:
+            return self.counted(codes, labels, self.layout, **self.text)
+        return self.counted(codes, labels, **self.text)
 
 
 _SDPA_JIT_OPS = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -232,13 +235,14 @@ def _flop_counter_formulas(recorder: AttentionRecorder) -> dict:
 
 def count_ops(model, codes, labels=None, layout=None, *, attention: str = "full",
               scale: dict[str, float] | None = None, fvcore: bool = True, flop_counter: bool = True,
-              backward: bool = False) -> dict[str, FlopBreakdown]:
+              backward: bool = False, text=None) -> dict[str, FlopBreakdown]:
     """Op-level counts of one forward: {"fvcore": ..., "FlopCounterMode": ...} (whichever are asked for).
 
     fvcore's FlopCountAnalysis traces the model (doubled to FLOPs; attention by op handles fed by the recorder);
     FlopCounterMode, when both are asked for, watches the dispatched ops of that same traced forward (one forward
     feeds both, each with its own bookkeeping). With `backward` (FlopCounterMode only, no fvcore) the summed
     logits are back-propagated and "backward" holds the backward's totals (matmul / attention, group "backward").
+    `text`: a text model's captions, (text_ids [Σ L], text_lengths [B]) (the layout built with their lengths).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -258,7 +262,7 @@ def count_ops(model, codes, labels=None, layout=None, *, attention: str = "full"
                 q, k, v = (get_shape(x) for x in inputs[:3])
                 return recorder.macs(q, k, v[-1], consumer="fvcore")
 
-            analysis = FlopCountAnalysis(_Traced(model, layout), (codes,) if labels is None else (codes, labels))
+            analysis = FlopCountAnalysis(_Traced(model, layout, text), (codes,) if labels is None else (codes, labels))
             for op in _SDPA_JIT_OPS:
                 analysis.set_op_handle(op, sdpa_handle)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -269,7 +273,7 @@ def count_ops(model, codes, labels=None, layout=None, *, attention: str = "full"
             out["fvcore"] = _group_counts(rel, groups, scale, FLOPS_PER_MAC * analysis.total(), "fvcore", batch)
         else:
             with torch.set_grad_enabled(backward):
-                logits = model(codes, labels, layout) if layout is not None else model(codes, labels)
+                logits = _Traced(model, layout, text).forward(codes, labels)
         if flop_counter:
             fwd_counts, root = counter.get_flop_counts(), type(model).__name__ + "."
             rel = {}
@@ -316,13 +320,15 @@ class Measurement:
 
 
 def measure(model_cfg, *, patch_lengths: Sequence[Sequence[int]] | None = None, batch_images: int = 1,
-            attention: str = "full", probe: bool = True, per_image: bool = True, seed: int = 0) -> Measurement:
+            attention: str = "full", probe: bool = True, per_image: bool = True, seed: int = 0,
+            text_length: int = 0) -> Measurement:
     """Counts training-shaped forwards of the model three ways (analytic, fvcore, FlopCounterMode).
 
     DPAR needs `patch_lengths` (per image, the batch size follows from them); a GPT / entropy model counts
     `batch_images` images. With `per_image` (default) each DPAR image is its own forward, so nothing is padding
     and the counts are the model FLOPs; without it the images share one forward, whose patch queries are padded
     to the longest image (the dense implementation runs those rows), and the analytic count includes padding.
+    `text_length`: a text model (model.conditioning=text) counted with captions of that many tokens.
     """
     from dpar_scale.patching.layout import PatchLayout
     from dpar_scale.models import build_model, count_params
@@ -330,32 +336,44 @@ def measure(model_cfg, *, patch_lengths: Sequence[Sequence[int]] | None = None, 
     cfg = _resolve(model_cfg)
     h, w = cfg.grid
     layout = None
+    is_text = cfg.conditioning == "text"
+    if is_text != (text_length > 0):
+        raise ValueError("a text model is counted with text_length >= 1 caption tokens (and only a text model)")
     if cfg.kind == "dpar":
         if patch_lengths is None:
             raise ValueError("counting a DPAR model needs patch_lengths (per image)")
-        layout = PatchLayout.from_lengths(patch_lengths, (h, w))
+        layout = PatchLayout.from_lengths(patch_lengths, (h, w), cond_lengths=[text_length] * len(patch_lengths)
+                                          if is_text else None)
         batch_images = layout.batch_size
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, cfg.vocab_size, (batch_images, h * w), generator=gen)
-    labels = torch.randint(0, cfg.num_classes, (batch_images,), generator=gen) if cfg.num_classes else None
+    labels = (torch.randint(0, cfg.num_classes, (batch_images,), generator=gen)
+              if cfg.num_classes and not is_text else None)
+    text = None
+    if is_text:
+        text = (torch.randint(0, cfg.text.vocab_size, (batch_images * text_length,), generator=gen),
+                torch.full((batch_images,), text_length, dtype=torch.long))
     with torch.device("meta"):
         params = count_params(build_model(cfg))
     model, scale = counting_model(cfg, probe=probe)
     analytic = analytic_breakdown(cfg, batch_images=batch_images, layout=layout, attention=attention,
-                                  include_padding=not per_image)
+                                  include_padding=not per_image, text_lengths=text_length if is_text else None)
     if layout is not None and per_image and batch_images > 1:
         parts = [count_ops(model, codes[i:i + 1], None if labels is None else labels[i:i + 1],
-                           PatchLayout.from_lengths([layout.lengths[i]], (h, w)), attention=attention, scale=scale)
+                           PatchLayout.from_lengths([layout.lengths[i]], (h, w), cond_lengths=layout.cond_lengths[i:i + 1]),
+                           attention=attention, scale=scale,
+                           text=None if text is None else (text[0][i * text_length:(i + 1) * text_length],
+                                                           text[1][i:i + 1]))
                  for i in range(batch_images)]
         fv, fc = (sum((p[k] for p in parts[1:]), parts[0][k]) for k in ("fvcore", "FlopCounterMode"))
     else:
-        counts = count_ops(model, codes, labels, layout, attention=attention, scale=scale)
+        counts = count_ops(model, codes, labels, layout, attention=attention, scale=scale, text=text)
         fv, fc = counts["fvcore"], counts["FlopCounterMode"]
     worst = max(max_disagreement(analytic, fv), max_disagreement(analytic, fc), max_disagreement(fv, fc))
     if layout is None:
-        positions, mean_length = float(h * w), 1.0
+        positions, mean_length = float(h * w + (text_length - 1 if is_text else 0)), 1.0
     else:
-        patches = layout.num_global_positions - batch_images
+        patches = layout.num_global_positions - layout.num_cond_positions
         positions, mean_length = layout.num_global_positions / batch_images, h * w * batch_images / patches
     return Measurement(analytic=analytic, fvcore=fv, flop_counter=fc, params=params,
                        global_positions_per_image=positions, mean_patch_length=mean_length, disagreement=worst)

@@ -118,6 +118,8 @@ class GPT(nn.Module):
         rope = self.text_rope_table(width, n - 1, codes.device)
         for layer in self.layers:
             x = layer(x, mask, rope)
+        if self.sequence_multiple == 1:  # the head on the code positions only (under TP x is a sequence shard)
+            return self.output(self.norm(x[:, width - 1:])).float()
         return self.output(self.norm(x)).float()[:, width - 1:]
 
     def text_rope_table(self, width: int, n_codes: int, device) -> torch.Tensor:
