@@ -113,3 +113,27 @@ def test_another_text_model_is_refused(trained, tmp_path, capsys):
                        "model.text.vocab_size=36")
     with pytest.raises(TextTokenizerError, match="is not the one the checkpoint"):
         Trainer(load_config(None, resumed))
+
+
+def test_sample_ddp_samples_a_caption_set(trained, tmp_path, capsys):
+    root, _, _ = trained
+    sample_ddp = load_tool("sample_ddp")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"path": f"{i}.png", "caption": c}) + "\n"
+                                for i, c in enumerate(["a red thing of class 0", "class 1 in blue", "green 2"])))
+    args = ["--checkpoint", str(ckpt(root, "dpar")), "--num-samples", "6", "--batch-size", "4", "--no-progress",
+            "--tokenizer", "kmeans", "--tokenizer-path", str(root / "km.safetensors"), "--cfg-scale", "2.0"]
+    out = tmp_path / "eval"
+    assert sample_ddp.main(args + ["--out", str(out), "--captions", str(captions)]) == 0
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].shape == (6, 8, 8, 3)
+        assert sorted(f["labels"].tolist()) == [0, 0, 1, 1, 2, 2]  # balanced over the captions
+    assert json.loads((out / "captions.json").read_text())[1] == "class 1 in blue"
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["settings"]["captions"]["count"] == 3
+    # the same folder with other captions is refused (the record names the caption set)
+    captions.write_text("one\ntwo\nthree\n")
+    assert sample_ddp.main(args + ["--out", str(out), "--captions", str(captions)]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert sample_ddp.main(args + ["--out", str(tmp_path / "none")]) == 2
+    assert "give --captions FILE" in capsys.readouterr().err

@@ -6,6 +6,7 @@
         [--max-patch-length P] [--patch-mode MODE] [--temperature 1.0] [--top-k 0] [--top-p 1.0] \
         [--batch-size 32] [--precision auto|bf16|fp32] [--tokenizer-path PATH] [--entropy-checkpoint PATH] \
         [--evaluate --reference REF (--inception PATH | --features domain:PATH) [--json OUT]]
+        [--captions FILE [--text-tokenizer PATH]]      (text models: the caption set to sample)
 
 Writes DIR/samples.npz (the ADM evaluator's layout: `arr_0` uint8 [N, H, W, 3], plus `labels` int64 [N]),
 DIR/meta.json (settings, sources, world size, seconds, images/s; for DPAR the mean patch length and the global
@@ -18,10 +19,14 @@ arguments (on any number of processes) verifies the chunks it finds, skips them,
 chunks from other settings are refused with the differences listed. Labels are balanced (N / classes each) in a
 seeded shuffled order by default; --per-class sorts them by class; --random-labels draws them uniformly
 (LlamaGen's protocol). bf16 autocast on CUDA, fp32 on CPU (--precision to choose); nccl on GPUs, gloo on CPU.
+Text models: --captions FILE (one caption per line, or a captions.jsonl) is the caption set; `labels` then holds
+each sample's caption index (balanced over the captions, or --per-class / --random-labels as for classes), and
+DIR/captions.json the captions.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -55,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--captions", default="", help="text models: the captions to sample (one per line, or jsonl)")
+    p.add_argument("--text-tokenizer", default="", help="text models: default: the one the checkpoint carries")
     ev = p.add_argument_group("evaluation in the same job (--evaluate)")
     ev.add_argument("--evaluate", action="store_true",
                     help="after sampling, compute FID / IS / precision / recall (tools/evaluate.py) in the same "
@@ -91,8 +98,20 @@ def run(args):
         torch.cuda.set_device(device)
     inputs = load_sampling_inputs(args.checkpoint, device=device, tokenizer_path=args.tokenizer_path,
                                   tokenizer_name=args.tokenizer, entropy_checkpoint=args.entropy_checkpoint,
-                                  patch_overrides=patch_rule_overrides(args))
+                                  patch_overrides=patch_rule_overrides(args),
+                                  text_tokenizer_path=args.text_tokenizer)
     apply_config_defaults(args, inputs.cfg)
+    if inputs.text_tokenizer is not None:
+        from dpar_scale.sampling.prompts import PromptError, read_prompts_file
+
+        if not args.captions:
+            raise PromptError(f"{args.checkpoint} is a text model: give --captions FILE (the caption set to sample)")
+        inputs.prompts = read_prompts_file(args.captions)
+        if pg.get_rank() == 0:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "captions.json").write_text(json.dumps(inputs.prompts, ensure_ascii=False) + "\n")
+    elif args.captions:
+        raise SamplingInputError(f"{args.checkpoint} is class-conditional: --captions applies to text models")
     settings = settings_from_args(args)
     if pg.get_rank() == 0:
         rule = f", patch rule {describe_rule(inputs.patch_cfg)}" if inputs.kind == "dpar" else ""

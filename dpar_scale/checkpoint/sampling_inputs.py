@@ -52,6 +52,7 @@ class SamplingInputs:
     entropy_checkpoint: str = ""
     manifest: dict | None = None  # the codes manifest (class names), when there is one
     text_tokenizer: object | None = None  # a text model's TextTokenizer (prompts -> ids)
+    prompts: list | None = None  # a text model's caption set to sample (tools/sample_ddp.py --captions)
     sources: dict = field(default_factory=dict)  # where each piece came from, for logs and meta files
 
     @property

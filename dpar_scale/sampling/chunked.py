@@ -20,6 +20,10 @@ bytes (`settings_record`). A restarted job, on the same or another world size, v
 `sample_to_folder` is the entry point (tools/sample_ddp.py is its command line); it returns a `SamplingResult`
 whose `iter_rank_images` hands each rank its share of the images (chunks k ≡ rank mod world), so feature
 extraction can run in the same process group.
+
+Text models sample a caption set (`inputs.prompts`, tools/sample_ddp.py --captions): sample i's "label" is the
+index of its caption, drawn exactly as class labels are (balanced over the captions by default), and the record
+names the captions' sha256 and the text tokenizer, so a resume with other captions is refused.
 """
 from __future__ import annotations
 
@@ -121,6 +125,10 @@ def settings_record(inputs, settings: SampleSettings, device: torch.device) -> d
               "kind": inputs.kind, "grid": list(model.grid), "vocab_size": model.vocab_size,
               "num_classes": model.num_classes, "model_sha256": weights_fingerprint(model),
               "tokenizer": {"name": inputs.tokenizer_name, "sha256": weights_fingerprint(inputs.tokenizer)}}
+    if inputs.text_tokenizer is not None:
+        record["captions"] = {"count": len(inputs.prompts), "sha256": hashlib.sha256(
+            json.dumps(list(inputs.prompts), ensure_ascii=False).encode()).hexdigest()}
+        record["text_tokenizer_sha256"] = inputs.text_tokenizer.sha256
     if inputs.kind == "dpar":
         record["patch_rule"] = asdict(inputs.patch_cfg)
         record["entropy_model_sha256"] = weights_fingerprint(inputs.entropy_model)
@@ -172,6 +180,12 @@ def _generate_chunk(inputs, settings: SampleSettings, device, precision: str, id
                 top_k=settings.top_k, top_p=settings.top_p)
     stats = GenerationStats()
     out = {"first": np.int64(ids.start), "labels": labels}
+    if inputs.text_tokenizer is not None:  # labels are caption indices; the model reads the captions' tokens
+        from dpar_scale.sampling.prompts import prompt_inputs
+
+        draw["text"], _ = prompt_inputs(inputs.text_tokenizer, [inputs.prompts[i] for i in labels.tolist()],
+                                        inputs.cfg.model.text.max_length)
+        batch = torch.zeros_like(batch)
     with _autocast(device, precision):
         if kind == "dpar":
             codes, lengths = generate_dpar(model, inputs.entropy_model, batch, patch_cfg=inputs.patch_cfg,
@@ -231,7 +245,10 @@ def sample_to_folder(inputs, settings: SampleSettings, out_dir: str | Path, *, d
     h, w = model.grid
     n, bsz = settings.num_samples, settings.batch_size
     num_chunks = -(-n // bsz)
-    labels = sample_labels(settings.seed, n, model.num_classes, settings.labels)
+    if inputs.text_tokenizer is not None and not inputs.prompts:
+        raise ValueError("a text model samples a caption set: set inputs.prompts (tools/sample_ddp.py --captions)")
+    classes = len(inputs.prompts) if inputs.text_tokenizer is not None else model.num_classes
+    labels = sample_labels(settings.seed, n, classes, settings.labels)
     precision = settings.resolved_precision(device)
     record = _on_rank0(lambda: settings_record(inputs, settings, device))
     meta_path = out_dir / META_FILE
