@@ -137,3 +137,21 @@ def test_sample_ddp_samples_a_caption_set(trained, tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
     assert sample_ddp.main(args + ["--out", str(tmp_path / "none")]) == 2
     assert "give --captions FILE" in capsys.readouterr().err
+
+
+def test_position_budget_counts_the_captions(trained, tmp_path):
+    """data.global_tokens_per_microbatch packs Σ (M_i + L_i) for a text DPAR: every micro-batch's packed global
+    sequence fits the budget, although counting one class position per image would have packed more images."""
+    from dpar_scale.data.packing import pack_microbatches
+
+    root, codes, model_path = trained
+    cfg = load_config(None, text_run(tmp_path, codes, model_path, "dpar", "data.global_tokens_per_microbatch=40",
+                                     "train.grad_accum=2"))
+    trainer = Trainer(cfg)
+    batches, step_ids = trainer.batches.for_step(0)
+    assert len(batches) == 2
+    for b in batches:
+        layout = trainer.model_inputs(b)["layout"]
+        assert layout.num_global_positions == b.num_patches + int(b.text_lengths.sum()) <= 40
+    as_class = next(pack_microbatches(zip(step_ids.tolist(), trainer.source.patch_lengths(step_ids)), 40))
+    assert len(as_class) > len(batches[0].codes)

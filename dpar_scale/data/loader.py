@@ -304,6 +304,13 @@ class BatchSource:
                 self.text.tokenizer, batch.captions, self.text.max_length)
         return batch
 
+    def text_lengths(self, ids: np.ndarray, epochs) -> list[int]:
+        """Each sample's caption length in tokens (truncated, eos included) in its epoch: what a text model's
+        packer counts (the caption replaces the class position)."""
+        texts = self.data.choose_captions(ids, epochs, self.text.seed)
+        ids_per, _ = self.text.tokenizer.encode_captions(texts, self.text.max_length)
+        return [len(x) for x in ids_per]
+
     def patch_lengths(self, ids: np.ndarray) -> list[list[int]]:
         """Patch lengths of the given samples, reading only their entropies (for the position-budget packer)."""
         n = self.data.grid[0] * self.data.grid[1]

@@ -7,7 +7,8 @@ overflows on hard ones; instead we take images in stream order while Σ (M_i + 1
 
 Greedy in stream order, no look-ahead or re-ordering: the output is a pure function of the input order, so the
 data order stays a function of (seed, epoch, sample index) and resuming from a cursor reproduces the batches.
-Pure Python; no I/O.
+Text models: an item may carry its caption length L_i as a third element; its cost is then M_i + L_i (the caption
+replaces the class position). Pure Python; no I/O.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class MicroBatch:
 
 def pack_microbatches(items: Iterable[tuple[Any, Sequence[int]]], budget: int, pad_to_multiple: int = 1,
                       max_images: int | None = None, drop_last: bool = False) -> Iterator[MicroBatch]:
-    """Yields MicroBatches from (sample id, patch lengths) items, in order, each with padded Σ (M_i+1) <= budget.
+    """Yields MicroBatches from (sample id, patch lengths[, condition length]) items, in order, each with padded
+    Σ (M_i + C_i) <= budget (C_i = 1, the class, unless the item gives a text model's caption length).
 
     A micro-batch is closed when the next image would not fit (or `max_images` is reached). An image that alone
     exceeds the budget is an error, not a silent drop. `drop_last` discards the final, partly filled batch.
@@ -58,8 +60,9 @@ def pack_microbatches(items: Iterable[tuple[Any, Sequence[int]]], budget: int, p
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
     current = MicroBatch(budget=budget, pad_to_multiple=pad_to_multiple)
-    for sample_id, lengths in items:
-        cost = len(lengths) + 1
+    for item in items:
+        sample_id, lengths = item[0], item[1]
+        cost = len(lengths) + (int(item[2]) if len(item) > 2 else 1)
         if padded(cost, pad_to_multiple) > budget:
             raise ValueError(f"sample {sample_id!r} needs {cost} global positions (padded to "
                              f"{padded(cost, pad_to_multiple)}), more than the budget of {budget}: raise "
