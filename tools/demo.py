@@ -65,6 +65,17 @@ def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def _text_demo(args) -> int:
+    """`make demo ARGS=--text`: tools/demo_text.py with this command line's folder, sizes and steps."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_text", ROOT / "tools" / "demo_text.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(["--out", str(args.out)] + (["--quick"] if args.quick else [])
+                       + (["--steps", str(args.steps)] if getattr(args, "steps", 0) else []))
+
+
 def final_checkpoint(run_dir: Path, steps: int) -> Path:
     return run_dir / "checkpoints" / f"step-{steps:06d}"
 
@@ -80,7 +91,11 @@ def main(argv=None) -> int:
                                                                       "runs (0: the demo's own)")
     p.add_argument("--json", default=None, help="also write the summary here (default: results/demo_summary.json; "
                                                 "none with --quick)")
+    p.add_argument("--text", action="store_true", help="the text-to-image demo instead (tools/demo_text.py: text "
+                                                       "DPAR and GPT, prompt following)")
     args = p.parse_args(argv)
+    if args.text:
+        return _text_demo(args)
     from dpar_scale.checkpoint.save_load import is_complete
     from dpar_scale.config import load_config
 

@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Text-to-image DPAR and GPT on the embedded dataset (`make demo ARGS=--text`), with the tools a user runs.
+
+  images + captions.jsonl -> k-means tokenizer -> codes + caption shards -> sentencepiece text model
+  -> entropy model -> entropies -> θ -> text DPAR and text GPT -> prompt-labelled grids
+  -> prompt following: shape_accuracy / color_accuracy of samples against their prompts (the embedded evaluator's
+     shape and colour heads, tools/fit_evaluator.py), against chance -> table (and <out>/text_summary.json)
+
+The data, image tokenizer, entropy model and θ are the class demo's (same folders, reused when complete). The
+evaluation prompts are not training captions: each is worded by the dataset's own caption templates
+(`scene_captions`) from a real picture's attributes with its colour replaced by a seeded pick of the eight hue
+words, so (shape, colour) is known for every prompt; `--eval-prompts` of them, `--num-per-prompt` samples each.
+Chance: 1 / shapes for shape_accuracy, the share of the most frequent prompted colour for color_accuracy.
+`--quick` shrinks every stage (seconds, for tests).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dpar_scale.cli import entry_point, parser, positive_int  # noqa: E402
+
+TARGET_MEAN_PATCH_LENGTH = 1.81
+TEXT_VOCAB = 128
+GRID_PROMPTS = 10  # rows of the prompt-labelled grids
+
+
+def evaluation_prompts(images: Path, count: int, seed: int = 0) -> list[dict]:
+    """[{"prompt", "shape", "colour"}]: `count` prompts, classes in turn, colours drawn per prompt (sky_sun keeps
+    its sun's colour; the object of every other class takes the drawn colour)."""
+    import numpy as np
+
+    from dpar_scale.data.synthetic_captions import COLOUR_NAMES, scene_captions
+
+    rows = [json.loads(line) for line in (images / "attributes.jsonl").read_text().splitlines() if line.strip()]
+    by_class: dict[int, list[dict]] = {}
+    for row in rows:
+        by_class.setdefault(int(row["class"]), []).append(row)
+    rng = np.random.default_rng(seed)
+    out = []
+    classes = sorted(by_class)
+    for k in range(count):
+        base = dict(by_class[classes[k % len(classes)]][int(rng.integers(len(by_class[classes[k % len(classes)]])))])
+        if base["shape"] != "sky_sun":
+            colour = str(rng.choice(COLOUR_NAMES))
+            base.update(colour=colour, colours=[colour])
+        prompt = scene_captions(base, 1, rng)[0]
+        out.append({"prompt": prompt, "shape": base["shape"], "colour": base["colour"]})
+    return out
+
+
+def prompt_following(samples: Path, prompts: list[dict], evaluator: Path) -> dict:
+    """shape_accuracy / color_accuracy of the images of `samples` (tools/sample_ddp.py output: labels = prompt
+    indices) under the evaluator's shape and colour heads, and their chance levels."""
+    import numpy as np
+
+    from dpar_scale.evaluation.domain_classifier import load_domain_classifier, predict
+
+    model = load_domain_classifier(str(evaluator))
+    heads = model.meta["heads"]
+    with np.load(samples) as f:
+        images, labels = f["arr_0"], f["labels"]
+    pred = predict(model, images)
+    out = {"samples": int(len(labels))}
+    for head, key, name in (("shape", "shape", "shape_accuracy"), ("colour", "colour", "color_accuracy")):
+        if head not in heads:
+            out[name] = None
+            continue
+        values = list(heads[head])
+        target = np.array([values.index(prompts[i][key]) if prompts[i][key] in values else -1 for i in labels])
+        out[name] = float((pred[head] == target).mean())
+        counts = np.bincount(target[target >= 0], minlength=len(values))
+        out[name.replace("accuracy", "chance")] = (1 / len(values) if head == "shape"
+                                                   else float(counts.max() / max(1, counts.sum())))
+    return out
+
+
+def run(args: list, log: Path) -> None:
+    """One tool as a subprocess, its output to the console and appended to the demo log."""
+    import subprocess
+
+    args = [str(a) for a in args]
+    print(f"\n$ {' '.join(args)}", flush=True)
+    with log.open("a") as f:
+        f.write(f"\n$ {' '.join(args)}\n")
+        f.flush()
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"text demo stage failed (exit {done.returncode}): {' '.join(args)}; see {log}")
+
+
+def final_checkpoint(run_dir: Path, steps: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{steps:06d}"
+
+
+@entry_point
+def main(argv=None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--out", default="runs/demo", help="demo folder (shared with the class demo)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and step counts (seconds, for tests)")
+    p.add_argument("--num-per-class", type=positive_int, default=300)
+    p.add_argument("--steps", type=positive_int, default=None, help="train.steps of the text models (default 300)")
+    p.add_argument("--eval-prompts", type=positive_int, default=50)
+    p.add_argument("--num-per-prompt", type=positive_int, default=4)
+    args = p.parse_args(argv)
+    from dpar_scale.checkpoint.save_load import is_complete
+    from dpar_scale.config import load_config
+    from dpar_scale.train.metrics_log import read_metrics
+
+    out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "demo_text.log"
+    started = time.perf_counter()
+    data = out / "data"
+    images, tokenizer, codes = data / "images", data / "tokenizer.safetensors", data / "codes"
+    text_model = data / "text.model"
+    per_class = 12 if args.quick else args.num_per_class
+    steps = args.steps or (10 if args.quick else 300)
+    quick = ["train.log_every=5", "train.val_batches=1", "data.batch_size=8", "train.progress_bar=false"]
+    n_prompts, per_prompt = (4, 2) if args.quick else (args.eval_prompts, args.num_per_prompt)
+
+    if not (images / "captions.jsonl").is_file():
+        run(["tools/make_dataset.py", "--out", images, "--num-per-class", per_class, "--classes", 10,
+             "--image-size", 64, "--seed", 0], log)
+    if not tokenizer.is_file():
+        # the class demo's image tokenizer (tools/demo.py): 8x8-pixel blocks of 64 px pictures, 8x8 codes
+        run(["tools/fit_tokenizer.py", "--images", images, "--out", tokenizer, "--codebook-size", 512,
+             "--block-size", 8, "--image-size", 64], log)
+    if not (codes / "captions" / "manifest.json").is_file():  # adds the captions to finished codes
+        run(["tools/extract_codes.py", "--images", images, "--out", codes, "--tokenizer", "kmeans",
+             "--tokenizer-path", tokenizer, "--image-size", 64, "--flip", "--captions", images / "captions.jsonl"],
+            log)
+    if not text_model.is_file():
+        run(["tools/train_text_tokenizer.py", "--captions", images / "captions.jsonl", "--vocab-size",
+             48 if args.quick else TEXT_VOCAB, "--out", text_model], log)
+
+    def train(name: str, config: str, extra: list[str]) -> Path:
+        overrides = [f"run.output_dir={out / name}", f"data.codes_dir={codes}", *extra, *(quick if args.quick else [])]
+        cfg = load_config(ROOT / f"configs/demo/{config}.yaml", overrides)
+        done = final_checkpoint(Path(cfg.run.output_dir), cfg.train.steps)
+        if not is_complete(done):
+            run(["train.py", "--config", f"configs/demo/{config}.yaml", *overrides], log)
+        return done
+
+    entropy_ckpt = train("entropy", "entropy", ["train.steps=10"] if args.quick else [])
+    if not (codes / "entropy" / "manifest.json").is_file():
+        run(["tools/compute_entropy.py", "--checkpoint", entropy_ckpt, "--codes", codes], log)
+    theta_file = out / "threshold.json"
+    if not theta_file.is_file():
+        run(["tools/calibrate_threshold.py", "--entropy", codes / "entropy", "--target-mean-length",
+             TARGET_MEAN_PATCH_LENGTH, "--max-patch-length", 4, "--json", theta_file], log)
+    theta = json.loads(theta_file.read_text())["threshold"]
+    text = ["model.conditioning=text", f"model.text.tokenizer={text_model}",
+            f"model.text.vocab_size={48 if args.quick else TEXT_VOCAB}", "model.text.max_length=64",
+            "model.text.dropout=0.1", f"train.steps={steps}"]
+    ckpts = {"gpt-text": train("gpt-text", "gpt", text),
+             "dpar-text": train("dpar-text", "dpar", [*text, f"model.patch.threshold={theta}"])}
+
+    prompts = evaluation_prompts(images, n_prompts)
+    prompt_file = out / "text_eval_prompts.txt"
+    prompt_file.write_text("".join(p["prompt"] + "\n" for p in prompts))
+    (out / "text_eval_prompts.json").write_text(json.dumps(prompts, indent=1))
+    evaluator = data / "evaluator.pt"
+    has_evaluator = (ROOT / "tools" / "fit_evaluator.py").is_file()
+    if has_evaluator and not evaluator.is_file():
+        run(["tools/fit_evaluator.py", "--images", images, "--out", evaluator]
+            + (["--epochs", 1] if args.quick else []), log)
+    rows = {}
+    for name, ckpt in ckpts.items():
+        target = out / "samples" / name
+        grid_prompts = out / "text_grid_prompts.txt"
+        grid_prompts.write_text("".join(p["prompt"] + "\n" for p in prompts[:GRID_PROMPTS]))
+        run(["tools/sample.py", "--checkpoint", ckpt, "--prompts-file", grid_prompts, "--num-per-prompt", 4,
+             "--cfg-scale", 2.0, "--seed", 0, "--out", target, "--tokenizer-path", tokenizer], log)
+        evaluation = out / "samples" / f"{name}-eval"
+        run(["tools/sample_ddp.py", "--checkpoint", ckpt, "--captions", prompt_file, "--num-samples",
+             n_prompts * per_prompt, "--cfg-scale", 2.0, "--seed", 0, "--out", evaluation, "--tokenizer-path",
+             tokenizer, "--no-progress"], log)
+        val = [r["val_loss"] for r in read_metrics(out / name / "metrics.jsonl") if r.get("val_loss") is not None]
+        rows[name] = {"val_loss": val[-1] if val else None, "grid": str(target / "grid.png"),
+                      **(prompt_following(evaluation / "samples.npz", prompts, evaluator) if has_evaluator else
+                         {"shape_accuracy": None, "color_accuracy": None})}
+    summary = {"models": rows, "prompts": len(prompts), "samples_per_prompt": per_prompt, "threshold": theta,
+               "train_steps": steps, "seconds": round(time.perf_counter() - started, 1),
+               "evaluator": str(evaluator) if has_evaluator else None}
+    (out / "text_summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n" + "=" * 78)
+    print(f"text-to-image demo: {len(prompts)} held-out prompts x {per_prompt} samples, {steps} training steps")
+    print(f"{'model':<10} {'val loss':>9} {'shape acc':>10} {'(chance)':>9} {'color acc':>10} {'(chance)':>9}")
+
+    def fmt(x):
+        return f"{x:.3f}" if isinstance(x, float) else "n/a"
+
+    for name, r in rows.items():
+        print(f"{name:<10} {fmt(r['val_loss']):>9} {fmt(r['shape_accuracy']):>10} "
+              f"{fmt(r.get('shape_chance')):>9} {fmt(r['color_accuracy']):>10} {fmt(r.get('color_chance')):>9}")
+    for name, r in rows.items():
+        print(f"samples {name}: {r['grid']}")
+    if not has_evaluator:
+        print("prompt following not measured: tools/fit_evaluator.py (the embedded evaluator) is not in this tree")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
