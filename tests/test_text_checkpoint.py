@@ -155,3 +155,36 @@ def test_position_budget_counts_the_captions(trained, tmp_path):
         assert layout.num_global_positions == b.num_patches + int(b.text_lengths.sum()) <= 40
     as_class = next(pack_microbatches(zip(step_ids.tolist(), trainer.source.patch_lengths(step_ids)), 40))
     assert len(as_class) > len(batches[0].codes)
+
+
+def test_demo_evaluation_prompts_name_their_shape_and_colour(tmp_path):
+    """The text demo's evaluation prompts are worded by the dataset's templates from a picture's attributes with a
+    drawn colour: each names its colour word, the classes come in turn, and they are seeded."""
+    from dpar_scale.data.synthetic import generate_dataset
+
+    demo_text = load_tool("demo_text")
+    generate_dataset(str(tmp_path / "images"), 3, 10, 32, seed=0, progress=False)
+    prompts = demo_text.evaluation_prompts(tmp_path / "images", 20, seed=1)
+    assert [p["shape"] for p in prompts[:10]] == sorted({p["shape"] for p in prompts}, key=[
+        p["shape"] for p in prompts].index)
+    for p in prompts:
+        if p["shape"] != "sky_sun":
+            assert p["colour"] in p["prompt"].lower(), p
+    assert prompts == demo_text.evaluation_prompts(tmp_path / "images", 20, seed=1)
+    assert len({p["colour"] for p in prompts}) > 3
+
+
+def test_text_run_resumed_equals_the_straight_run(trained, tmp_path):
+    """Captions and caption dropout are functions of the cursor and step: 2 steps + resume to 4 trains exactly
+    the straight 4-step run (same losses, same truncated-caption counts)."""
+    from dpar_scale.train.metrics_log import read_metrics
+
+    root, codes, model_path = trained
+    common = ["model.text.dropout=0.3", "checkpoint.resume=auto"]
+    Trainer(load_config(None, text_run(tmp_path / "straight", codes, model_path, "dpar", *common))).fit()
+    resumed = tmp_path / "resumed"
+    Trainer(load_config(None, text_run(resumed, codes, model_path, "dpar", *common, "train.steps=2"))).fit()
+    Trainer(load_config(None, text_run(resumed, codes, model_path, "dpar", *common))).fit()
+    rows = {name: [(r["loss"], r["text_truncated"]) for r in read_metrics(tmp_path / name / "dpar" / "metrics.jsonl")
+                   if "loss" in r] for name in ("straight", "resumed")}
+    assert rows["resumed"] == rows["straight"] and len(rows["straight"]) == 4
