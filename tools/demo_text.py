@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     has_evaluator = (ROOT / "tools" / "fit_evaluator.py").is_file()
     if has_evaluator and not evaluator.is_file():
         run(["tools/fit_evaluator.py", "--images", images, "--out", evaluator]
-            + (["--epochs", 1] if args.quick else []), log)
+            + (["--epochs", 1, "--allow-low-accuracy", "--no-progress"] if args.quick else ["--no-progress"]), log)
     rows = {}
     for name, ckpt in ckpts.items():
         target = out / "samples" / name
