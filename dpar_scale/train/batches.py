@@ -124,9 +124,9 @@ class StepBatches:
 
     def packed(self, cursor: int) -> StepPlan:
         """DPAR with a global-position budget: grad_accum x dp micro-batches, each filled from the stream until
-        Σ (M_i + 1) (text: Σ (M_i + L_i); padded to the TP degree) would exceed data.global_tokens_per_microbatch (or it holds
-        data.max_images_per_microbatch images), so the number of images per micro-batch follows their patch
-        counts. Every rank packs the same global stream from the same cursor (a pure function of it), then takes
+        Σ (M_i + 1) (text: Σ (M_i + L_i); padded to the TP degree) would exceed
+        data.global_tokens_per_microbatch (or it holds data.max_images_per_microbatch images), so the number of
+        images per micro-batch follows their patch counts. Every rank packs the same global stream from the same cursor (a pure function of it), then takes
         its own grad_accum micro-batches."""
         from dpar_scale.data.packing import pack_microbatches
 
