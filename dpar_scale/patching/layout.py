@@ -294,7 +294,8 @@ class PatchLayout:
         return source[self.packed_source]
 
     def gather_codes(self, packed: torch.Tensor) -> torch.Tensor:
-        """Packed outputs [T, D] -> per-code [B, N, D]: code t of patch m gets packed position cu_seqlens + C - 1 + m."""
+        """Packed outputs [T, D] -> per-code [B, N, D]: code t of patch m gets packed position
+        cu_seqlens + C - 1 + m."""
         return packed[self.code_to_packed]
 
     def __repr__(self) -> str:

@@ -83,7 +83,8 @@ class StepBatches:
         # TP degree, or the compile bucket under parallel.compile (a handful of shapes, not one per batch)
         return PatchLayout.from_lengths(batch.patch_lengths, grid=self.data.grid,
                                         pad_to_multiple=packed_length_multiple(self.cfg.parallel),
-                                        cond_lengths=None if batch.text_lengths is None else batch.text_lengths.tolist())
+                                        cond_lengths=None if batch.text_lengths is None
+                                        else batch.text_lengths.tolist())
 
     def for_step(self, cursor: int) -> tuple[list[Batch], np.ndarray]:
         """This rank's micro-batches for the optimizer step starting at global sample `cursor`, and the sample ids
@@ -126,8 +127,8 @@ class StepBatches:
         """DPAR with a global-position budget: grad_accum x dp micro-batches, each filled from the stream until
         Σ (M_i + 1) (text: Σ (M_i + L_i); padded to the TP degree) would exceed
         data.global_tokens_per_microbatch (or it holds data.max_images_per_microbatch images), so the number of
-        images per micro-batch follows their patch counts. Every rank packs the same global stream from the same cursor (a pure function of it), then takes
-        its own grad_accum micro-batches."""
+        images per micro-batch follows their patch counts. Every rank packs the same global stream from the same
+        cursor (a pure function of it), then takes its own grad_accum micro-batches."""
         from dpar_scale.data.packing import pack_microbatches
 
         accum = self.cfg.train.grad_accum
