@@ -12,7 +12,7 @@ One folder per concept. A room may import the rooms below it in this list, never
     models/      the GPT baseline, the entropy model, DPAR (plain nn.Modules that know nothing of ranks)
     data/        embedded dataset, images, code shards, batches      tokenizer/  k-means and LlamaGen VQ-16
     patching/    the entropy patch rule, packed patch layouts, next-code entropies
-    config.py    typed configuration (dataclasses, YAML, dotted overrides)
+    config/      typed configuration (dataclasses, YAML, dotted overrides)
     errors.py    DparError, the base of every error a user can fix      integrity.py  sha256 checks, verified cache
 
 Rooms on the same line do not import each other; errors.py and integrity.py import nothing of ours, so every room
