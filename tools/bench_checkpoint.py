@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from bench_parallel import LAYOUTS, write_random_codes  # noqa: E402
 
+from dpar_scale.checkpoint.save_load import step_folder  # noqa: E402
 from dpar_scale.cli import entry_point, parser, positive_int  # noqa: E402
 
 
@@ -75,7 +76,7 @@ def worker(args) -> None:
         times["async_blocking"].append(timed(lambda: trainer.save()))
         times["async_step"].append(timed(trainer.train_step))  # runs while the writer threads work
         times["async_finish"].append(timed(trainer.finish_pending_save))
-        path = trainer.out / "checkpoints" / f"step-{trainer.state.step - 1:06d}"
+        path = step_folder(trainer.out, trainer.state.step - 1)
         times["verify"].append(timed(lambda: check_checkpoint_files(path)))
         times["load"].append(timed(lambda: load_checkpoint(path, trainer.engine, trainer.scheduler,
                                                            trainer.layout(), say=lambda *_: None)))

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dpar_scale.checkpoint.save_load import step_folder  # noqa: E402
 from dpar_scale.cli import entry_point, non_negative_int, parser, positive_int  # noqa: E402
 
 TARGET_MEAN_PATCH_LENGTH = 1.81  # the paper's 256 px statistic
@@ -76,10 +77,6 @@ def _text_demo(args) -> int:
                        + (["--steps", str(args.steps)] if getattr(args, "steps", 0) else []))
 
 
-def final_checkpoint(run_dir: Path, steps: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{steps:06d}"
-
-
 @entry_point
 def main(argv=None) -> int:
     p = parser(__doc__)
@@ -127,7 +124,7 @@ def main(argv=None) -> int:
         if args.quick:
             overrides += quick
         cfg = load_config(ROOT / f"configs/demo/{name}.yaml", overrides)
-        done = final_checkpoint(Path(cfg.run.output_dir), cfg.train.steps)
+        done = step_folder(cfg.run.output_dir, cfg.train.steps)
         if not is_complete(done):  # (a checkpoint of an older format is retrained)
             stages.run(name, ["train.py", "--config", f"configs/demo/{name}.yaml", *overrides])
         return done

@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dpar_scale.checkpoint.save_load import step_folder  # noqa: E402
 from dpar_scale.cli import entry_point, parser, positive_int  # noqa: E402
 
 TARGET_MEAN_PATCH_LENGTH = 1.81
@@ -94,10 +95,6 @@ def run(args: list, log: Path) -> None:
         raise SystemExit(f"text demo stage failed (exit {done.returncode}): {' '.join(args)}; see {log}")
 
 
-def final_checkpoint(run_dir: Path, steps: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{steps:06d}"
-
-
 @entry_point
 def main(argv=None) -> int:
     p = parser(__doc__)
@@ -142,7 +139,7 @@ def main(argv=None) -> int:
     def train(name: str, config: str, extra: list[str]) -> Path:
         overrides = [f"run.output_dir={out / name}", f"data.codes_dir={codes}", *extra, *(quick if args.quick else [])]
         cfg = load_config(ROOT / f"configs/demo/{config}.yaml", overrides)
-        done = final_checkpoint(Path(cfg.run.output_dir), cfg.train.steps)
+        done = step_folder(cfg.run.output_dir, cfg.train.steps)
         if not is_complete(done):
             run(["train.py", "--config", f"configs/demo/{config}.yaml", *overrides], log)
         return done

@@ -66,6 +66,11 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def step_folder(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` of the run in `output_dir` lives (complete once it holds its marker)."""
+    return checkpoint_root(output_dir) / f"step-{step:06d}"
+
+
 def step_of(path: Path) -> int:
     return int(STEP_DIR.match(Path(path).name).group(1))
 
@@ -174,7 +179,7 @@ def save_checkpoint(output_dir, cfg: Config, engine, scheduler, state: TrainStat
     shards are written by threads and a PendingCheckpoint is returned; `finish_checkpoint` (collective) waits
     for them and publishes."""
     rank = get_rank()
-    final = checkpoint_root(output_dir) / f"step-{state.step:06d}"
+    final = step_folder(output_dir, state.step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         _remove_interrupted_saves(output_dir)

@@ -94,7 +94,7 @@ def check_data_at_launch(cfg) -> str:
     from dpar_scale.data.loader import DataSummary
     from dpar_scale.data.shards import ShardError
     from dpar_scale.models import resolve_model_config
-    from dpar_scale.train.trainer import check_model_fits_data
+    from dpar_scale.train.validation import check_model_fits_data
 
     try:
         data = DataSummary.read(cfg.data.codes_dir)

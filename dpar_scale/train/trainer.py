@@ -26,7 +26,7 @@ from dpar_scale.checkpoint.save_load import (
 )
 from dpar_scale.checkpoint.resume_checks import check_resume
 from dpar_scale.config import Config, ConfigError, resolve_epochs, save_config, to_dict
-from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, TextSource, rank_share
+from dpar_scale.data.loader import Batch, BatchSource, CodeData, GlobalOrder, TextSource
 from dpar_scale.flops.analytic import matmul_precision, peak_flops, train_flops
 from dpar_scale.parallel.dims import ParallelDims
 from dpar_scale.parallel.process_group import (
@@ -41,19 +41,7 @@ from dpar_scale.train.optim import build_optimizer, lr_lambda
 from dpar_scale.train.pending import NonFiniteLossError, PendingSteps
 from dpar_scale.train.prefetch import Prefetcher
 from dpar_scale.train.training_eval import make_evaluator
-
-
-def check_model_fits_data(cfg: Config, data: CodeData) -> None:
-    m = cfg.model
-    if m.vocab_size != data.vocab_size:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} but the codes in {cfg.data.codes_dir} come from a "
-                          f"tokenizer with {data.vocab_size} entries: set model.vocab_size={data.vocab_size}")
-    if tuple(m.grid) != tuple(data.grid):
-        raise ConfigError(f"model.grid={list(m.grid)} but the codes are on a {list(data.grid)} grid: "
-                          f"set model.grid={list(data.grid)}")
-    if m.kind != "entropy" and m.conditioning != "text" and m.num_classes < data.num_classes:
-        raise ConfigError(f"model.num_classes={m.num_classes} but the data has {data.num_classes} classes: "
-                          f"set model.num_classes={data.num_classes}")
+from dpar_scale.train.validation import check_model_fits_data, held_out_loss
 
 
 class Trainer:
@@ -322,25 +310,11 @@ class Trainer:
         ids = self.data.val_ids[: self.cfg.train.val_batches * self.global_micro_batch]
         if len(ids) == 0:
             return {}
-        results = {"val_loss": self._val_loss(ids)}
+        results = {"val_loss": held_out_loss(self, ids)}
         if self.ema is not None:
             with self.ema.swapped_into(self.engine.model):
-                results["val_loss_ema"] = self._val_loss(ids)
+                results["val_loss_ema"] = held_out_loss(self, ids)
         return results
-
-    def _val_loss(self, ids) -> float:
-        self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, code count
-        for start in range(0, len(ids), self.global_micro_batch):
-            local, weight = rank_share(ids[start:start + self.global_micro_batch], self.dp_rank, self.dp_size)
-            batch = self.source.make(local, epochs=0 if self.source.text is not None else None)
-            with self.autocast():
-                logits = self.model(**self.model_inputs(batch))
-            per_image = code_loss_per_image(logits, batch.codes.to(self.device)).double()
-            weight = weight.to(self.device, torch.float64)
-            sums += torch.stack([(per_image * weight).sum(), weight.sum() * batch.codes.shape[1]])
-        total = all_reduce_sum(sums, self.dp_group)
-        return float(total[0] / total[1])
 
     # ---------------------------------------------------------------------------------------------------- fit
     def layout(self) -> dict:
