@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import re
 import sys
@@ -43,7 +44,7 @@ from typing import Callable
 
 from dpar_scale.errors import DparError
 
-__all__ = ["USER_ERRORS", "UsageError", "entry_point", "parser", "one_line", "report", "positive_int",
+__all__ = ["USER_ERRORS", "UsageError", "entry_point", "parser", "one_line", "report", "write_json_report", "positive_int",
            "non_negative_int", "positive_float", "fraction", "existing_path", "existing_file", "existing_dir"]
 
 
@@ -70,6 +71,14 @@ def parser(doc: str | None = None, **kwargs) -> argparse.ArgumentParser:
     if caller and "prog" not in kwargs:
         kwargs["prog"] = os.path.basename(caller)
     return _Parser(description=doc, **kwargs)
+
+
+def write_json_report(path: str | None, payload: dict) -> None:
+    """A tool's `--json PATH` result (benchmarks, checks), its folder made; nothing when no path was given."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(json.dumps(payload, indent=2) + "\n")
 
 
 def one_line(message: str) -> str:

@@ -22,7 +22,6 @@ patch length of the DPAR samples is reported).
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dpar_scale.cli import (  # noqa: E402
-    UsageError, entry_point, non_negative_int, parser, positive_float, positive_int,
+    UsageError, entry_point, non_negative_int, parser, positive_float, positive_int, write_json_report,
 )
 from dpar_scale.config import ModelConfig, PatchConfig  # noqa: E402
 from dpar_scale.flops.analytic import forward_flops  # noqa: E402
@@ -148,12 +147,6 @@ def per_image_positions(stats: GenerationStats, batch: int) -> dict:
     return {k: v / batch for k, v in stats.as_dict().items() if k.endswith("positions") and v}
 
 
-def write_json(path: str, payload: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2))
-
-
 def cache_comparison(args) -> int:
     enc, glob, dec = (int(x) for x in args.dpar_layers.split(","))
     models = build(args, dim=args.dim, n_heads=args.n_heads, gpt_layers=args.gpt_layers, dpar_layers=(enc, glob, dec),
@@ -195,7 +188,7 @@ def cache_comparison(args) -> int:
         pos = ", ".join(f"{k.replace('_positions', '')} {v:g}" for k, v in r["positions_per_image"].items())
         print(f"{r['model']:<5} {r['path']:<9} {r['seconds_per_image']:>9.4f} {speed:>9} "
               f"{'yes' if r['same_codes_as_cached'] else 'NO':>5} {plen:>9}  {pos}")
-    write_json(args.json, {"setup": setup, "results": results})
+    write_json_report(args.json, {"setup": setup, "results": results})
     return 0
 
 
@@ -265,7 +258,7 @@ def depth_comparison(args) -> int:
              "width_scale": args.width_scale, "target_mean_length": args.target_mean_length,
              "max_patch_length": args.max_patch_length, "device": args.device, "threads": torch.get_num_threads(),
              "torch": torch.__version__}
-    write_json(args.json, {"setup": setup, "results": results})
+    write_json_report(args.json, {"setup": setup, "results": results})
     return 0
 
 

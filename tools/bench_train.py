@@ -15,7 +15,6 @@ mean something.
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dpar_scale.cli import (  # noqa: E402
-    entry_point, existing_dir, non_negative_int, parser, positive_float, positive_int,
+    entry_point, existing_dir, non_negative_int, parser, positive_float, positive_int, write_json_report,
 )
 
 
@@ -156,9 +155,7 @@ def main(argv=None) -> int:
           f"(step time / FLOP ratio {result['step_time_ratio'] / result['flop_ratio']:.3f}); global attention "
           f"computed / needed pairs {attention_pair_ratio:.3f}; load average "
           + " ".join(f"{x:.2f}" for x in result["load_average"]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json_report(args.json, result)
     return 0
 
 

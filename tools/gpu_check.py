@@ -19,7 +19,6 @@ sample of each model (DPAR with a static layout of mean length 1.81: no entropy 
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dpar_scale.cli import UsageError, entry_point, non_negative_int, parser, positive_int  # noqa: E402
+from dpar_scale.cli import (  # noqa: E402
+    UsageError, entry_point, non_negative_int, parser, positive_int, write_json_report,
+)
 
 BACKENDS = ("auto", "sdpa", "flex", "varlen")
 SHAPES = {  # device type -> model shape and batch
@@ -254,9 +255,7 @@ def main(argv=None) -> int:
               "skipped": skipped, "max_loss_difference_between_backends": spread,
               "max_loss_difference_eager_vs_compiled": eager_vs_compiled, "dpar_gpt_step_time_ratio": ratios,
               "sampling": sampling, "seconds": time.perf_counter() - started}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json_report(args.json, result)
     return 0
 
 
