@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dpar_scale.checkpoint.save_load import step_folder  # noqa: E402
+from dpar_scale.launch.stages import Stages  # noqa: E402
 from dpar_scale.cli import entry_point, non_negative_int, parser, positive_int  # noqa: E402
 
 TARGET_MEAN_PATCH_LENGTH = 1.81  # the paper's 256 px statistic
@@ -30,33 +30,6 @@ TARGET_MEAN_PATCH_LENGTH = 1.81  # the paper's 256 px statistic
 IMAGE_SIZE, BLOCK_SIZE, CODEBOOK = 64, 8, 512
 SAMPLE_CFG = 3.0  # guidance for the grids and the evaluations (eval.cfg_scale in configs/demo/{gpt,dpar}.yaml)
 PLOT = "fid_loss_vs_flops.png"
-
-
-class Stages:
-    """Runs the tools one after another, streaming their output to the console and the demo log, and times each."""
-
-    def __init__(self, log: Path):
-        self.log, self.seconds = log, {}
-
-    def run(self, stage: str, args: list) -> None:
-        args = [str(a) for a in args]
-        line = f"\n$ {' '.join(args)}"
-        print(line, flush=True)
-        started = time.perf_counter()
-        with self.log.open("a") as f:
-            f.write(line + "\n")
-            f.flush()
-            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT)
-            # Pass output through in raw chunks so progress bars keep redrawing in place ('\r').
-            while chunk := proc.stdout.read1(65536):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                f.write(chunk.decode(errors="replace"))
-            if proc.wait() != 0:
-                raise SystemExit(f"demo stage {stage} failed (exit {proc.returncode}): {' '.join(args)}; "
-                                 f"see {self.log}")
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 1)
 
 
 def shown(path: Path) -> str:
@@ -100,7 +73,7 @@ def main(argv=None) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out / "demo.log")
+    stages = Stages(out / "demo.log", cwd=ROOT)
     started = time.perf_counter()
     data = out / "data"
     images, tokenizer, codes = data / "images", data / "tokenizer.safetensors", data / "codes"

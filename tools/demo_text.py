@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dpar_scale.checkpoint.save_load import step_folder  # noqa: E402
+from dpar_scale.launch.stages import Stages  # noqa: E402
 from dpar_scale.cli import entry_point, parser, positive_int  # noqa: E402
 
 TARGET_MEAN_PATCH_LENGTH = 1.81
@@ -81,20 +82,6 @@ def prompt_following(samples: Path, prompts: list[dict], evaluator: Path) -> dic
     return out
 
 
-def run(args: list, log: Path) -> None:
-    """One tool as a subprocess, its output to the console and appended to the demo log."""
-    import subprocess
-
-    args = [str(a) for a in args]
-    print(f"\n$ {' '.join(args)}", flush=True)
-    with log.open("a") as f:
-        f.write(f"\n$ {' '.join(args)}\n")
-        f.flush()
-        done = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f"text demo stage failed (exit {done.returncode}): {' '.join(args)}; see {log}")
-
-
 @entry_point
 def main(argv=None) -> int:
     p = parser(__doc__)
@@ -111,7 +98,7 @@ def main(argv=None) -> int:
 
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "demo_text.log"
+    stages = Stages(out / "demo_text.log", cwd=ROOT)
     started = time.perf_counter()
     data = out / "data"
     images, tokenizer, codes = data / "images", data / "tokenizer.safetensors", data / "codes"
@@ -122,35 +109,36 @@ def main(argv=None) -> int:
     n_prompts, per_prompt = (4, 2) if args.quick else (args.eval_prompts, args.num_per_prompt)
 
     if not (images / "captions.jsonl").is_file():
-        run(["tools/make_dataset.py", "--out", images, "--num-per-class", per_class, "--classes", 10,
-             "--image-size", 64, "--seed", 0], log)
+        stages.run("dataset", ["tools/make_dataset.py", "--out", images, "--num-per-class", per_class,
+                               "--classes", 10, "--image-size", 64, "--seed", 0])
     if not tokenizer.is_file():
         # the class demo's image tokenizer (tools/demo.py): 8x8-pixel blocks of 64 px pictures, 8x8 codes
-        run(["tools/fit_tokenizer.py", "--images", images, "--out", tokenizer, "--codebook-size", 512,
-             "--block-size", 8, "--image-size", 64], log)
+        stages.run("tokenizer", ["tools/fit_tokenizer.py", "--images", images, "--out", tokenizer,
+                                 "--codebook-size", 512, "--block-size", 8, "--image-size", 64])
     if not (codes / "captions" / "manifest.json").is_file():  # adds the captions to finished codes
-        run(["tools/extract_codes.py", "--images", images, "--out", codes, "--tokenizer", "kmeans",
-             "--tokenizer-path", tokenizer, "--image-size", 64, "--flip", "--captions", images / "captions.jsonl"],
-            log)
+        stages.run("codes", ["tools/extract_codes.py", "--images", images, "--out", codes, "--tokenizer", "kmeans",
+                             "--tokenizer-path", tokenizer, "--image-size", 64, "--flip",
+                             "--captions", images / "captions.jsonl"])
     if not text_model.is_file():
-        run(["tools/train_text_tokenizer.py", "--captions", images / "captions.jsonl", "--vocab-size",
-             48 if args.quick else TEXT_VOCAB, "--out", text_model], log)
+        stages.run("text_tokenizer", ["tools/train_text_tokenizer.py", "--captions", images / "captions.jsonl",
+                                      "--vocab-size", 48 if args.quick else TEXT_VOCAB, "--out", text_model])
 
     def train(name: str, config: str, extra: list[str]) -> Path:
         overrides = [f"run.output_dir={out / name}", f"data.codes_dir={codes}", *extra, *(quick if args.quick else [])]
         cfg = load_config(ROOT / f"configs/demo/{config}.yaml", overrides)
         done = step_folder(cfg.run.output_dir, cfg.train.steps)
         if not is_complete(done):
-            run(["train.py", "--config", f"configs/demo/{config}.yaml", *overrides], log)
+            stages.run(name, ["train.py", "--config", f"configs/demo/{config}.yaml", *overrides])
         return done
 
     entropy_ckpt = train("entropy", "entropy", ["train.steps=10"] if args.quick else [])
     if not (codes / "entropy" / "manifest.json").is_file():
-        run(["tools/compute_entropy.py", "--checkpoint", entropy_ckpt, "--codes", codes], log)
+        stages.run("entropies", ["tools/compute_entropy.py", "--checkpoint", entropy_ckpt, "--codes", codes])
     theta_file = out / "threshold.json"
     if not theta_file.is_file():
-        run(["tools/calibrate_threshold.py", "--entropy", codes / "entropy", "--target-mean-length",
-             TARGET_MEAN_PATCH_LENGTH, "--max-patch-length", 4, "--json", theta_file], log)
+        stages.run("threshold", ["tools/calibrate_threshold.py", "--entropy", codes / "entropy",
+                                 "--target-mean-length", TARGET_MEAN_PATCH_LENGTH, "--max-patch-length", 4,
+                                 "--json", theta_file])
     theta = json.loads(theta_file.read_text())["threshold"]
     text = ["model.conditioning=text", f"model.text.tokenizer={text_model}",
             f"model.text.vocab_size={48 if args.quick else TEXT_VOCAB}", "model.text.max_length=64",
@@ -163,28 +151,27 @@ def main(argv=None) -> int:
     prompt_file.write_text("".join(p["prompt"] + "\n" for p in prompts))
     (out / "text_eval_prompts.json").write_text(json.dumps(prompts, indent=1))
     evaluator = data / "evaluator.pt"
-    has_evaluator = (ROOT / "tools" / "fit_evaluator.py").is_file()
-    if has_evaluator and not evaluator.is_file():
-        run(["tools/fit_evaluator.py", "--images", images, "--out", evaluator]
-            + (["--epochs", 1, "--allow-low-accuracy", "--no-progress"] if args.quick else ["--no-progress"]), log)
+    if not evaluator.is_file():
+        stages.run("evaluator", ["tools/fit_evaluator.py", "--images", images, "--out", evaluator]
+                   + (["--epochs", 1, "--allow-low-accuracy", "--no-progress"] if args.quick else ["--no-progress"]))
     rows = {}
     for name, ckpt in ckpts.items():
         target = out / "samples" / name
         grid_prompts = out / "text_grid_prompts.txt"
         grid_prompts.write_text("".join(p["prompt"] + "\n" for p in prompts[:GRID_PROMPTS]))
-        run(["tools/sample.py", "--checkpoint", ckpt, "--prompts-file", grid_prompts, "--num-per-prompt", 4,
-             "--cfg-scale", 2.0, "--seed", 0, "--out", target, "--tokenizer-path", tokenizer], log)
+        stages.run(f"grid_{name}", ["tools/sample.py", "--checkpoint", ckpt, "--prompts-file", grid_prompts,
+                                    "--num-per-prompt", 4, "--cfg-scale", 2.0, "--seed", 0, "--out", target,
+                                    "--tokenizer-path", tokenizer])
         evaluation = out / "samples" / f"{name}-eval"
-        run(["tools/sample_ddp.py", "--checkpoint", ckpt, "--captions", prompt_file, "--num-samples",
-             n_prompts * per_prompt, "--cfg-scale", 2.0, "--seed", 0, "--out", evaluation, "--tokenizer-path",
-             tokenizer, "--no-progress"], log)
+        stages.run(f"eval_{name}", ["tools/sample_ddp.py", "--checkpoint", ckpt, "--captions", prompt_file,
+                                    "--num-samples", n_prompts * per_prompt, "--cfg-scale", 2.0, "--seed", 0,
+                                    "--out", evaluation, "--tokenizer-path", tokenizer, "--no-progress"])
         val = [r["val_loss"] for r in read_metrics(out / name / "metrics.jsonl") if r.get("val_loss") is not None]
         rows[name] = {"val_loss": val[-1] if val else None, "grid": str(target / "grid.png"),
-                      **(prompt_following(evaluation / "samples.npz", prompts, evaluator) if has_evaluator else
-                         {"shape_accuracy": None, "color_accuracy": None})}
+                      **prompt_following(evaluation / "samples.npz", prompts, evaluator)}
     summary = {"models": rows, "prompts": len(prompts), "samples_per_prompt": per_prompt, "threshold": theta,
                "train_steps": steps, "seconds": round(time.perf_counter() - started, 1),
-               "evaluator": str(evaluator) if has_evaluator else None}
+               "evaluator": str(evaluator)}
     (out / "text_summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + "=" * 78)
     print(f"text-to-image demo: {len(prompts)} held-out prompts x {per_prompt} samples, {steps} training steps")
@@ -198,8 +185,6 @@ def main(argv=None) -> int:
               f"{fmt(r.get('shape_chance')):>9} {fmt(r['color_accuracy']):>10} {fmt(r.get('color_chance')):>9}")
     for name, r in rows.items():
         print(f"samples {name}: {r['grid']}")
-    if not has_evaluator:
-        print("prompt following not measured: tools/fit_evaluator.py (the embedded evaluator) is not in this tree")
     return 0
 
 
