@@ -4,6 +4,8 @@
 
 JOBS.json is a list of jobs run in order in the same process group:
   {"job": "train", "overrides": [...]}          Trainer(load_config(None, overrides)).fit()  (like train.py)
+  {"job": "train", "overrides": [...], "deepspeed_config": "configs/deepspeed/zero3.json"}
+                                                 the same with the DeepSpeed engine (train.py --deepspeed_config)
   {"job": "die_in_save", "overrides": [...], "step": 4, "rank": 1}
                                                  trains like "train", but rank `rank` kills itself (SIGKILL) in
                                                  the save of step `step`, after its model shards were written
@@ -36,7 +38,7 @@ def train(job: dict) -> None:
     from dpar_scale.config import load_config
     from dpar_scale.train.trainer import Trainer
 
-    Trainer(load_config(None, job["overrides"])).fit()
+    Trainer(load_config(None, job["overrides"]), deepspeed_config=job.get("deepspeed_config")).fit()
 
 
 def config_error(job: dict) -> None:
