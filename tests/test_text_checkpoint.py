@@ -139,6 +139,33 @@ def test_sample_ddp_samples_a_caption_set(trained, tmp_path, capsys):
     assert "give --captions FILE" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_sample_ddp_evaluates_a_caption_set_without_class_accuracy(trained, tmp_path):
+    """--evaluate on a text model's caption set: FID-domain, precision and recall as the library computes them for
+    the same files, and no class_accuracy (the labels are caption indices, not classes)."""
+    from dpar_scale.evaluation import evaluate_samples
+    from test_evaluation import StandInDomain, images, script
+
+    root, _, _ = trained
+    detector = script(StandInDomain(classes=3), tmp_path / "domain.pt")
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=images(12, seed=5, size=8))
+    (tmp_path / "captions.txt").write_text("class 0 in red\nclass 1 in blue\nclass 2 in green\n")
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(ckpt(root, "gpt")), "--num-samples", "6", "--batch-size", "6", "--no-progress",
+            "--tokenizer", "kmeans", "--tokenizer-path", str(root / "km.safetensors"), "--cfg-scale", "2.0",
+            "--out", str(out), "--captions", str(tmp_path / "captions.txt"), "--evaluate", "--reference", str(ref),
+            "--features", f"domain:{detector}", "--no-cache"]
+    assert load_tool("sample_ddp").main(args) == 0
+    got = json.loads((out / "metrics.json").read_text())
+    want = evaluate_samples(str(out / "samples.npz"), str(ref), f"domain:{detector}", use_cache=False,
+                            progress=False)
+    assert "class_accuracy" in want and "class_accuracy" not in got  # the file's labels are caption indices
+    assert got["num_samples"] == 6 and got["num_reference"] == 12
+    for key in ("fid_domain", "precision", "recall"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+
+
 def test_position_budget_counts_the_captions(trained, tmp_path):
     """data.global_tokens_per_microbatch packs Σ (M_i + L_i) for a text DPAR: every micro-batch's packed global
     sequence fits the budget, although counting one class position per image would have packed more images."""

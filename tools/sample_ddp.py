@@ -21,7 +21,7 @@ seeded shuffled order by default; --per-class sorts them by class; --random-labe
 (LlamaGen's protocol). bf16 autocast on CUDA, fp32 on CPU (--precision to choose); nccl on GPUs, gloo on CPU.
 Text models: --captions FILE (one caption per line, or a captions.jsonl) is the caption set; `labels` then holds
 each sample's caption index (balanced over the captions, or --per-class / --random-labels as for classes), and
-DIR/captions.json the captions.
+DIR/captions.json the captions; --evaluate then reports no class_accuracy (a caption index is not a class).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from dpar_scale.checkpoint.sampling_inputs import (SamplingInputError, describe_
                                                    load_sampling_inputs)
 from dpar_scale.cli import entry_point, parser  # noqa: E402
 from dpar_scale.evaluation.cli import add_evaluation_arguments, detector_spec, evaluate_from_args  # noqa: E402
+from dpar_scale.evaluation.sources import open_images  # noqa: E402
 from dpar_scale.parallel import process_group as pg  # noqa: E402
 from dpar_scale.sampling.chunked import SampleSettings, sample_to_folder  # noqa: E402
 from dpar_scale.sampling.options import (add_sampling_arguments, apply_config_defaults,  # noqa: E402
@@ -142,7 +143,12 @@ def main(argv=None) -> int:
         result = run(args)
         if args.evaluate:
             args.json = args.json or str(Path(args.out) / "metrics.json")
-            evaluate_from_args(args, result.samples_path, pick_device(args.device), progress=not args.no_progress)
+            samples = result.samples_path
+            if args.captions:  # a text model's set (run() refuses --captions for class models)
+                # its labels are caption indices: scored as classes they would give a meaningless class_accuracy
+                samples = open_images(samples, what="samples")
+                samples.labels = None
+            evaluate_from_args(args, samples, pick_device(args.device), progress=not args.no_progress)
     finally:
         pg.destroy_process_group()
     return 0
