@@ -201,6 +201,26 @@ def test_demo_evaluation_prompts_name_their_shape_and_colour(tmp_path):
     assert len({p["colour"] for p in prompts}) > 3
 
 
+def test_demo_table_shows_fid_domain_and_chance_levels(capsys):
+    """The text demo's table: FID-domain, precision, recall against the real images beside prompt following, each
+    accuracy followed by its chance level; a metric the run could not give (precision of <= 3 samples) is n/a."""
+    demo_text = load_tool("demo_text")
+    row = {"fid_domain": 212.345, "precision": 0.25, "recall": 0.125, "val_loss": 1.5, "num_reference": 3000,
+           "shape_accuracy": 0.4, "shape_chance": 0.1, "color_accuracy": 0.35, "color_chance": 0.18, "grid": "g.png"}
+    summary = {"models": {"gpt-text": row, "dpar-text": {**row, "fid_domain": 1.23e-3, "precision": None}},
+               "prompts": 50, "samples_per_prompt": 4, "train_steps": 300}
+    demo_text.print_summary(summary)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("model"))
+    assert header.split() == ["model", "FID-domain", "precision", "recall", "val", "loss", "shape", "acc", "(chance)",
+                              "color", "acc", "(chance)"]
+    assert any("50 held-out prompts x 4 samples, 300 training steps; FID-domain against 3000 real images" in line
+               for line in lines)
+    gpt, dpar = (next(line.split() for line in lines if line.startswith(name)) for name in ("gpt-text", "dpar-text"))
+    assert gpt == ["gpt-text", "212.3", "0.250", "0.125", "1.500", "0.400", "0.100", "0.350", "0.180"]
+    assert dpar[1:3] == ["0.00123", "n/a"]
+
+
 def test_text_run_resumed_equals_the_straight_run(trained, tmp_path):
     """Captions and caption dropout are functions of the cursor and step: 2 steps + resume to 4 trains exactly
     the straight 4-step run (same losses, same truncated-caption counts)."""

@@ -4,7 +4,9 @@
   images + captions.jsonl -> k-means tokenizer -> codes + caption shards -> sentencepiece text model
   -> entropy model -> entropies -> θ -> text DPAR and text GPT -> prompt-labelled grids
   -> prompt following: shape_accuracy / color_accuracy of samples against their prompts (the embedded evaluator's
-     shape and colour heads, tools/fit_evaluator.py), against chance -> table (and <out>/text_summary.json)
+     shape and colour heads, tools/fit_evaluator.py), against chance, next to FID-domain / precision / recall of
+     the same samples against the real images (tools/sample_ddp.py --evaluate with the evaluator as detector, as
+     the class demo evaluates) -> table (and <out>/text_summary.json)
 
 The data, image tokenizer, entropy model and θ are the class demo's (same folders, reused when complete). The
 evaluation prompts are not training captions: each is worded by the dataset's own caption templates
@@ -80,6 +82,28 @@ def prompt_following(samples: Path, prompts: list[dict], evaluator: Path) -> dic
         out[name.replace("accuracy", "chance")] = (1 / len(values) if head == "shape"
                                                    else float(counts.max() / max(1, counts.sum())))
     return out
+
+
+def print_summary(summary: dict) -> None:
+    """The demo's table: per model FID-domain / precision / recall against the real images, validation loss, and
+    shape / colour accuracy against the prompts, each beside its chance level."""
+    rows = summary["models"]
+    print("\n" + "=" * 78)
+    print(f"text-to-image demo: {summary['prompts']} held-out prompts x {summary['samples_per_prompt']} samples, "
+          f"{summary['train_steps']} training steps; FID-domain against "
+          f"{next(iter(rows.values()))['num_reference']} real images")
+    print(f"{'model':<10} {'FID-domain':>10} {'precision':>9} {'recall':>7} {'val loss':>9} {'shape acc':>10} "
+          f"{'(chance)':>9} {'color acc':>10} {'(chance)':>9}")
+
+    def fmt(x, spec=".3f"):
+        return format(x, spec) if isinstance(x, float) else "n/a"
+
+    for name, r in rows.items():  # (FID-domain's scale is the evaluator's features': hundreds, or ~1e-2 --quick)
+        print(f"{name:<10} {fmt(r['fid_domain'], '.4g'):>10} {fmt(r['precision']):>9} {fmt(r['recall']):>7} "
+              f"{fmt(r['val_loss']):>9} {fmt(r['shape_accuracy']):>10} {fmt(r.get('shape_chance')):>9} "
+              f"{fmt(r['color_accuracy']):>10} {fmt(r.get('color_chance')):>9}")
+    for name, r in rows.items():
+        print(f"samples {name}: {r['grid']}")
 
 
 @entry_point
@@ -165,26 +189,18 @@ def main(argv=None) -> int:
         evaluation = out / "samples" / f"{name}-eval"
         stages.run(f"eval_{name}", ["tools/sample_ddp.py", "--checkpoint", ckpt, "--captions", prompt_file,
                                     "--num-samples", n_prompts * per_prompt, "--cfg-scale", 2.0, "--seed", 0,
-                                    "--out", evaluation, "--tokenizer-path", tokenizer, "--no-progress"])
+                                    "--out", evaluation, "--tokenizer-path", tokenizer, "--no-progress",
+                                    "--evaluate", "--reference", images, "--features", f"domain:{evaluator}"])
         val = [r["val_loss"] for r in read_metrics(out / name / "metrics.jsonl") if r.get("val_loss") is not None]
+        metrics = json.loads((evaluation / "metrics.json").read_text())
         rows[name] = {"val_loss": val[-1] if val else None, "grid": str(target / "grid.png"),
+                      **{k: metrics[k] for k in ("fid_domain", "precision", "recall", "num_reference")},
                       **prompt_following(evaluation / "samples.npz", prompts, evaluator)}
     summary = {"models": rows, "prompts": len(prompts), "samples_per_prompt": per_prompt, "threshold": theta,
                "train_steps": steps, "seconds": round(time.perf_counter() - started, 1),
                "evaluator": str(evaluator)}
     (out / "text_summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n" + "=" * 78)
-    print(f"text-to-image demo: {len(prompts)} held-out prompts x {per_prompt} samples, {steps} training steps")
-    print(f"{'model':<10} {'val loss':>9} {'shape acc':>10} {'(chance)':>9} {'color acc':>10} {'(chance)':>9}")
-
-    def fmt(x):
-        return f"{x:.3f}" if isinstance(x, float) else "n/a"
-
-    for name, r in rows.items():
-        print(f"{name:<10} {fmt(r['val_loss']):>9} {fmt(r['shape_accuracy']):>10} "
-              f"{fmt(r.get('shape_chance')):>9} {fmt(r['color_accuracy']):>10} {fmt(r.get('color_chance')):>9}")
-    for name, r in rows.items():
-        print(f"samples {name}: {r['grid']}")
+    print_summary(summary)
     return 0
 
 
