@@ -62,17 +62,20 @@ def test_checkpoint_and_export_carry_the_text_model(trained, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["dpar", "gpt"])
-def test_sample_prompts_from_an_export_alone(trained, tmp_path, kind):
+def test_sample_prompts_from_an_export_alone(trained, tmp_path, kind, capsys):
     root, _, model_path = trained
     export_checkpoint(ckpt(root, kind), tmp_path / "export")
     (root / "moved.model").write_bytes(open(model_path, "rb").read())  # the training path is not needed
-    prompts = ["a red thing of class 1", "class 2 in blue", "x" * 200]  # the last is truncated, as in training
+    # the last is truncated, as in training; the second holds a character the text model cannot spell
+    prompts = ["a red thing of class 1", "class 2 in blue ✓", "a " * 200]
     out = tmp_path / "samples"
     assert sample.main(sample_args(root, tmp_path / "export", out, "--prompts", *prompts,
                                    "--num-per-prompt", "2", "--batch-size", "4")) == 0
     meta = json.loads((out / "prompts.json").read_text())
     longer = sum(len(TextTokenizer.load(model_path).encode(p)) > 12 for p in prompts)
     assert meta["prompts"] == prompts and meta["truncated_prompts"] == longer >= 1 and meta["num_per_prompt"] == 2
+    assert meta["unspellable_characters"] == {"1": ["✓"]}
+    assert "1 prompt(s) hold characters the text tokenizer cannot spell" in capsys.readouterr().out
     assert np.load(out / "labels.npy").tolist() == [0, 0, 1, 1, 2, 2]
     assert np.load(out / "codes.npy").shape == (6, 4, 4)
     from PIL import Image
@@ -120,11 +123,13 @@ def test_sample_ddp_samples_a_caption_set(trained, tmp_path, capsys):
     sample_ddp = load_tool("sample_ddp")
     captions = tmp_path / "captions.jsonl"
     captions.write_text("".join(json.dumps({"path": f"{i}.png", "caption": c}) + "\n"
-                                for i, c in enumerate(["a red thing of class 0", "class 1 in blue", "green 2"])))
+                                for i, c in enumerate(["a red thing of class 0", "class 1 in blue", "green 2 ✓"])))
     args = ["--checkpoint", str(ckpt(root, "dpar")), "--num-samples", "6", "--batch-size", "4", "--no-progress",
             "--tokenizer", "kmeans", "--tokenizer-path", str(root / "km.safetensors"), "--cfg-scale", "2.0"]
     out = tmp_path / "eval"
     assert sample_ddp.main(args + ["--out", str(out), "--captions", str(captions)]) == 0
+    assert "1 prompt(s) hold characters the text tokenizer cannot spell (the model reads them as its unk piece): " \
+           "'green 2 ✓': '✓'" in capsys.readouterr().out
     with np.load(out / "samples.npz") as f:
         assert f["arr_0"].shape == (6, 8, 8, 3)
         assert sorted(f["labels"].tolist()) == [0, 0, 1, 1, 2, 2]  # balanced over the captions

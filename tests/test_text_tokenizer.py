@@ -94,6 +94,21 @@ def test_unknown_characters_are_unk_or_bytes(tok):
         train_text_tokenizer(CAPTIONS, 200, byte_fallback=True)
 
 
+def test_prompts_with_unspellable_characters_are_named(tok):
+    """Sampling names the characters of a prompt that become unk (nothing the user wrote disappears silently);
+    spellable prompts, and every prompt under byte fallback, are not reported."""
+    from dpar_scale.sampling.prompts import describe_unspellable, unspellable_characters
+
+    prompts = ["a red disc", "a red disc ✓ 日本", "a large ring", "ünï"]
+    found = unspellable_characters(tok, prompts)
+    assert found == {1: ["✓", "日", "本"], 3: ["ü", "ï"]}
+    line = describe_unspellable(found, prompts, limit=1)
+    assert line.startswith("2 prompt(s) hold characters the text tokenizer cannot spell")
+    assert "'a red disc ✓ 日本': '✓' '日' '本' (and 1 more)" in line and describe_unspellable({}, prompts) == ""
+    fallback = train_text_tokenizer([c + f" {i}" for i, c in enumerate(CAPTIONS)], 300, byte_fallback=True)
+    assert unspellable_characters(fallback, prompts) == {}
+
+
 def test_other_models_id_layouts(tmp_path):
     # LLaMA's layout: unk 0, bos 1, eos 2, no pad. We never add bos; pad falls back to eos.
     llama = TextTokenizer.from_bytes(_raw_model(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), "llama-like")

@@ -120,7 +120,7 @@ def run(args) -> int:
     from dpar_scale.checkpoint.sampling_inputs import SamplingInputError, describe_rule, load_sampling_inputs
     from dpar_scale.sampling.generate import GenerationStats, generate_dpar, generate_gpt
     from dpar_scale.sampling.images import decode_to_uint8
-    from dpar_scale.sampling.prompts import prompt_inputs
+    from dpar_scale.sampling.prompts import describe_unspellable, prompt_inputs, unspellable_characters
     from dpar_scale.sampling.streams import sample_uniforms
 
     problem = check_sampling_arguments(args)
@@ -136,6 +136,9 @@ def run(args) -> int:
     if inputs.text_tokenizer is not None:
         prompts = text_prompts(args)
         classes, per_row = list(range(len(prompts))), args.num_per_prompt
+        unspellable = unspellable_characters(inputs.text_tokenizer, prompts)
+        if unspellable:
+            print(describe_unspellable(unspellable, prompts), flush=True)
     else:
         if args.prompts or args.prompts_file:
             raise SamplingInputError(f"{args.checkpoint} is class-conditional: use --classes, not --prompts")
@@ -184,6 +187,8 @@ def run(args) -> int:
     if prompts is not None:
         (out / "prompts.json").write_text(json.dumps({"prompts": prompts, "num_per_prompt": per_row,
                                                       "truncated_prompts": truncated // per_row,
+                                                      "unspellable_characters": {
+                                                          str(i): c for i, c in unspellable.items()},
                                                       "text_tokenizer": inputs.text_tokenizer.identity()},
                                                      indent=1, ensure_ascii=False))
         save_labelled_grid(images, prompts, per_row, out / "grid.png")

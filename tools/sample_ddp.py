@@ -103,7 +103,8 @@ def run(args):
                                   text_tokenizer_path=args.text_tokenizer)
     apply_config_defaults(args, inputs.cfg)
     if inputs.text_tokenizer is not None:
-        from dpar_scale.sampling.prompts import PromptError, read_prompts_file
+        from dpar_scale.sampling.prompts import (PromptError, describe_unspellable, read_prompts_file,
+                                                 unspellable_characters)
 
         if not args.captions:
             raise PromptError(f"{args.checkpoint} is a text model: give --captions FILE (the caption set to sample)")
@@ -111,6 +112,10 @@ def run(args):
         if pg.get_rank() == 0:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "captions.json").write_text(json.dumps(inputs.prompts, ensure_ascii=False) + "\n")
+            warning = describe_unspellable(unspellable_characters(inputs.text_tokenizer, inputs.prompts),
+                                           inputs.prompts)
+            if warning:
+                print(warning, flush=True)
     elif args.captions:
         raise SamplingInputError(f"{args.checkpoint} is class-conditional: --captions applies to text models")
     settings = settings_from_args(args)

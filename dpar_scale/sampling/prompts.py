@@ -2,7 +2,8 @@
 
 A prompts file is either plain text (one prompt per line; blank lines are skipped) or JSON Lines with a "caption"
 field per line (a captions.jsonl, e.g. the embedded data's, so evaluation can sample its own caption set). Prompts
-longer than the model's model.text.max_length are truncated exactly as training truncated captions, and counted.
+longer than the model's model.text.max_length are truncated exactly as training truncated captions, and counted;
+characters the text tokenizer cannot spell (they become its unk piece, as they would in training) are named.
 """
 from __future__ import annotations
 
@@ -48,3 +49,31 @@ def prompt_inputs(tokenizer, prompts: list[str], max_length: int):
 
     ids, lengths, truncated, _ = ragged_text(tokenizer, prompts, max_length)
     return (ids, lengths, tokenizer.eos_id), truncated
+
+
+def unspellable_characters(tokenizer, prompts: list[str]) -> dict[int, list[str]]:
+    """{index: the characters of prompt `index` that the text tokenizer cannot spell}, for the prompts that hold
+    any: the model reads each run of them as one unk piece, so a prompt may say less than its user wrote."""
+    verdict: dict[str, bool] = {}  # character -> unspellable (a caption set repeats its characters)
+    out = {}
+    for i, prompt in enumerate(prompts):
+        if not tokenizer.count_unknown(tokenizer.encode(prompt)):
+            continue
+        chars = []
+        for c in dict.fromkeys(prompt):
+            if c not in verdict:
+                verdict[c] = not c.isspace() and tokenizer.count_unknown(tokenizer.encode(c)) > 0
+            if verdict[c]:
+                chars.append(c)
+        out[i] = chars
+    return out
+
+
+def describe_unspellable(found: dict[int, list[str]], prompts: list[str], limit: int = 5) -> str:
+    """One warning line for `unspellable_characters`' result ('' when it is empty)."""
+    if not found:
+        return ""
+    shown = "; ".join(f"{prompts[i]!r}: {' '.join(map(repr, chars))}" for i, chars in list(found.items())[:limit])
+    more = f" (and {len(found) - limit} more)" if len(found) > limit else ""
+    return (f"{len(found)} prompt(s) hold characters the text tokenizer cannot spell (the model reads them as its "
+            f"unk piece): {shown}{more}")
