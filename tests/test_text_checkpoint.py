@@ -118,6 +118,26 @@ def test_another_text_model_is_refused(trained, tmp_path, capsys):
         Trainer(load_config(None, resumed))
 
 
+def test_resume_into_another_text_shape_is_refused(trained, tmp_path):
+    """A text checkpoint resumed with another text embedding size, or as a class model, is refused before any
+    weight loads, naming the key, both values and the override that resumes it (the load itself only gave
+    torch's size-mismatch traceback)."""
+    import shutil
+
+    from dpar_scale.config import ConfigError
+
+    root, codes, model_path = trained
+    shutil.copytree(root / "gpt", tmp_path / "gpt")  # resumed here, the module's run stays as it is
+    resume = ["checkpoint.resume=auto", "train.steps=6"]
+    with pytest.raises(ConfigError, match=r"model\.text\.vocab_size: checkpoint 36, config 40 .*"
+                                          r"model\.text\.vocab_size=36"):
+        Trainer(load_config(None, text_run(tmp_path, codes, model_path, "gpt", *resume, "model.text.vocab_size=40")))
+    with pytest.raises(ConfigError, match=r"model\.conditioning: checkpoint text, config class .*"
+                                          r"model\.conditioning=text\)"):
+        Trainer(load_config(None, text_run(tmp_path, codes, model_path, "gpt", *resume, "model.conditioning=class")))
+    assert sorted(p.name for p in (tmp_path / "gpt" / "checkpoints").iterdir()) == ["step-000004"]
+
+
 def test_sample_ddp_samples_a_caption_set(trained, tmp_path, capsys):
     root, _, _ = trained
     sample_ddp = load_tool("sample_ddp")

@@ -20,6 +20,9 @@ MODEL_SHAPE_KEYS = ("kind", "dim", "n_heads", "n_layers", "n_encoder_layers", "n
 # DPAR's structure (which modules exist) is part of its shape too; a config saved before these keys existed
 # holds the legacy structure (dpar_scale.config.with_legacy_sections).
 DPAR_STRUCTURE_KEYS = ("dpar.decoder_injection", "dpar.cross_attn_ffn")
+# A text model's caption embedding (a class model has none: its model.text.* shape nothing). "conditioning" itself
+# is a shape key: a text checkpoint holds no class embedding, a class checkpoint no text embedding.
+TEXT_SHAPE_KEYS = ("text.vocab_size",)
 
 
 def check_checkpoint_files(path: Path) -> None:
@@ -88,7 +91,8 @@ def check_model_matches(path: Path, model_cfg) -> None:
     saved = read_checkpoint_file(saved_file, lambda f: yaml.safe_load(f.read_text()) or {})
     saved_model = (with_legacy_sections(saved).get("model") or {}) if isinstance(saved, dict) else {}
     current = to_dict(model_cfg)
-    keys = MODEL_SHAPE_KEYS + (DPAR_STRUCTURE_KEYS if current.get("kind") == "dpar" else ())
+    keys = MODEL_SHAPE_KEYS + (DPAR_STRUCTURE_KEYS if current.get("kind") == "dpar" else ()) + ("conditioning",) \
+        + (TEXT_SHAPE_KEYS if current.get("conditioning") == _dotted(saved_model, "conditioning") == "text" else ())
     diffs, fixes = [], []
     for key in keys:
         a, b = _dotted(saved_model, key), _dotted(current, key)
