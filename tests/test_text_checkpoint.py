@@ -138,6 +138,33 @@ def test_resume_into_another_text_shape_is_refused(trained, tmp_path):
     assert sorted(p.name for p in (tmp_path / "gpt" / "checkpoints").iterdir()) == ["step-000004"]
 
 
+@pytest.mark.parametrize("kind", ["dpar", "gpt"])
+def test_caption_dropout_in_training_steps_only(trained, tmp_path, kind):
+    """Through the trainer: the held-out loss of the same weights (the module's trained run, resumed) is the same
+    with caption dropout 0 and 0.9 (validation reads every caption), while a training forward of the same batch is
+    not (it drops them)."""
+    import shutil
+
+    from dpar_scale.train.loss import code_loss_per_image
+
+    root, codes, model_path = trained
+    trainers = {}
+    for p in (0.0, 0.9):
+        shutil.copytree(root / kind, tmp_path / str(p) / kind)
+        trainers[p] = Trainer(load_config(None, text_run(tmp_path / str(p), codes, model_path, kind,
+                                                         f"model.text.dropout={p}", "checkpoint.resume=auto",
+                                                         "train.steps=6")))
+    val = {p: t.validate()["val_loss"] for p, t in trainers.items()}
+    assert val[0.0] == val[0.9]
+    train = {}
+    for p, t in trainers.items():
+        batch = t.step_batches()[0][0]
+        t.model.train()
+        with torch.no_grad():
+            train[p] = code_loss_per_image(t.model(**t.model_inputs(batch)), batch.codes).mean().item()
+    assert abs(train[0.0] - train[0.9]) > 1e-4 * abs(train[0.0])
+
+
 def test_sample_ddp_samples_a_caption_set(trained, tmp_path, capsys):
     root, _, _ = trained
     sample_ddp = load_tool("sample_ddp")
