@@ -198,7 +198,7 @@ def main(argv=None) -> int:
                       **prompt_following(evaluation / "samples.npz", prompts, evaluator)}
     summary = {"models": rows, "prompts": len(prompts), "samples_per_prompt": per_prompt, "threshold": theta,
                "train_steps": steps, "seconds": round(time.perf_counter() - started, 1),
-               "evaluator": str(evaluator)}
+               "evaluator": str(evaluator), "fid_reference": str(images)}
     (out / "text_summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     return 0
