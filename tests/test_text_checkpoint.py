@@ -165,6 +165,23 @@ def test_caption_dropout_in_training_steps_only(trained, tmp_path, kind):
     assert abs(train[0.0] - train[0.9]) > 1e-4 * abs(train[0.0])
 
 
+def test_training_counts_caption_characters_the_text_model_cannot_spell(trained, tmp_path):
+    """A text tokenizer that cannot spell some characters of the captions (here: one fitted without the digits,
+    as an outside model may be): every step logs how many unk pieces its captions became; none with the own."""
+    from conftest import text_caption
+    from dpar_scale.train.metrics_log import read_metrics
+
+    root, codes, model_path = trained
+    digitless = [text_caption(label, i, k).translate(str.maketrans("", "", "0123456789"))
+                 for label in range(3) for i in range(8) for k in range(2)]
+    train_text_tokenizer(digitless, 30).save(str(tmp_path / "digitless.model"))
+    for name, model in (("own", model_path), ("digitless", tmp_path / "digitless.model")):
+        Trainer(load_config(None, text_run(tmp_path / name, codes, str(model), "gpt", "train.steps=2"))).fit()
+    counts = {name: [r["text_unknown"] for r in read_metrics(tmp_path / name / "gpt" / "metrics.jsonl") if "loss" in r]
+              for name in ("own", "digitless")}
+    assert counts["own"] == [0, 0] and min(counts["digitless"]) > 0  # the class digits of the step's captions
+
+
 def test_sample_ddp_samples_a_caption_set(trained, tmp_path, capsys):
     root, _, _ = trained
     sample_ddp = load_tool("sample_ddp")

@@ -115,7 +115,9 @@ class Trainer(TrainerSetup):
             # knows every rank's samples and their epochs: no communication), counted, never silent
             texts = self.data.choose_captions(step_ids, self.order.epochs(plan.cursor, len(step_ids)),
                                               self.cfg.train.seed)
-            record["text_truncated"] = self.text_tokenizer.encode_captions(texts, self.cfg.model.text.max_length)[1]
+            text_ids, record["text_truncated"] = self.text_tokenizer.encode_captions(texts, self.cfg.model.text.max_length)
+            # and their characters the text tokenizer cannot spell (each run of them one unk piece), counted too
+            record["text_unknown"] = self.text_tokenizer.count_unknown(text_ids)
         if self.cfg.data.log_sample_ids:
             record["sample_ids"] = step_ids.tolist()  # the whole step's, every rank's micro-batches
         ids = np.concatenate([b.sample_ids.numpy() for b in batches])
