@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training step time of DPAR vs the token-level baseline of equal total depth, on the same batches.
 
-  python tools/bench_train.py [--dpar dpar-tiny --gpt gpt-tiny] [--dim 128] [--batch 32] [--grid 16]
+  python tools/bench_train.py [--dpar dpar-tiny --gpt gpt-tiny | --demo] [--dim 128] [--batch 32] [--grid 16]
       [--mean-patch-length 1.81 | --codes DIR --threshold θ] [--steps 10] [--json out.json]
 
 Both models see the same codes and labels; DPAR's patch layout comes from the given entropies (a codes folder
@@ -11,7 +11,8 @@ two models are interleaved so that drift in machine load hits both alike. Report
 (dpar_scale.flops.analytic), so the measured speed-up can be read against the FLOP saving, and the attention pair
 ratio: query-key pairs the packed global attention's kernels computed (SDPA calls counted, padding included)
 over Σ L_i² of its documents. The load average is recorded: on a shared machine only ratios measured in one run
-mean something.
+mean something. `--demo` takes both models' shapes, the grid and the batch from configs/demo/{gpt,dpar}.yaml
+(what `make demo` trains) instead of presets.
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--gpt", default="gpt-tiny")
     p.add_argument("--dim", type=non_negative_int, default=0, help="override both presets' width")
     p.add_argument("--heads", type=non_negative_int, default=0)
-    p.add_argument("--batch", type=positive_int, default=32)
-    p.add_argument("--grid", type=positive_int, default=16)
+    p.add_argument("--demo", action="store_true", help="the models, grid and batch of configs/demo/{gpt,dpar}.yaml")
+    p.add_argument("--batch", type=positive_int, default=None, help="images per step (default 32; --demo: its own)")
+    p.add_argument("--grid", type=positive_int, default=None, help="codes per side (default 16; --demo: its own)")
     p.add_argument("--vocab", type=positive_int, default=512)
     p.add_argument("--classes", type=positive_int, default=10)
     p.add_argument("--mean-patch-length", type=positive_float, default=1.81)
@@ -84,6 +86,11 @@ def main(argv=None) -> int:
     from dpar_scale.patching.layout import PatchLayout
     from dpar_scale.train.loss import code_loss
 
+    demo_configs = {name: Path(__file__).resolve().parent.parent / f"configs/demo/{name}.yaml" for name in ("gpt", "dpar")}
+    if args.demo:
+        demo = load_config(demo_configs["gpt"])
+        args.batch, args.grid = args.batch or demo.data.batch_size, args.grid or demo.model.grid[0]
+    args.batch, args.grid = args.batch or 32, args.grid or 16
     n_codes, width = args.grid * args.grid, args.grid
     shape = [f"model.vocab_size={args.vocab}", f"model.num_classes={args.classes}",
              f"model.grid=[{args.grid},{args.grid}]", "model.dropout=0.0"]
@@ -97,7 +104,8 @@ def main(argv=None) -> int:
     layout = PatchLayout.from_lengths(lengths, grid=(args.grid, args.grid))
     runs = {}
     for name, preset in (("gpt", args.gpt), ("dpar", args.dpar)):
-        cfg = resolve_model_config(load_config(None, [f"model.preset={preset}", *shape]).model)
+        source = (demo_configs[name], shape) if args.demo else (None, [f"model.preset={preset}", *shape])
+        cfg = resolve_model_config(load_config(*source).model)
         torch.manual_seed(args.seed)
         model = build_model(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
