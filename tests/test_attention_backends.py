@@ -179,3 +179,56 @@ def test_varlen_equals_the_reference():
     out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, "auto")
     ref = attend_reference(q, k, v, AttentionMask.packed(ids, lengths))
     assert_close(out.float(), ref, reduction=max(lengths), depth=2, dtype=torch.bfloat16)
+
+
+def _reference_groups(lengths, slack):
+    """group_documents document by document (the rule of its docstring, no vectorisation)."""
+    live = [i for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)) if lengths[i] > 0]
+    share = sum(lengths[i] ** 2 for i in live) / max(len(live), 1)
+    groups, width = [], 0
+    for i in live:
+        sq = lengths[i] ** 2
+        if groups and width * width - sq <= (slack - 1) / 2 * (sq + share):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            width = lengths[i]
+    return groups
+
+
+def _reference_grouped_plan(lengths, length, slack):
+    """(groups, index, inverse) of the grouped SDPA plan, built group by group and slot by slot."""
+    starts = [sum(lengths[:d]) for d in range(len(lengths))]
+    index, inverse, groups = [], [None] * length, []
+    for docs in _reference_groups(lengths, slack):
+        width = lengths[docs[0]]
+        for d in docs:
+            for a in range(width):
+                if a < lengths[d]:
+                    inverse[starts[d] + a] = len(index)
+                index.append(starts[d] + min(a, lengths[d] - 1))
+        groups.append((len(docs), width))
+    return tuple(groups), index, [len(index) if x is None else x for x in inverse]
+
+
+def test_vectorised_grouped_plan_equals_the_per_document_reference():
+    g = torch.Generator().manual_seed(0)
+    cases = 0
+    for trial in range(300):
+        n = int(torch.randint(1, 48, (1,), generator=g))
+        longest = [1, 3, 12, 150][trial % 4]
+        lengths = torch.randint(1, longest + 1, (n,), generator=g)
+        lengths[torch.rand(n, generator=g) < 0.1] = 0  # empty documents (e.g. dropped captions' halves)
+        lengths = lengths.tolist()
+        slack = [1.0, 1.05, GROUP_SLACK, 1.5, 4.0][trial % 5]
+        assert group_documents(lengths, slack) == _reference_groups(lengths, slack), (lengths, slack)
+        if sum(lengths) == 0:
+            continue
+        length = sum(lengths) + trial % 6
+        plan = build_packed_plan("groups", lengths, length, "cpu", slack=slack)
+        groups, index, inverse = _reference_grouped_plan(lengths, length, slack)
+        assert plan.groups == groups
+        assert plan.index.dtype == plan.inverse.dtype == torch.long
+        assert plan.index.tolist() == index and plan.inverse.tolist() == inverse, (lengths, slack)
+        cases += 1
+    assert cases > 250

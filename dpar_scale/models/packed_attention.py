@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,22 +35,35 @@ def group_documents(lengths, slack: float = GROUP_SLACK) -> list[list[int]]:
     (slack − 1)/2 · (L² + mean L²): summed over documents the waste is ≤ (slack − 1) · Σ L², so the padded total
     is ≤ slack · Σ L², while short documents (whose own L² is small) still share a group instead of each making a
     call of its own (the mean-L² term)."""
+    order, sizes = _document_groups(np.asarray([int(x) for x in lengths], dtype=np.int64), slack)
+    cut = np.cumsum(sizes).tolist()
+    order = order.tolist()
+    return [order[a:z] for a, z in zip([0] + cut[:-1], cut)]
+
+
+def _document_groups(lengths: np.ndarray, slack: float) -> tuple[np.ndarray, np.ndarray]:
+    """(the non-empty documents longest first, ties by index; the size of each group along that order).
+
+    Vectorised over documents, one pass per group: along the order w² − L² grows and the allowance
+    (slack − 1)/2 · (L² + mean L²) shrinks, so a group's members are a prefix of the documents after its first,
+    found with one comparison over them (the same float64 expression as a document-by-document test)."""
     if slack < 1:
         raise ValueError(f"slack must be >= 1, got {slack}")
-    lengths = [int(x) for x in lengths]
-    live = [i for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)) if lengths[i] > 0]
-    if not live:
-        return []
-    share = sum(lengths[i] ** 2 for i in live) / len(live)
-    groups, width = [], 0
-    for i in live:
-        sq = lengths[i] ** 2
-        if groups and width * width - sq <= (slack - 1) / 2 * (sq + share):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-            width = lengths[i]
-    return groups
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    order = order[lengths[order] > 0]
+    if not len(order):
+        return order, np.zeros(0, dtype=np.int64)
+    sq = lengths[order] ** 2
+    share = int(sq.sum()) / len(order)
+    allowance = (slack - 1) / 2 * (sq + share)
+    sizes, first = [], 0
+    while first < len(order):
+        # the documents after the group's first: True while they join, then False from the next group's first on
+        joins = sq[first] - sq[first + 1:] <= allowance[first + 1:]
+        size = 1 + (len(joins) if joins.all() else int(np.argmin(joins)))
+        sizes.append(size)
+        first += size
+    return order, np.asarray(sizes, dtype=np.int64)
 
 
 @dataclass(eq=False)
@@ -80,14 +94,6 @@ class PackedPlan:
         return sum(x * x for x in self.doc_lengths)
 
 
-def _doc_starts(lengths) -> list[int]:
-    out, acc = [], 0
-    for x in lengths:
-        out.append(acc)
-        acc += x
-    return out
-
-
 def build_packed_plan(kind: str, doc_lengths, length: int, device, mask=None,
                       slack: float = GROUP_SLACK) -> PackedPlan:
     """The plan of one packed causal self-attention (documents contiguous from position 0, padding after)."""
@@ -99,29 +105,31 @@ def build_packed_plan(kind: str, doc_lengths, length: int, device, mask=None,
     real = torch.zeros(length, dtype=torch.bool)
     real[:total] = True
     if kind == "groups":
-        starts = torch.tensor(_doc_starts(doc_lengths), dtype=torch.long)
-        lens = torch.tensor(doc_lengths, dtype=torch.long)
-        index, groups, offset = [], [], 0
-        inverse = torch.full((length,), 0, dtype=torch.long)
-        for docs in group_documents(doc_lengths, slack):
-            d = torch.tensor(docs, dtype=torch.long)
-            n, w = len(docs), int(lens[d].max())
-            ar = torch.arange(w)
-            # pad slots repeat the document's last position: finite values, and no real query ever sees them
-            index.append((starts[d, None] + torch.minimum(ar[None], lens[d, None] - 1)).reshape(-1))
-            inside = ar[None] < lens[d, None]
-            slots = offset + torch.arange(n * w).view(n, w)
-            inverse[(starts[d, None] + ar[None])[inside]] = slots[inside]
-            groups.append((n, w))
-            offset += n * w
-        inverse[~real] = offset
-        plan.groups, plan.index, plan.inverse = tuple(groups), torch.cat(index).to(device), inverse.to(device)
+        # vectorised over documents: each document (longest first) gets w slots, w its group's width; slot a of
+        # document d reads position start_d + min(a, L_d − 1) (pad slots repeat its last position: finite values,
+        # and no real query ever sees them), and its real positions map back to their slots
+        lens = np.asarray(doc_lengths, dtype=np.int64)
+        order, sizes = _document_groups(lens, slack)
+        starts = np.cumsum(lens) - lens
+        group_first = np.cumsum(sizes) - sizes
+        widths = lens[order[group_first]]
+        slot_width = np.repeat(widths, sizes)  # per document along the order
+        first_slot = np.cumsum(slot_width) - slot_width
+        doc = np.repeat(order, slot_width)  # document of each slot
+        a = np.arange(int(slot_width.sum())) - np.repeat(first_slot, slot_width)
+        inside = a < lens[doc]
+        index = starts[doc] + np.minimum(a, lens[doc] - 1)
+        inverse = np.full(length, len(a), dtype=np.int64)  # padding positions read the zero row after the slots
+        inverse[index[inside]] = np.flatnonzero(inside)
+        plan.groups = tuple(zip(sizes.tolist(), widths.tolist()))
+        plan.index = torch.from_numpy(index).to(device)
+        plan.inverse = torch.from_numpy(inverse).to(device)
     elif kind == "dense":
         ids = mask.q_ids.to(device)
         plan.allowed = mask.dense(length, length, device) | ~real.to(device)[None, None, :, None]
         plan.valid = (ids[0] >= 0)[None, None, :, None]
     elif kind == "varlen":
-        bounds = [0] + [s + x for s, x in zip(_doc_starts(doc_lengths), doc_lengths)]
+        bounds = [0] + np.cumsum(doc_lengths, dtype=np.int64).tolist()
         if length > total:
             bounds.append(length)  # the padding as one more document: finite rows, zeroed afterwards
         plan.cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=device)
