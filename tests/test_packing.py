@@ -164,6 +164,79 @@ def test_flex_equals_sdpa():
             assert_close(attend(q, q, q, mask, "flex"), attend(q, q, q, mask, "sdpa"), reduction=8, depth=2)
 
 
+def reference_layout(lengths, grid, pad, n_codes, cond):
+    """Every field of PatchLayout.from_lengths, filled image by image and patch by patch (the module docstring's
+    definitions, no vectorisation)."""
+    h, w = grid
+    b, m_max = len(lengths), max(len(x) for x in lengths)
+    total = sum(len(x) + c for x, c in zip(lengths, cond))
+    t_len = -(-total // pad) * pad
+    n_cond = sum(cond)
+    out = {"patch_id": [], "num_patches": [len(x) for x in lengths], "patch_start": [], "patch_end": [],
+           "patch_valid": [], "cu_seqlens": [0], "packed_image_id": [-1] * t_len, "packed_pos": [0] * t_len,
+           "packed_row": [0] * t_len, "packed_col_start": [0] * t_len, "packed_col_end": [0] * t_len,
+           "packed_source": [n_cond + b * m_max] * t_len, "code_to_packed": [], "patch_to_packed": []}
+    cond_row = 0
+    for i, (ls, c) in enumerate(zip(lengths, cond)):
+        base = out["cu_seqlens"][-1]
+        for j in range(c + len(ls)):  # the image's run: its condition, then its patches
+            out["packed_image_id"][base + j] = i
+            out["packed_pos"][base + j] = j - (c - 1)
+        for j in range(c):
+            out["packed_row"][base + j] = j - (c - 1)
+            out["packed_source"][base + j] = cond_row + j
+        cond_row += c
+        ids, starts, ends, valid, to_packed, code = [], [], [], [], [], 0
+        for m in range(m_max):
+            if m < len(ls):
+                first, last, at = code, code + ls[m] - 1, base + c + m
+                ids += [m] * ls[m]
+                starts.append(first), ends.append(last), valid.append(True), to_packed.append(at)
+                out["packed_row"][at], out["packed_col_start"][at] = first // w, first % w
+                out["packed_col_end"][at] = last % w
+                out["packed_source"][at] = n_cond + i * m_max + m
+                code += ls[m]
+            else:
+                starts.append(0), ends.append(0), valid.append(False), to_packed.append(-1)
+        out["patch_id"].append(ids)
+        out["patch_start"].append(starts), out["patch_end"].append(ends), out["patch_valid"].append(valid)
+        out["patch_to_packed"].append(to_packed)
+        out["code_to_packed"].append([base + c - 1 + p for p in ids])
+        out["cu_seqlens"].append(base + c + len(ls))
+    return out
+
+
+def test_vectorised_layout_equals_the_per_image_reference():
+    g = torch.Generator().manual_seed(0)
+
+    def draw(high):
+        return int(torch.randint(1, high + 1, (1,), generator=g))
+
+    for trial in range(200):
+        h, w, b = draw(6), draw(6), draw(7)
+        n = h * w if trial % 3 else draw(h * w)  # every third: a generation prefix of the grid
+        p_max = [1, 2, 4, 64][trial % 4]
+        lengths = []
+        for _ in range(b):
+            left, ls = n, []
+            while left:
+                ls.append(draw(min(left, p_max)))
+                left -= ls[-1]
+            lengths.append(ls)
+        cond = [draw(5) for _ in range(b)] if trial % 2 else [1] * b  # captions / classes
+        pad = [1, 2, 8, 128][trial % 4]
+        layout = PatchLayout.from_lengths(lengths, (h, w), pad, n_codes=n, cond_lengths=cond if trial % 2 else None)
+        want = reference_layout(lengths, (h, w), pad, n, cond)
+        for name, value in want.items():
+            got = getattr(layout, name)
+            assert got.tolist() == value, (name, lengths, cond, pad)
+            assert got.dtype == (torch.int32 if name == "cu_seqlens" else torch.bool if name == "patch_valid"
+                                 else torch.long), name
+        assert layout.lengths == tuple(map(tuple, lengths)) and layout.cond_lengths == tuple(cond)
+        again = PatchLayout.from_patch_ids(layout.patch_id, (h, w), pad, cond)
+        assert again.lengths == layout.lengths and torch.equal(again.code_to_packed, layout.code_to_packed)
+
+
 # -------------------------------------------------------------------------------------------------- packer
 def _stream(n=200, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -190,55 +190,60 @@ class PatchLayout:
         if len(cond) != b or min(cond) < 1:
             raise ValueError(f"cond_lengths must give every one of the {b} images >= 1 condition positions, got "
                              f"{list(cond)}")
-        cond_t = torch.tensor(cond, dtype=torch.long)
-        counts = torch.from_numpy(counts_np)
-        flat_len = torch.from_numpy(flat_np)
+        # numpy segment ops (repeat, cumsum, fancy indexing): on these small integer arrays they cost a fraction of
+        # the same torch ops' dispatch; the tensors are wrapped at the end (torch.from_numpy, no copy)
+        cond_t = np.asarray(cond, dtype=np.int64)
+        counts, flat_len = counts_np, flat_np
         m_max = int(counts.max())
-        patch_image = torch.repeat_interleave(torch.arange(b), counts)  # image of each flat patch
-        first_patch = torch.cumsum(counts, 0) - counts  # flat index of each image's patch 0
-        local = torch.arange(len(flat_len)) - first_patch[patch_image]  # m of each flat patch
-        start = torch.cumsum(flat_len, 0) - flat_len - patch_image * n  # first code, within its image
+        patch_image = np.repeat(np.arange(b), counts)  # image of each flat patch
+        first_patch = np.cumsum(counts) - counts  # flat index of each image's patch 0
+        local = np.arange(len(flat_len)) - first_patch[patch_image]  # m of each flat patch
+        start = np.cumsum(flat_len) - flat_len - patch_image * n  # first code, within its image
         end = start + flat_len - 1
 
-        patch_id = torch.repeat_interleave(local, flat_len).view(b, n)
-        valid = torch.arange(m_max)[None, :] < counts[:, None]
-        patch_start = torch.zeros(b, m_max, dtype=torch.long)
-        patch_end = torch.zeros(b, m_max, dtype=torch.long)
-        patch_start[valid], patch_end[valid] = start, end  # boolean indexing is row-major, like the flat order
+        patch_id = np.repeat(local, flat_len).reshape(b, n)
+        valid = np.arange(m_max)[None, :] < counts[:, None]
+        grid_index = patch_image * m_max + local  # flat [B, M] slot of each patch (row-major, like the flat order)
+        patch_start = np.zeros(b * m_max, dtype=np.int64)
+        patch_end = np.zeros(b * m_max, dtype=np.int64)
+        patch_start[grid_index], patch_end[grid_index] = start, end
 
         run = counts + cond_t  # condition + patches
-        cu = torch.zeros(b + 1, dtype=torch.long)
-        cu[1:] = torch.cumsum(run, 0)
+        cu = np.zeros(b + 1, dtype=np.int64)
+        cu[1:] = np.cumsum(run)
         total = int(cu[-1])
         t_len = -(-total // pad_to_multiple) * pad_to_multiple
-        image_id = torch.full((t_len,), -1, dtype=torch.long)
-        image_id[:total] = torch.repeat_interleave(torch.arange(b), run)
+        image_id = np.full(t_len, -1, dtype=np.int64)
+        image_id[:total] = np.repeat(np.arange(b), run)
         # position inside the run, shifted so that the last condition position is 0 (module docstring)
-        pos = torch.zeros(t_len, dtype=torch.long)
-        pos[:total] = (torch.arange(total) - torch.repeat_interleave(cu[:-1] + cond_t - 1, run))
+        pos = np.zeros(t_len, dtype=np.int64)
+        pos[:total] = np.arange(total) - np.repeat(cu[:-1] + cond_t - 1, run)
 
         patch_packed = cu[patch_image] + cond_t[patch_image] + local
-        patch_to_packed = torch.full((b, m_max), -1, dtype=torch.long)
-        patch_to_packed[valid] = patch_packed
-        row, col_start, col_end = (torch.zeros(t_len, dtype=torch.long) for _ in range(3))
-        cond_image = torch.repeat_interleave(torch.arange(b), cond_t)
-        cond_first = torch.cumsum(cond_t, 0) - cond_t  # flat index of each image's first condition row
-        cond_packed = cu[cond_image] + torch.arange(int(cond_t.sum())) - cond_first[cond_image]
+        patch_to_packed = np.full(b * m_max, -1, dtype=np.int64)
+        patch_to_packed[grid_index] = patch_packed
+        row, col_start, col_end = (np.zeros(t_len, dtype=np.int64) for _ in range(3))
+        n_cond = int(cond_t.sum())
+        cond_image = np.repeat(np.arange(b), cond_t)
+        cond_first = np.cumsum(cond_t) - cond_t  # flat index of each image's first condition row
+        cond_packed = cu[cond_image] + np.arange(n_cond) - cond_first[cond_image]
         row[cond_packed] = pos[cond_packed]  # <= 0: the caption's lines above the picture
-        row[patch_packed], col_start[patch_packed], col_end[patch_packed] = start // w, start % w, end % w
+        (row[patch_packed], col_start[patch_packed]), col_end[patch_packed] = np.divmod(start, w), end % w
         # Source rows for `pack`: condition vectors first (flat, image by image), then the [B, M] patch grid
         # flattened, then one zero row.
-        n_cond = int(cond_t.sum())
-        source = torch.full((t_len,), n_cond + b * m_max, dtype=torch.long)
-        source[cond_packed] = torch.arange(n_cond)
-        source[patch_packed] = n_cond + patch_image * m_max + local
+        source = np.full(t_len, n_cond + b * m_max, dtype=np.int64)
+        source[cond_packed] = np.arange(n_cond)
+        source[patch_packed] = n_cond + grid_index
         code_to_packed = (cu[:-1] + cond_t - 1)[:, None] + patch_id
 
-        return cls(grid=(h, w), lengths=lengths, pad_to_multiple=pad_to_multiple, patch_id=patch_id,
-                   num_patches=counts, patch_start=patch_start, patch_end=patch_end, patch_valid=valid,
-                   cu_seqlens=cu.to(torch.int32), packed_image_id=image_id, packed_pos=pos, packed_row=row,
-                   packed_col_start=col_start, packed_col_end=col_end, packed_source=source,
-                   code_to_packed=code_to_packed, patch_to_packed=patch_to_packed, cond_lengths=cond)
+        t = torch.from_numpy
+        return cls(grid=(h, w), lengths=lengths, pad_to_multiple=pad_to_multiple, patch_id=t(patch_id),
+                   num_patches=t(counts), patch_start=t(patch_start).view(b, m_max),
+                   patch_end=t(patch_end).view(b, m_max), patch_valid=t(valid),
+                   cu_seqlens=t(cu.astype(np.int32)), packed_image_id=t(image_id), packed_pos=t(pos),
+                   packed_row=t(row), packed_col_start=t(col_start), packed_col_end=t(col_end),
+                   packed_source=t(source), code_to_packed=t(code_to_packed),
+                   patch_to_packed=t(patch_to_packed).view(b, m_max), cond_lengths=cond)
 
     @classmethod
     def from_patch_ids(cls, patch_id: torch.Tensor, grid, pad_to_multiple: int = 1,
@@ -250,7 +255,12 @@ class PatchLayout:
         steps = patch_id.diff(dim=1)
         if (patch_id[:, 0] != 0).any() or ((steps != 0) & (steps != 1)).any():
             raise ValueError("patch_id rows must start at 0 and grow by 0 or 1 from code to code")
-        lengths = [torch.bincount(row).tolist() for row in patch_id]
+        # every row's patch sizes in one bincount: row r's patches are numbered after the rows before it
+        counts = patch_id[:, -1] + 1
+        first = torch.cumsum(counts, 0) - counts
+        flat = torch.bincount((patch_id + first[:, None]).reshape(-1), minlength=int(counts.sum())).tolist()
+        cut = torch.cumsum(counts, 0).tolist()
+        lengths = [flat[a:z] for a, z in zip([0] + cut[:-1], cut)]
         return cls.from_lengths(lengths, grid, pad_to_multiple, n_codes=patch_id.shape[1], cond_lengths=cond_lengths)
 
     @classmethod
