@@ -272,3 +272,54 @@ def test_packer_limits():
     assert [len(b) for b in pack_microbatches(items, 22, drop_last=True)] == [2]
     with pytest.raises(ValueError, match="budget"):
         list(pack_microbatches([(7, [1] * 30)], 16))
+
+
+def reference_pack(items, budget, pad=1, max_images=None, drop_last=False):
+    """The greedy packer image by image: [(ids, lengths, positions)] of each micro-batch, or the ValueError it
+    raises with the batches yielded before it."""
+    out, ids, lengths, positions = [], [], [], 0
+    for item in items:
+        cost = len(item[1]) + (item[2] if len(item) > 2 else 1)
+        if -(-cost // pad) * pad > budget:
+            return out, f"sample {item[0]!r} needs {cost} "
+        full = max_images is not None and len(ids) >= max_images
+        if ids and (full or -(-(positions + cost) // pad) * pad > budget):
+            out.append((ids, lengths, positions))
+            ids, lengths, positions = [], [], 0
+        ids, lengths, positions = ids + [item[0]], lengths + [list(item[1])], positions + cost
+    if ids and not drop_last:
+        out.append((ids, lengths, positions))
+    return out, None
+
+
+def test_vectorised_packer_equals_the_per_image_reference():
+    g = torch.Generator().manual_seed(0)
+
+    def draw(low, high):
+        return int(torch.randint(low, high + 1, (1,), generator=g))
+
+    errors = 0
+    for trial in range(300):
+        n_items, pad = draw(0, 60), [1, 1, 2, 4, 8][trial % 5]
+        budget = draw(1, 60)
+        text = trial % 2 == 1
+        items = []
+        for i in range(n_items):
+            m = draw(1, 12 if trial % 7 else 40)  # every seventh stream has images that may not fit alone
+            item = (1000 + i, [1] * m)
+            items.append(item + (draw(1, 6),) if text else item)
+        max_images = [None, 1, 3][trial % 3]
+        drop_last = trial % 4 == 3
+        want, error = reference_pack(items, budget, pad, max_images, drop_last)
+        got = []
+        try:
+            for mb in pack_microbatches(items, budget, pad, max_images, drop_last, chunk=[1, 3, 7, 1024][trial % 4]):
+                got.append((mb.sample_ids, mb.lengths, mb.positions))
+                assert mb.padded_positions <= budget and mb.pad_to_multiple == pad
+        except ValueError as e:
+            assert error is not None and str(e).startswith(error), (str(e), error)
+            errors += 1
+        else:
+            assert error is None, error
+        assert got == want, (items, budget, pad, max_images)
+    assert 10 < errors < 200

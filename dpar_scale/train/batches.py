@@ -129,7 +129,7 @@ class StepBatches:
         data.global_tokens_per_microbatch (or it holds data.max_images_per_microbatch images), so the number of
         images per micro-batch follows their patch counts. Every rank packs the same global stream from the same
         cursor (a pure function of it), then takes its own grad_accum micro-batches."""
-        from dpar_scale.data.packing import pack_microbatches
+        from dpar_scale.data.packing import pack_columns
 
         accum = self.cfg.train.grad_accum
         wanted = accum * self.dp_size
@@ -141,19 +141,17 @@ class StepBatches:
         per_micro = budget // (-(-self.codes_per_image // self.cfg.model.patch.max_patch_length) + 1)
         bound = wanted * (min(per_micro, cap) if cap else per_micro) + 1
 
-        def stream(chunk: int = min(max(bound, 1), 4096)):
+        def stream(chunk: int = min(max(bound, 1), 4096)):  # columns: ids, patch lengths, condition lengths
             position = cursor
             while True:
                 ids = self.order.ids(position, chunk)
-                if self.text:  # the caption's tokens take the class position's place in the budget
-                    yield from zip(ids.tolist(), self.source.patch_lengths(ids),
-                                   self.source.text_lengths(ids, self.order.epochs(position, chunk)))
-                else:
-                    yield from zip(ids.tolist(), self.source.patch_lengths(ids))
+                # text: the caption's tokens take the class position's place in the budget
+                yield (ids.tolist(), self.source.patch_lengths(ids),
+                       self.source.text_lengths(ids, self.order.epochs(position, chunk)) if self.text else None)
                 position += chunk
 
         micro = []
-        for mb in pack_microbatches(stream(), budget, pad_to_multiple=self.cfg.parallel.tp, max_images=cap or None):
+        for mb in pack_columns(stream(), budget, pad_to_multiple=self.cfg.parallel.tp, max_images=cap or None):
             micro.append(mb)
             if len(micro) == wanted:
                 break
