@@ -247,3 +247,40 @@ def test_fractional_static_length_is_that_mean():
     with pytest.raises(ValueError, match="needs row_reset"):
         patch_lengths(e, width=16, threshold=0.0, max_patch_length=4, mode="static", static_length=1.81,
                       row_reset=False)
+
+
+def reference_lengths_any_rule(e, width, theta, pmax, mode, alignment, row_reset, relative):
+    """The module docstring's rule for one image, code by code in float32, every mode but static."""
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731
+    n, theta, relative = len(e), f32(theta), f32(relative) if relative is not None else None
+    aligned = [0.0] + [f32(x) for x in e[:-1]] if alignment == "reference" else [f32(x) for x in e]
+    starts = []
+    for k in range(n):
+        s, s_prev = aligned[k], aligned[max(k - 1, 0)]
+        rise = f32(s - s_prev)  # the vectorised rule subtracts in float32
+        signal = {"global": s > theta, "monotonic": rise > theta,
+                  "global+monotonic": s > theta or (relative is not None and rise > relative)}[mode]
+        if k < 2 or (row_reset and k % width == 0) or signal:
+            starts.append(k)
+    lengths = []
+    for a, b in zip(starts, starts[1:] + [n]):
+        run = b - a
+        lengths += [pmax] * (run // pmax) + ([run % pmax] if run % pmax else [])
+    return lengths
+
+
+def test_vectorised_rule_equals_the_code_by_code_reference_in_every_mode():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(48):
+        mode = ["global", "monotonic", "global+monotonic"][trial % 3]
+        alignment, row_reset = ["reference", "blt"][trial % 2], trial % 4 < 2
+        width, pmax = [1, 3, 8][trial % 3], [1, 2, 4, 64][trial // 3 % 4]
+        e = torch.rand(5, width * [1, 4, 8][trial // 12 % 3], generator=g) * 6.3
+        e = e.half() if trial % 5 == 0 else e  # stored entropies are float16
+        theta = float(torch.rand(1, generator=g)) * (6.0 if mode == "global" else 2.0)
+        relative = 0.5 + float(torch.rand(1, generator=g)) if mode == "global+monotonic" else None
+        got = patch_lengths(e, width=width, threshold=theta, max_patch_length=pmax, mode=mode, alignment=alignment,
+                            row_reset=row_reset, relative_threshold=relative)
+        for i in range(e.shape[0]):
+            assert got[i] == reference_lengths_any_rule(e[i].float().tolist(), width, theta, pmax, mode, alignment,
+                                                        row_reset, relative), (trial, i)
