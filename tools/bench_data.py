@@ -15,11 +15,11 @@ the logged rows after the warmup. With 0 workers the wait is the whole build (ga
 layouts); with workers it is what is left of it. The machine's load is printed and saved: on a shared machine
 the workers compete with the training thread for the cores.
 
-`--build-only` trains nothing: it times, per step, what the background threads do — the planner
-(`StepBatches.plan`: sample ids; packed: entropies, patch rule, packing) and a worker (`StepBatches.build`: codes
-gathered, patch rule, layouts) — and what the training thread does besides the model (the packed attention's
-plan of every micro-batch, built in DPAR's forward), one thread, `--workers` ignored. `--profile K` adds the K
-functions with the most own time under cProfile over those steps.
+`--build-only` trains nothing: it times (the median over the steps) what the background threads do per step —
+the planner (`StepBatches.plan`: sample ids; packed: entropies, patch rule, packing) and a worker
+(`StepBatches.build`: codes gathered, patch rule, layouts) — and what the training thread does besides the model
+(the packed attention's plan of every micro-batch, built in DPAR's forward), one thread, `--workers` ignored.
+`--profile K` adds the K functions with the most own time under cProfile over those steps.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def build_only(args, codes: Path, out: Path, mode: str) -> dict:
         cursor += len(plan.step_ids)
     profile.disable()
     result = {"mode": mode, "steps": args.steps, "images_per_step": statistics.mean(images[args.warmup:]),
-              **{key: statistics.mean(v) for key, v in times.items()}}
+              **{key: statistics.median(v) for key, v in times.items()}}  # median: robust to preemption
     if args.profile:
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.profile)

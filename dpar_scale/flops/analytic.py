@@ -33,6 +33,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from dpar_scale.patching import layout as _layout
@@ -107,7 +108,8 @@ def _resolve(cfg):
 
 
 def causal_pairs(length: int, attention: str = "full") -> int:
-    """(query, key) pairs of causal self-attention over one sequence, under the attention convention."""
+    """(query, key) pairs of causal self-attention over one sequence, under the attention convention (elementwise
+    over an integer array of lengths)."""
     if attention not in ATTENTION_CONVENTIONS:
         raise ValueError(f"attention convention {attention!r} is not one of {ATTENTION_CONVENTIONS}")
     return length * length if attention == "full" else length * (length + 1) // 2
@@ -116,14 +118,15 @@ def causal_pairs(length: int, attention: str = "full") -> int:
 def _patch_counts(batch_images, patch_lengths, num_patches, layout, n_codes):
     if layout is not None:
         patch_lengths = layout.lengths
-    if patch_lengths is not None:
-        counts = [len(x) for x in patch_lengths]
-        sums = {sum(x) for x in patch_lengths}
+    if patch_lengths is not None:  # map: C loops over the images (the planner calls this every step)
+        counts = np.fromiter(map(len, patch_lengths), dtype=np.int64, count=len(patch_lengths))
+        sums = set(map(sum, patch_lengths))
         if len(sums) != 1 or (n_codes is not None and sums != {n_codes}):
             raise ValueError(f"patch lengths must cover the same {n_codes} codes in every image, got sums {sums}")
         n_codes = sums.pop()
     elif num_patches is not None:
-        counts = [int(m) for m in (num_patches.tolist() if torch.is_tensor(num_patches) else num_patches)]
+        counts = np.asarray([int(m) for m in (num_patches.tolist() if torch.is_tensor(num_patches) else num_patches)],
+                            dtype=np.int64)
     else:
         raise ValueError("DPAR FLOPs depend on the patch layout: pass patch_lengths (per image), num_patches "
                          "or layout")
@@ -175,9 +178,10 @@ def analytic_breakdown(model_cfg, *, batch_images: int = 1, patch_lengths: Seque
         counts, n = _patch_counts(b, patch_lengths, num_patches, layout, n_codes)
         n = n or cfg.grid[0] * cfg.grid[1]
         pad = pad_to_multiple or (layout.pad_to_multiple if layout is not None else 1)
-        positions = sum(m + c for m, c in zip(counts, cond))  # [class | caption, patches] per image
+        runs = counts + np.asarray(cond, dtype=np.int64)  # [class | caption, patches] per image
+        positions = int(runs.sum())
         global_rows = -(-positions // pad) * pad if include_padding else positions
-        query_rows = b * max(counts) if include_padding else sum(counts)
+        query_rows = b * int(counts.max()) if include_padding else int(counts.sum())
         codes = b * n
         # encoder: causal self-attention blocks over the codes, then the patch cross-attention block (q, o and,
         # with model.dpar.cross_attn_ffn, the FFN on the patch queries, k and v on the codes; each query sees its
@@ -186,7 +190,7 @@ def analytic_breakdown(model_cfg, *, batch_images: int = 1, patch_lengths: Seque
         matmul["encoder"] = cfg.n_encoder_layers * codes * block + query_rows * (2 * d * d + ffn) + codes * 2 * d * d
         attn["encoder"] = (cfg.n_encoder_layers * b * causal_pairs(n, attention) + codes) * pair
         matmul["global"] = cfg.n_global_layers * global_rows * block
-        attn["global"] = cfg.n_global_layers * sum(causal_pairs(m + c, attention) for m, c in zip(counts, cond)) * pair
+        attn["global"] = cfg.n_global_layers * int(causal_pairs(runs, attention).sum()) * pair
         # decoder: the global-to-local Linear on every code, before every layer (decoder_injection=every) or once
         injections = cfg.n_decoder_layers if cfg.dpar.decoder_injection == "every" else 1
         matmul["decoder"] = injections * codes * d * d + cfg.n_decoder_layers * codes * block
