@@ -127,6 +127,23 @@ def test_packed_micro_batches_hold_at_most_the_image_cap(tmp_path, code_dataset)
             make_cfg(tmp_path, code_dataset, "dpar", bad)
 
 
+def test_packed_plans_do_not_depend_on_how_many_entropies_the_planner_reads_at_once(tmp_path, code_dataset):
+    """The planner reads entropies in chunks sized from the previous step; the plans are those of a planner that
+    has planned nothing before (its first chunk: all the step can hold) and of one reading one image at a time."""
+    cfg = make_cfg(tmp_path, code_dataset, "dpar", *PACKED)
+    running, cursor = step_batches(cfg, code_dataset), 0
+    for _ in range(6):
+        plan = running.plan(cursor)
+        assert running._chunk_hint < 4 * len(plan.step_ids)  # sized from what the step packed
+        one_at_a_time = step_batches(cfg, code_dataset)
+        one_at_a_time._chunk_hint = 1
+        for other in (step_batches(cfg, code_dataset).plan(cursor), one_at_a_time.plan(cursor)):
+            assert other.step_ids.tolist() == plan.step_ids.tolist() and other.global_flops == plan.global_flops
+            assert [(ids.tolist(), lengths) for ids, lengths in other.micro] == [
+                (ids.tolist(), lengths) for ids, lengths in plan.micro]
+        cursor += len(plan.step_ids)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_cross_entropy_is_the_cross_entropy(dtype):
     """Chunks of 7 rows (not dividing the 6 x 9 rows) against F.cross_entropy in one piece: per-image sums and

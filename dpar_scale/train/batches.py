@@ -40,6 +40,7 @@ class StepBatches:
         self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, torch.device(device)
         # batches built ahead are pinned so that their copy to the GPU is asynchronous (non_blocking)
         self.pin = self.device.type == "cuda"
+        self._chunk_hint: int | None = None  # packed: images the planner reads at once (set from the last step)
 
     @property
     def codes_per_image(self) -> int:
@@ -134,14 +135,16 @@ class StepBatches:
         accum = self.cfg.train.grad_accum
         wanted = accum * self.dp_size
 
-        # Read the entropies of as many images as the step can hold at most, in one go: no patch is longer than
-        # P_max, so an image takes at least ceil(N / P_max) + 1 positions (+1: the packer reads the image that
-        # closes the last micro-batch). The stream is a function of the positions alone, whatever the chunk.
+        # Read the entropies in chunks: the packed micro-batches are a function of the positions alone, whatever
+        # the chunk, which only sets how much patch-rule work is done ahead. The first step reads as many images as
+        # the step can hold at most (no patch is longer than P_max, so an image takes at least ceil(N / P_max) + 1
+        # positions; +1: the packer reads the image that closes the last micro-batch) — 2.3x what it packs at
+        # B proportions; later steps read about what the previous one packed (+1/8 + 8), and more if needed.
         budget, cap = self.cfg.data.global_tokens_per_microbatch, self.cfg.data.max_images_per_microbatch
         per_micro = budget // (-(-self.codes_per_image // self.cfg.model.patch.max_patch_length) + 1)
-        bound = wanted * (min(per_micro, cap) if cap else per_micro) + 1
+        bound = min(max(wanted * (min(per_micro, cap) if cap else per_micro) + 1, 1), 4096)
 
-        def stream(chunk: int = min(max(bound, 1), 4096)):  # columns: ids, patch lengths, condition lengths
+        def stream(chunk: int = min(self._chunk_hint or bound, bound)):  # columns: ids, patch lengths, cond lengths
             position = cursor
             while True:
                 ids = self.order.ids(position, chunk)
@@ -157,6 +160,7 @@ class StepBatches:
                 break
         mine = micro[self.dp_rank * accum:(self.dp_rank + 1) * accum]
         first = np.cumsum([0] + [len(mb) for mb in micro])  # global-order offset of each micro-batch
+        self._chunk_hint = int(first[-1]) + int(first[-1]) // 8 + 8
         epochs = [self.order.epochs(cursor + int(first[k]), len(micro[k]))
                   for k in range(len(micro))] if self.text else None
         # every rank packed every rank's micro-batches: the step's FLOPs need no communication
