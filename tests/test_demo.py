@@ -21,6 +21,7 @@ def test_demo_pipeline_quick(tmp_path):
     assert 1.0 < dpar["mean_patch_length"] <= 4.0
     assert dpar["global_positions_per_image"] < 64
     assert 0.0 <= summary["evaluator_held_out_accuracy"]["class"] <= 1.0  # the evaluator was fitted
+    assert 0.0 <= summary["tokenizer_reconstruction_class_accuracy"] <= 1.0  # and judged the tokenizer with it
     for r in (gpt, dpar):  # evaluated during training: 5 points (every 2 of 10 steps), FLOPs growing
         assert r["fid_domain"] > 0 and 0 <= r["class_accuracy"] <= 1 and 0 <= r["precision"] <= 1
         flops = [x for x, _ in r["curves"]["fid_domain"]]

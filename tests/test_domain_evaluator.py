@@ -151,3 +151,30 @@ def test_fit_evaluator_tool_writes_or_refuses(tmp_path, easy_folder, capsys):
     assert "below 95%" in capsys.readouterr().err
     assert tool.main(args + ["--allow-low-accuracy"]) == 0 and low.exists()
     assert "WARNING" in capsys.readouterr().err
+
+
+def test_fit_tokenizer_reports_the_ceiling_its_reconstructions_set(tmp_path, easy_folder, fitted, capsys):
+    """fit_tokenizer --evaluator: the evaluator's class accuracy on held-out reconstructions beside the originals'.
+    A per-pixel codebook reconstructs the shapes exactly (only grey levels of the background the fit never saw are
+    a few levels off, > 30 dB): the same accuracy; one code for the whole
+    picture makes every reconstruction the same image: at most one class recognised."""
+    from dpar_scale.evaluation.domain_classifier import save_domain_classifier
+
+    model, meta = fitted
+    evaluator = tmp_path / "evaluator.pt"
+    save_domain_classifier(evaluator, model, meta)
+    fit_tokenizer = load_tool("fit_tokenizer")
+    reports = {}
+    for name, block, codes in (("exact", 1, 64), ("one_code", 16, 1)):
+        out = tmp_path / f"{name}.json"
+        assert fit_tokenizer.main(["--images", str(easy_folder), "--out", str(tmp_path / f"{name}.safetensors"),
+                                   "--image-size", "16", "--block-size", str(block), "--codebook-size", str(codes),
+                                   "--holdout", "0.5", "--evaluator", str(evaluator), "--json", str(out),
+                                   "--quiet"]) == 0
+        reports[name] = json.loads(out.read_text())
+    assert "recognises" in capsys.readouterr().out
+    exact, one = reports["exact"], reports["one_code"]
+    assert exact["held_out_images"] == one["held_out_images"] == 18
+    assert exact["original_class_accuracy"] == one["original_class_accuracy"] >= 0.9
+    assert exact["psnr_held_out_db"] > 30 and exact["reconstruction_class_accuracy"] == exact["original_class_accuracy"]
+    assert one["reconstruction_class_accuracy"] <= 0.5  # 3 classes of ~6 held-out pictures, one class predicted

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The whole DPAR pipeline on the embedded dataset (what `make demo` runs), using the same tools a user runs.
 
-  images -> k-means tokenizer -> codes -> entropy model -> entropies -> θ -> embedded evaluator
+  images -> embedded evaluator -> k-means tokenizer (and how many of its reconstructions the evaluator recognises)
+  -> codes -> entropy model -> entropies -> θ
   -> DPAR and baseline GPT (evaluated during training) -> sample grids
   -> summary table (<out>/summary.json, and results/demo_summary.json unless --quick)
   -> plot of FID-domain and validation loss against training FLOPs (<out>/fid_loss_vs_flops.png)
@@ -85,9 +86,16 @@ def main(argv=None) -> int:
     if not (images / "classes.json").is_file():
         stages.run("dataset", ["tools/make_dataset.py", "--out", images, "--num-per-class", per_class, "--classes",
                                10, "--image-size", IMAGE_SIZE, "--seed", 0])
+    if not evaluator.is_file():
+        # --quick: a few steps cannot reach the 95% held-out accuracy the tool asks for; the stage still runs
+        fit = ["--max-steps", 3, "--allow-low-accuracy"] if args.quick else []
+        stages.run("evaluator", ["tools/fit_evaluator.py", "--images", images, "--out", evaluator, "--json",
+                                 data / "evaluator.json", "--no-progress", *fit])
     if not tokenizer.is_file():
+        # with the evaluator: how many of its reconstructions it recognises, the ceiling on the samples' figure
         stages.run("tokenizer", ["tools/fit_tokenizer.py", "--images", images, "--out", tokenizer, "--codebook-size",
-                                 CODEBOOK, "--block-size", BLOCK_SIZE, "--image-size", IMAGE_SIZE])
+                                 CODEBOOK, "--block-size", BLOCK_SIZE, "--image-size", IMAGE_SIZE, "--evaluator",
+                                 evaluator, "--json", data / "tokenizer.json"])
     if not (codes / "manifest.json").is_file():
         stages.run("codes", ["tools/extract_codes.py", "--images", images, "--out", codes, "--tokenizer", "kmeans",
                              "--tokenizer-path", tokenizer, "--image-size", IMAGE_SIZE, "--flip"])
@@ -111,11 +119,6 @@ def main(argv=None) -> int:
                                  "--target-mean-length", TARGET_MEAN_PATCH_LENGTH, "--max-patch-length", 4,
                                  "--json", theta_file])
     theta = json.loads(theta_file.read_text())["threshold"]
-    if not evaluator.is_file():
-        # --quick: a few steps cannot reach the 95% held-out accuracy the tool asks for; the stage still runs
-        fit = ["--max-steps", 3, "--allow-low-accuracy"] if args.quick else []
-        stages.run("evaluator", ["tools/fit_evaluator.py", "--images", images, "--out", evaluator, "--json",
-                                 data / "evaluator.json", "--no-progress", *fit])
 
     # evaluation during training, against the real images with the evaluator, and validation at the same 5 points
     steps = args.steps or (10 if args.quick else load_config(ROOT / "configs/demo/gpt.yaml").train.steps)
@@ -186,12 +189,17 @@ def summarize(out: Path, theta_file: Path, grids: dict, evaluator: Path) -> dict
     manifest = json.loads((out / "data" / "codes" / "manifest.json").read_text())
     meta_file = evaluator.with_suffix(".json")
     held_out = json.loads(meta_file.read_text()).get("held_out_accuracy") if meta_file.is_file() else None
+    tokenizer_file = out / "data" / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text()) if tokenizer_file.is_file() else {}
     return {
         "codes_per_image": manifest["grid"][0] * manifest["grid"][1],
         "code_rows": manifest["num_images"],
         "threshold": calibration["threshold"],
         "calibrated_mean_patch_length": calibration["mean_patch_length"],
         "evaluator_held_out_accuracy": held_out,
+        # the evaluator's class accuracy on held-out reconstructions: no model over these codes can do better
+        "tokenizer_reconstruction_class_accuracy": tokenizer.get("reconstruction_class_accuracy"),
+        "tokenizer_psnr_held_out_db": tokenizer.get("psnr_held_out_db"),
         "models": rows,
         "step_time_ratio_dpar_over_gpt": rows["dpar"]["step_time_s"] / rows["gpt"]["step_time_s"],
     }
@@ -218,6 +226,9 @@ def print_summary(s: dict) -> None:
     print(f"DPAR demo summary: {s['code_rows']} code rows, {s['codes_per_image']} codes per image, "
           f"θ = {s['threshold']:.4f} nats, calibrated mean patch length {s['calibrated_mean_patch_length']:.3f}; "
           f"evaluator held-out accuracy {_f(acc.get('class'), '.1%')}")
+    print(f"tokenizer: held-out PSNR {_f(s.get('tokenizer_psnr_held_out_db'), '.2f')} dB; the evaluator recognises "
+          f"{_f(s.get('tokenizer_reconstruction_class_accuracy'), '.1%')} of its reconstructions as their class "
+          f"(the ceiling on a model's class accuracy over these codes)")
     print(f"{'model':<6} {'FID-domain':>10} {'precision':>9} {'recall':>7} {'class acc':>9} {'val loss':>9} "
           f"{'step s':>7} {'train FLOPs':>12} {'mean patch':>10} {'global pos/img':>14}")
     for name, r in s["models"].items():
