@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo", help="demo folder (shared with the class demo)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and step counts (seconds, for tests)")
     p.add_argument("--num-per-class", type=positive_int, default=300)
-    p.add_argument("--steps", type=positive_int, default=None, help="train.steps of the text models (default 300)")
+    p.add_argument("--steps", type=positive_int, default=None, help="train.steps of the text models "
+                                                                        "(default: the class demo's, configs/demo/gpt.yaml)")
     p.add_argument("--eval-prompts", type=positive_int, default=50)
     p.add_argument("--num-per-prompt", type=positive_int, default=4)
     args = p.parse_args(argv)
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     images, tokenizer, codes = data / "images", data / "tokenizer.safetensors", data / "codes"
     text_model = data / "text.model"
     per_class = 12 if args.quick else args.num_per_class
-    steps = args.steps or (10 if args.quick else 300)
+    steps = args.steps or (10 if args.quick else load_config(ROOT / "configs/demo/gpt.yaml").train.steps)
     quick = ["train.log_every=5", "train.val_batches=1", "data.batch_size=8", "train.progress_bar=false"]
     n_prompts, per_prompt = (4, 2) if args.quick else (args.eval_prompts, args.num_per_prompt)
 
