@@ -10,24 +10,29 @@ from dpar_scale.patching.rule import (
 )
 
 
-def reference_lengths(e, width, theta, pmax, alignment="reference"):
-    """A direct, loop-by-loop transcription of the rule (one image, Python floats rounded to float32)."""
+def reference_lengths_any_rule(e, width, theta, pmax, mode, alignment, row_reset, relative):
+    """The module docstring's rule for one image, code by code in float32, every mode but static."""
     f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731
-    theta = f32(theta)
-    n = len(e)
+    n, theta, relative = len(e), f32(theta), f32(relative) if relative is not None else None
+    aligned = [0.0] + [f32(x) for x in e[:-1]] if alignment == "reference" else [f32(x) for x in e]
     starts = []
     for k in range(n):
-        if k < 2 or k % width == 0:
-            starts.append(k)
-        elif alignment == "reference" and f32(e[k - 1]) > theta:
-            starts.append(k)
-        elif alignment == "blt" and f32(e[k]) > theta:
+        s, s_prev = aligned[k], aligned[max(k - 1, 0)]
+        rise = f32(s - s_prev)  # the vectorised rule subtracts in float32
+        signal = {"global": s > theta, "monotonic": rise > theta,
+                  "global+monotonic": s > theta or (relative is not None and rise > relative)}[mode]
+        if k < 2 or (row_reset and k % width == 0) or signal:
             starts.append(k)
     lengths = []
     for a, b in zip(starts, starts[1:] + [n]):
         run = b - a
         lengths += [pmax] * (run // pmax) + ([run % pmax] if run % pmax else [])
     return lengths
+
+
+def reference_lengths(e, width, theta, pmax, alignment="reference"):
+    """The default rule (global threshold, rows reset) by the code-by-code reference."""
+    return reference_lengths_any_rule(e, width, theta, pmax, "global", alignment, True, None)
 
 
 def test_hand_worked_reference_alignment():
@@ -247,26 +252,6 @@ def test_fractional_static_length_is_that_mean():
     with pytest.raises(ValueError, match="needs row_reset"):
         patch_lengths(e, width=16, threshold=0.0, max_patch_length=4, mode="static", static_length=1.81,
                       row_reset=False)
-
-
-def reference_lengths_any_rule(e, width, theta, pmax, mode, alignment, row_reset, relative):
-    """The module docstring's rule for one image, code by code in float32, every mode but static."""
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731
-    n, theta, relative = len(e), f32(theta), f32(relative) if relative is not None else None
-    aligned = [0.0] + [f32(x) for x in e[:-1]] if alignment == "reference" else [f32(x) for x in e]
-    starts = []
-    for k in range(n):
-        s, s_prev = aligned[k], aligned[max(k - 1, 0)]
-        rise = f32(s - s_prev)  # the vectorised rule subtracts in float32
-        signal = {"global": s > theta, "monotonic": rise > theta,
-                  "global+monotonic": s > theta or (relative is not None and rise > relative)}[mode]
-        if k < 2 or (row_reset and k % width == 0) or signal:
-            starts.append(k)
-    lengths = []
-    for a, b in zip(starts, starts[1:] + [n]):
-        run = b - a
-        lengths += [pmax] * (run // pmax) + ([run % pmax] if run % pmax else [])
-    return lengths
 
 
 def test_vectorised_rule_equals_the_code_by_code_reference_in_every_mode():
