@@ -21,14 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpar_scale.checkpoint.save_load import step_folder  # noqa: E402
 from dpar_scale.launch.stages import Stages  # noqa: E402
 from dpar_scale.cli import entry_point, non_negative_int, parser, positive_int  # noqa: E402
 
-TARGET_MEAN_PATCH_LENGTH = 1.81  # the paper's 256 px statistic
-# 64 px pictures, 8x8-pixel blocks: 8x8 = 64 codes per image. The 16x16 grid of 4x4 blocks costs 4x the compute
-# per image, and at the CPU budget of the demo its models saw too few images to learn objects (see README).
-IMAGE_SIZE, BLOCK_SIZE, CODEBOOK = 64, 8, 512
 SAMPLE_CFG = 3.0  # guidance for the grids and the evaluations (eval.cfg_scale in configs/demo/{gpt,dpar}.yaml)
 PLOT = "fid_loss_vs_flops.png"
 
@@ -67,8 +62,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.text:
         return _text_demo(args)
-    from dpar_scale.checkpoint.save_load import is_complete
     from dpar_scale.config import load_config
+    from dpar_scale.launch.demo_data import DemoData
 
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     if args.fresh and out.exists():
@@ -76,57 +71,17 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out / "demo.log", cwd=ROOT)
     started = time.perf_counter()
-    data = out / "data"
-    images, tokenizer, codes = data / "images", data / "tokenizer.safetensors", data / "codes"
-    evaluator = data / "evaluator.pt"
-    per_class = 12 if args.quick else args.num_per_class
-    quick = ["train.log_every=5", "train.val_batches=1", "data.batch_size=8", "train.progress_bar=false",
-             "eval.num_samples=10", "eval.batch_size=10"]
-
-    if not (images / "classes.json").is_file():
-        stages.run("dataset", ["tools/make_dataset.py", "--out", images, "--num-per-class", per_class, "--classes",
-                               10, "--image-size", IMAGE_SIZE, "--seed", 0])
-    if not evaluator.is_file():
-        # --quick: a few steps cannot reach the 95% held-out accuracy the tool asks for; the stage still runs
-        fit = ["--max-steps", 3, "--allow-low-accuracy"] if args.quick else []
-        stages.run("evaluator", ["tools/fit_evaluator.py", "--images", images, "--out", evaluator, "--json",
-                                 data / "evaluator.json", "--no-progress", *fit])
-    if not tokenizer.is_file():
-        # with the evaluator: how many of its reconstructions it recognises, the ceiling on the samples' figure
-        stages.run("tokenizer", ["tools/fit_tokenizer.py", "--images", images, "--out", tokenizer, "--codebook-size",
-                                 CODEBOOK, "--block-size", BLOCK_SIZE, "--image-size", IMAGE_SIZE, "--evaluator",
-                                 evaluator, "--json", data / "tokenizer.json"])
-    if not (codes / "manifest.json").is_file():
-        stages.run("codes", ["tools/extract_codes.py", "--images", images, "--out", codes, "--tokenizer", "kmeans",
-                             "--tokenizer-path", tokenizer, "--image-size", IMAGE_SIZE, "--flip"])
-
-    def train(name: str, extra: list[str]) -> Path:
-        overrides = [f"run.output_dir={out / name}", f"data.codes_dir={codes}", *extra]
-        if args.quick:
-            overrides += quick
-        cfg = load_config(ROOT / f"configs/demo/{name}.yaml", overrides)
-        done = step_folder(cfg.run.output_dir, cfg.train.steps)
-        if not is_complete(done):  # (a checkpoint of an older format is retrained)
-            stages.run(name, ["train.py", "--config", f"configs/demo/{name}.yaml", *overrides])
-        return done
-
-    entropy_ckpt = train("entropy", ["train.steps=10"] if args.quick else [])
-    if not (codes / "entropy" / "manifest.json").is_file():
-        stages.run("entropies", ["tools/compute_entropy.py", "--checkpoint", entropy_ckpt, "--codes", codes])
-    theta_file = out / "threshold.json"
-    if not theta_file.is_file():
-        stages.run("threshold", ["tools/calibrate_threshold.py", "--entropy", codes / "entropy",
-                                 "--target-mean-length", TARGET_MEAN_PATCH_LENGTH, "--max-patch-length", 4,
-                                 "--json", theta_file])
-    theta = json.loads(theta_file.read_text())["threshold"]
+    demo = DemoData(stages, out, ROOT, args.quick)
+    demo.prepare(12 if args.quick else args.num_per_class)
+    theta, theta_file = demo.threshold()
 
     # evaluation during training, against the real images with the evaluator, and validation at the same 5 points
     steps = args.steps or (10 if args.quick else load_config(ROOT / "configs/demo/gpt.yaml").train.steps)
     every = max(1, steps // 5)
     model_args = [f"train.steps={steps}", f"eval.every={every}", f"train.val_every={every}",
-                  f"eval.detector=domain:{evaluator}", f"eval.reference={images}"]
-    gpt_ckpt = train("gpt", model_args)
-    dpar_ckpt = train("dpar", [*model_args, f"model.patch.threshold={theta}"])
+                  f"eval.detector=domain:{demo.evaluator}", f"eval.reference={demo.images}"]
+    gpt_ckpt = demo.train("gpt", "gpt", model_args)
+    dpar_ckpt = demo.train("dpar", "dpar", [*model_args, f"model.patch.threshold={theta}"])
 
     grids = {}
     for name, ckpt in (("gpt", gpt_ckpt), ("dpar", dpar_ckpt)):
@@ -134,10 +89,10 @@ def main(argv=None) -> int:
         if not (target / "grid.png").is_file():
             stages.run(f"grid_{name}", ["tools/sample.py", "--checkpoint", ckpt, "--classes", "0,1,2,3,4,5,6,7,8,9",
                                         "--num-per-class", 2 if args.quick else 8, "--cfg-scale", SAMPLE_CFG,
-                                        "--seed", 0, "--out", target, "--tokenizer-path", tokenizer])
+                                        "--seed", 0, "--out", target, "--tokenizer-path", demo.tokenizer])
         grids[name] = shown(target / "grid.png")
 
-    summary = summarize(out, theta_file, grids, evaluator)
+    summary = summarize(out, theta_file, grids, demo.evaluator)
     plot(summary, out / PLOT)
     summary["plot"] = shown(out / PLOT)
     summary["stage_seconds"] = stages.seconds  # stages that ran in this invocation (reused ones are absent)

@@ -25,11 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dpar_scale.checkpoint.save_load import step_folder  # noqa: E402
 from dpar_scale.launch.stages import Stages  # noqa: E402
 from dpar_scale.cli import entry_point, parser, positive_int  # noqa: E402
 
-TARGET_MEAN_PATCH_LENGTH = 1.81
 TEXT_VOCAB = 128
 GRID_PROMPTS = 10  # rows of the prompt-labelled grids
 
@@ -117,68 +115,35 @@ def main(argv=None) -> int:
     p.add_argument("--eval-prompts", type=positive_int, default=50)
     p.add_argument("--num-per-prompt", type=positive_int, default=4)
     args = p.parse_args(argv)
-    from dpar_scale.checkpoint.save_load import is_complete
     from dpar_scale.config import load_config
+    from dpar_scale.launch.demo_data import DemoData
     from dpar_scale.train.metrics_log import read_metrics
 
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out / "demo_text.log", cwd=ROOT)
     started = time.perf_counter()
-    data = out / "data"
-    images, tokenizer, codes = data / "images", data / "tokenizer.safetensors", data / "codes"
-    text_model = data / "text.model"
-    per_class = 12 if args.quick else args.num_per_class
+    demo = DemoData(stages, out, ROOT, args.quick)
+    images, tokenizer, evaluator = demo.images, demo.tokenizer, demo.evaluator
+    text_model = demo.data / "text.model"
     steps = args.steps or (10 if args.quick else load_config(ROOT / "configs/demo/gpt.yaml").train.steps)
-    quick = ["train.log_every=5", "train.val_batches=1", "data.batch_size=8", "train.progress_bar=false"]
     n_prompts, per_prompt = (4, 2) if args.quick else (args.eval_prompts, args.num_per_prompt)
 
-    if not (images / "captions.jsonl").is_file():
-        stages.run("dataset", ["tools/make_dataset.py", "--out", images, "--num-per-class", per_class,
-                               "--classes", 10, "--image-size", 64, "--seed", 0])
-    if not tokenizer.is_file():
-        # the class demo's image tokenizer (tools/demo.py): 8x8-pixel blocks of 64 px pictures, 8x8 codes
-        stages.run("tokenizer", ["tools/fit_tokenizer.py", "--images", images, "--out", tokenizer,
-                                 "--codebook-size", 512, "--block-size", 8, "--image-size", 64])
-    if not (codes / "captions" / "manifest.json").is_file():  # adds the captions to finished codes
-        stages.run("codes", ["tools/extract_codes.py", "--images", images, "--out", codes, "--tokenizer", "kmeans",
-                             "--tokenizer-path", tokenizer, "--image-size", 64, "--flip",
-                             "--captions", images / "captions.jsonl"])
+    demo.prepare(12 if args.quick else args.num_per_class, captions=True)  # the class demo's, plus the captions
     if not text_model.is_file():
         stages.run("text_tokenizer", ["tools/train_text_tokenizer.py", "--captions", images / "captions.jsonl",
                                       "--vocab-size", 48 if args.quick else TEXT_VOCAB, "--out", text_model])
-
-    def train(name: str, config: str, extra: list[str]) -> Path:
-        overrides = [f"run.output_dir={out / name}", f"data.codes_dir={codes}", *extra, *(quick if args.quick else [])]
-        cfg = load_config(ROOT / f"configs/demo/{config}.yaml", overrides)
-        done = step_folder(cfg.run.output_dir, cfg.train.steps)
-        if not is_complete(done):
-            stages.run(name, ["train.py", "--config", f"configs/demo/{config}.yaml", *overrides])
-        return done
-
-    entropy_ckpt = train("entropy", "entropy", ["train.steps=10"] if args.quick else [])
-    if not (codes / "entropy" / "manifest.json").is_file():
-        stages.run("entropies", ["tools/compute_entropy.py", "--checkpoint", entropy_ckpt, "--codes", codes])
-    theta_file = out / "threshold.json"
-    if not theta_file.is_file():
-        stages.run("threshold", ["tools/calibrate_threshold.py", "--entropy", codes / "entropy",
-                                 "--target-mean-length", TARGET_MEAN_PATCH_LENGTH, "--max-patch-length", 4,
-                                 "--json", theta_file])
-    theta = json.loads(theta_file.read_text())["threshold"]
+    theta, _ = demo.threshold()
     text = ["model.conditioning=text", f"model.text.tokenizer={text_model}",
             f"model.text.vocab_size={48 if args.quick else TEXT_VOCAB}", "model.text.max_length=64",
             "model.text.dropout=0.1", f"train.steps={steps}"]
-    ckpts = {"gpt-text": train("gpt-text", "gpt", text),
-             "dpar-text": train("dpar-text", "dpar", [*text, f"model.patch.threshold={theta}"])}
+    ckpts = {"gpt-text": demo.train("gpt-text", "gpt", text),
+             "dpar-text": demo.train("dpar-text", "dpar", [*text, f"model.patch.threshold={theta}"])}
 
     prompts = evaluation_prompts(images, n_prompts)
     prompt_file = out / "text_eval_prompts.txt"
     prompt_file.write_text("".join(p["prompt"] + "\n" for p in prompts))
     (out / "text_eval_prompts.json").write_text(json.dumps(prompts, indent=1))
-    evaluator = data / "evaluator.pt"
-    if not evaluator.is_file():
-        stages.run("evaluator", ["tools/fit_evaluator.py", "--images", images, "--out", evaluator]
-                   + (["--epochs", 1, "--allow-low-accuracy", "--no-progress"] if args.quick else ["--no-progress"]))
     rows = {}
     for name, ckpt in ckpts.items():
         target = out / "samples" / name

@@ -2,7 +2,8 @@
 (`launchers/local.py`), and the helpers both use.
 
 Rooms: `job` (the submitit callable `TrainJob`, preemption -> checkpoint -> requeue, `validate_launch`), `slurm`
-(sbatch rendering, SLURM_* -> rank environment, DeepSpeed hostfile), `processes` (process-tree kill; `free_port` is re-exported from dpar_scale.parallel).
+(sbatch rendering, SLURM_* -> rank environment, DeepSpeed hostfile), `processes` (process-tree kill; `free_port` is re-exported from dpar_scale.parallel),
+`stages` (the demos' tool pipeline) and `demo_data` (the embedded demos' shared data, evaluator, tokenizer, θ and training runs).
 This is the top of the package: it may import anything below it (train, config, parallel).
 """
 from dpar_scale.launch.job import (
