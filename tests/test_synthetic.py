@@ -199,3 +199,33 @@ def test_captions_and_attributes_say_what_the_pictures_show(tmp_path):
     # the words are spread out: sizes and positions all occur, colours are many
     assert {a["size"] for a in attributes} == {"small", "medium", "large"}
     assert len({a["position"] for a in attributes}) >= 8 and len({a["colour"] for a in attributes}) >= 6
+
+
+def test_coarse_detail_keeps_what_is_drawn_and_moves_texture_above_the_code_scale(tmp_path):
+    """detail="coarse" draws the same random numbers (same attributes: shape, colour, size, position words) with
+    larger objects and coarser textures: the share of a texture class's pixel-to-pixel contrast that lives inside
+    8x8 blocks (what an 8x8-pixel code cannot keep) drops, and the object covers more of the picture."""
+    from dpar_scale.data.synthetic_captions import scene_attributes
+    from dpar_scale.data.synthetic_scenes import render_scene
+
+    def fine_energy(img):  # mean |neighbour difference| within the picture, i.e. sub-block detail
+        x = img.astype(np.float32) / 255
+        return np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=0)).mean()
+
+    for name in ("stripes", "checker", "dots", "blob"):
+        c = CLASS_NAMES.index(name)
+        fine_e, coarse_e = [], []
+        for i in range(8):
+            fine, fs = render_scene(c, i, 64, 0, "fine")
+            coarse, cs = render_scene(c, i, 64, 0, "coarse")
+            fa, ca = scene_attributes(c, fs), scene_attributes(c, cs)
+            assert fa["shape"] == ca["shape"] and fa["colour"] == ca["colour"] and fa["size"] == ca["size"]
+            assert cs.mask.sum() > fs.mask.sum()  # the object is drawn larger
+            fine_e.append(fine_energy(fine) / max(fs.mask.mean(), 1e-6))
+            coarse_e.append(fine_energy(coarse) / max(cs.mask.mean(), 1e-6))
+        assert np.mean(coarse_e) < 0.7 * np.mean(fine_e), (name, np.mean(coarse_e), np.mean(fine_e))
+    info = generate_dataset(str(tmp_path / "c"), num_per_class=1, num_classes=2, seed=0, progress=False,
+                            detail="coarse")
+    assert info["detail"] == "coarse"
+    with pytest.raises(ValueError, match="detail"):
+        generate_dataset(str(tmp_path / "x"), num_per_class=1, num_classes=2, progress=False, detail="medium")

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dpar_scale.data.synthetic_scenes import (
-    CLASS_DESCRIPTIONS, CLASS_NAMES, GENERATOR_VERSION, Scene, render_image, render_scene,
+    CLASS_DESCRIPTIONS, CLASS_NAMES, DETAILS, GENERATOR_VERSION, Scene, render_image, render_scene,
 )
 
 __all__ = ["CLASS_NAMES", "CLASS_DESCRIPTIONS", "Scene", "render_scene", "render_image", "class_folder_name", "generate_dataset"]
@@ -34,7 +34,8 @@ def class_folder_name(class_index: int) -> str:
 
 
 def generate_dataset(out_dir: str, num_per_class: int, num_classes: int = 10, image_size: int = 64,
-                     seed: int = 0, progress: bool = True, captions_per_image: int = 3) -> dict:
+                     seed: int = 0, progress: bool = True, captions_per_image: int = 3,
+                     detail: str = "fine") -> dict:
     """Write an ImageFolder tree `out_dir/<NN_class>/<index:05d>.png` plus `out_dir/classes.json`, and beside it
     `captions.jsonl` (`captions_per_image` captions per picture; 0 = none) and `attributes.jsonl` (what each
     picture shows: dpar_scale.data.synthetic_captions), paths relative to `out_dir`.
@@ -46,6 +47,8 @@ def generate_dataset(out_dir: str, num_per_class: int, num_classes: int = 10, im
         raise ValueError(f"--classes must be in [1, {len(CLASS_NAMES)}], got {num_classes}")
     if num_per_class < 1:
         raise ValueError(f"--num-per-class must be >= 1, got {num_per_class}")
+    if detail not in DETAILS:
+        raise ValueError(f"--detail must be one of {', '.join(DETAILS)}, got {detail!r}")
     if captions_per_image < 0:
         raise ValueError(f"--captions-per-image must be >= 0, got {captions_per_image}")
     from tqdm import tqdm
@@ -64,7 +67,7 @@ def generate_dataset(out_dir: str, num_per_class: int, num_classes: int = 10, im
         cdir = os.path.join(out_dir, folder)
         os.makedirs(cdir, exist_ok=True)
         for i in range(num_per_class):
-            arr, scene = render_scene(c, i, image_size, seed)
+            arr, scene = render_scene(c, i, image_size, seed, detail)
             name = f"{i:0{width}d}.png"
             Image.fromarray(arr, "RGB").save(os.path.join(cdir, name), format="PNG")
             attributes = scene_attributes(c, scene)
@@ -80,6 +83,7 @@ def generate_dataset(out_dir: str, num_per_class: int, num_classes: int = 10, im
         "num_per_class": num_per_class,
         "image_size": image_size,
         "seed": seed,
+        "detail": detail,
         "generator": f"dpar_scale.data.synthetic v{GENERATOR_VERSION}",
         **write_caption_files(out_dir, records),
     }

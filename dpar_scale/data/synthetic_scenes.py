@@ -5,6 +5,11 @@ re-exports these names.
 
 Determinism: image (class c, index i) is drawn from numpy's PCG64 seeded with (seed, c, i), so it does not
 depend on how many images per class are generated or in which order, and two runs write identical bytes.
+
+Detail: `detail="fine"` (the default) draws generator v1's pictures, whose textures (stripe periods, checker cells,
+dot spacing, ring widths, noise) are 1-5 pixels at 64 px; `detail="coarse"` draws the same random numbers with the
+objects 1.35x larger and every texture 2.5x coarser and free of per-pixel noise, so that what tells the classes apart
+lies at the scale of an 8x8-pixel code (the embedded demo's tokenizer), not below it (see README, demo).
 """
 
 from __future__ import annotations
@@ -16,6 +21,19 @@ from typing import Callable
 import numpy as np
 
 GENERATOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Detail:
+    """How large the objects and their textures are drawn; `fine` is generator v1 exactly (factors of 1.0)."""
+
+    object_scale: float = 1.0  # object sizes (radii, half-sides, arm lengths and widths)
+    texture_scale: float = 1.0  # texture periods, cells, dot spacing, ring and line widths
+    pixel_noise: float = 0.4  # share of per-pixel noise in the blob and ground textures (rest: value noise)
+    dot_radius_min: float = 0.0  # smallest dot radius as a fraction of the dot spacing (fine: 1 pixel)
+
+
+DETAILS: dict[str, Detail] = {"fine": Detail(), "coarse": Detail(1.35, 2.5, 0.0, 0.25)}
 
 # (name, what the class looks like). Order defines the label index.
 _CLASSES: list[tuple[str, str]] = [
@@ -129,47 +147,48 @@ def _flat(img, a, fg, bg, size) -> tuple[np.ndarray, Scene]:
     return img, Scene(a[..., 0], [fg], "flat", size, bg)
 
 
-def _disc(rng, s):
+def _disc(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.3)
     rf = rng.uniform(0.12, 0.28)
-    img, a = _paint(img, np.hypot(yy - cy, xx - cx) - rf * s, fg)
+    img, a = _paint(img, np.hypot(yy - cy, xx - cx) - rf * d.object_scale * s, fg)
     return _flat(img, a, fg, bg, _fraction(rf, 0.12, 0.28))
 
 
-def _square(rng, s):
+def _square(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.32)
     u, v = _rotated(yy, xx, cy, cx, rng.uniform(0, np.pi / 2))
     hf = rng.uniform(0.1, 0.22)
-    img, a = _paint(img, _box_sdf(u, v, hf * s, hf * s), fg)
+    h = hf * d.object_scale * s
+    img, a = _paint(img, _box_sdf(u, v, h, h), fg)
     return _flat(img, a, fg, bg, _fraction(hf, 0.1, 0.22))
 
 
-def _ring(rng, s):
+def _ring(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.35)
     rf = rng.uniform(0.14, 0.3)
-    t = rng.uniform(0.03, 0.08) * s
-    img, a = _paint(img, np.abs(np.hypot(yy - cy, xx - cx) - rf * s) - t / 2, fg)
+    t = rng.uniform(0.03, 0.08) * d.texture_scale * s
+    img, a = _paint(img, np.abs(np.hypot(yy - cy, xx - cx) - rf * d.object_scale * s) - t / 2, fg)
     return _flat(img, a, fg, bg, _fraction(rf, 0.14, 0.3))
 
 
-def _stripes(rng, s):
+def _stripes(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.3)
     half = rng.uniform(0.15, 0.32, size=2)
-    hu, hv = half * s
+    hu, hv = half * d.object_scale * s
     box = _box_sdf(xx - cx, yy - cy, hu, hv)
-    period = rng.uniform(2.5, 5.0) * s / 64
+    period = rng.uniform(2.5, 5.0) * d.texture_scale * s / 64
     u, _ = _rotated(yy, xx, cy, cx, rng.uniform(0, np.pi))
     phase = (u / period) % 1.0
     alt = _vivid(rng, _hue(fg) + 0.5) * rng.uniform(0.2, 1.0)
@@ -179,14 +198,14 @@ def _stripes(rng, s):
     return img * (1 - a) + pattern * a, Scene(a[..., 0], [fg, alt], "two-colour", size, bg)
 
 
-def _checker(rng, s):
+def _checker(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.3)
     hf = rng.uniform(0.14, 0.28)
-    h = hf * s
-    cell = float(rng.integers(2, 5)) * s / 64
+    h = hf * d.object_scale * s
+    cell = float(rng.integers(2, 5)) * d.texture_scale * s / 64
     alt = _vivid(rng, _hue(fg) + rng.uniform(0.3, 0.7))
     parity = (np.floor((xx - cx) / cell) + np.floor((yy - cy) / cell)) % 2
     pattern = np.where(parity[..., None] < 0.5, fg, alt)
@@ -204,48 +223,48 @@ def _polygon_sdf(yy, xx, cy, cx, radius, n, angle):
     return d
 
 
-def _triangle(rng, s):
+def _triangle(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.33)
     rf = rng.uniform(0.16, 0.3)
-    img, a = _paint(img, _polygon_sdf(yy, xx, cy, cx, rf * s, 3, rng.uniform(0, 2 * np.pi)), fg)
+    img, a = _paint(img, _polygon_sdf(yy, xx, cy, cx, rf * d.object_scale * s, 3, rng.uniform(0, 2 * np.pi)), fg)
     return _flat(img, a, fg, bg, _fraction(rf, 0.16, 0.3))
 
 
-def _cross(rng, s):
+def _cross(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.33)
     u, v = _rotated(yy, xx, cy, cx, rng.uniform(0, np.pi / 2))
     af = rng.uniform(0.15, 0.28)
-    arm, half = af * s, rng.uniform(0.04, 0.08) * s
+    arm, half = af * d.object_scale * s, rng.uniform(0.04, 0.08) * d.object_scale * s
     img, a = _paint(img, np.minimum(_box_sdf(u, v, arm, half), _box_sdf(u, v, half, arm)), fg)
     return _flat(img, a, fg, bg, _fraction(af, 0.15, 0.28))
 
 
-def _texture(rng, s, cell_px):
-    """Value noise at `cell_px` resolution (nearest upsampled) plus per-pixel noise: fine detail."""
+def _texture(rng, s, cell_px, pixel_noise):
+    """Value noise at `cell_px` resolution (nearest upsampled) plus a `pixel_noise` share of per-pixel noise."""
     n = max(1, int(np.ceil(s / cell_px)))
     coarse = rng.random((n, n), dtype=np.float32)
     rep = int(np.ceil(s / n))
     up = np.repeat(np.repeat(coarse, rep, 0), rep, 1)[:s, :s]
-    return 0.6 * up + 0.4 * rng.random((s, s), dtype=np.float32)
+    return (1 - pixel_noise) * up + pixel_noise * rng.random((s, s), dtype=np.float32)
 
 
-def _blob(rng, s):
+def _blob(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.35)
     rf = rng.uniform(0.15, 0.26)
-    r0 = rf * s
+    r0 = rf * d.object_scale * s
     th = np.arctan2(yy - cy, xx - cx)
     r = r0 * (1 + 0.2 * np.sin(rng.integers(2, 5) * th + rng.uniform(0, 6.3))
               + 0.1 * np.sin(rng.integers(5, 8) * th + rng.uniform(0, 6.3)))
-    tex = _texture(rng, s, 2 * s / 64)
+    tex = _texture(rng, s, 2 * d.texture_scale * s / 64, d.pixel_noise)
     pattern = fg * (0.45 + 0.9 * tex[..., None])
     a = _coverage(np.hypot(yy - cy, xx - cx) - r)
     img = np.clip(img * (1 - a) + pattern * a, 0, 1)
@@ -253,7 +272,7 @@ def _blob(rng, s):
     return img, Scene(a[..., 0], [_mean_colour(np.clip(pattern, 0, 1), a)], "textured", _fraction(rf, 0.15, 0.26), bg)
 
 
-def _sky_sun(rng, s):
+def _sky_sun(rng, s, d: Detail):
     yy, xx = _grid(s)
     top = np.array(colorsys.hsv_to_rgb(rng.uniform(0.55, 0.68), rng.uniform(0.5, 0.9), rng.uniform(0.5, 0.9)),
                    np.float32)
@@ -265,10 +284,10 @@ def _sky_sun(rng, s):
     sun = np.array(colorsys.hsv_to_rgb(rng.uniform(0.08, 0.16), rng.uniform(0.6, 1.0), 1.0), np.float32)
     cx, cy = rng.uniform(0.2, 0.8) * s, rng.uniform(0.15, 0.45) * horizon / 0.7
     rf = rng.uniform(0.06, 0.12)
-    img, a_sun = _paint(img, np.hypot(yy - cy, xx - cx) - rf * s, sun)
+    img, a_sun = _paint(img, np.hypot(yy - cy, xx - cx) - rf * d.object_scale * s, sun)
     ground = np.array(colorsys.hsv_to_rgb(rng.uniform(0.2, 0.4), rng.uniform(0.4, 0.9), rng.uniform(0.3, 0.7)),
                       np.float32)
-    tex = _texture(rng, s, 1.5 * s / 64)
+    tex = _texture(rng, s, 1.5 * d.texture_scale * s / 64, d.pixel_noise)
     edge = horizon + 1.5 * np.sin(xx / s * 2 * np.pi * rng.uniform(1, 3) + rng.uniform(0, 6.3))
     a = _coverage(edge - yy)
     textured_ground = np.clip(ground * (0.5 + 0.8 * tex[..., None]), 0, 1)
@@ -280,16 +299,16 @@ def _sky_sun(rng, s):
     return img, scene
 
 
-def _dots(rng, s):
+def _dots(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.3)
     half = rng.uniform(0.18, 0.35, size=2)
-    hu, hv = half * s
-    spacing = rng.uniform(4.0, 7.0) * s / 64
+    hu, hv = half * d.object_scale * s
+    spacing = rng.uniform(4.0, 7.0) * d.texture_scale * s / 64
     # below ~48 px the dot spacing leaves no room above a 1-pixel radius: the dots are then 1 pixel in radius
-    radius = rng.uniform(1.0, max(1.0, 0.35 * spacing))
+    radius = rng.uniform(max(1.0, d.dot_radius_min * spacing), max(1.0, 0.35 * spacing))
     gy = (yy - cy) - spacing * np.round((yy - cy) / spacing)
     gx = (xx - cx) - spacing * np.round((xx - cx) / spacing)
     sdf = np.maximum(np.hypot(gy, gx) - radius, _box_sdf(xx - cx, yy - cy, hu, hv))
@@ -297,13 +316,13 @@ def _dots(rng, s):
     return _flat(img, a, fg, bg, _fraction(float(half.mean()), 0.18, 0.35))
 
 
-def _star(rng, s):
+def _star(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.33)
     rf = rng.uniform(0.17, 0.3)
-    r_out = rf * s
+    r_out = rf * d.object_scale * s
     r_in = r_out * rng.uniform(0.38, 0.5)
     th = np.arctan2(yy - cy, xx - cx) - rng.uniform(0, 2 * np.pi)
     frac = np.abs(((th / (2 * np.pi / 5)) % 1.0) - 0.5) * 2  # 0 at an inner notch, 1 at a tip
@@ -312,17 +331,17 @@ def _star(rng, s):
     return _flat(img, a, fg, bg, _fraction(rf, 0.17, 0.3))
 
 
-def _waves(rng, s):
+def _waves(rng, s, d: Detail):
     fg = _vivid(rng)
     img, bg = _background(rng, s, _hue(fg))
     yy, xx = _grid(s)
     y0, y1 = sorted(rng.uniform(0.1, 0.9, size=2) * s)
     if y1 - y0 < 0.3 * s:
         y1 = min(s, y0 + 0.3 * s)
-    spacing = rng.uniform(4.0, 8.0) * s / 64
+    spacing = rng.uniform(4.0, 8.0) * d.texture_scale * s / 64
     amp, wl = rng.uniform(1.0, 4.0) * s / 64, rng.uniform(0.2, 0.6) * s
     w = yy - amp * np.sin(2 * np.pi * xx / wl + rng.uniform(0, 6.3))
-    line = np.abs(w - spacing * np.round(w / spacing)) - rng.uniform(0.6, 1.2) * s / 64
+    line = np.abs(w - spacing * np.round(w / spacing)) - rng.uniform(0.6, 1.2) * d.texture_scale * s / 64
     band = np.maximum(y0 - yy, yy - y1)
     img, a = _paint(img, np.maximum(line, band), fg)
     # the band is 0.3 to 0.8 of the height (it spans the whole width)
@@ -333,7 +352,7 @@ def _hue(rgb: np.ndarray) -> float:
     return colorsys.rgb_to_hsv(*[float(c) for c in rgb])[0]
 
 
-_RENDERERS: dict[str, Callable[[np.random.Generator, int], tuple[np.ndarray, Scene]]] = {
+_RENDERERS: dict[str, Callable[[np.random.Generator, int, Detail], tuple[np.ndarray, Scene]]] = {
     "disc": _disc, "square": _square, "ring": _ring, "stripes": _stripes, "checker": _checker,
     "triangle": _triangle, "cross": _cross, "blob": _blob, "sky_sun": _sky_sun, "dots": _dots,
     "star": _star, "waves": _waves,
@@ -352,15 +371,19 @@ def _check_image_args(class_index: int, image_size: int) -> None:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
 
 
-def render_scene(class_index: int, index: int, image_size: int = 64, seed: int = 0) -> tuple[np.ndarray, Scene]:
+def render_scene(class_index: int, index: int, image_size: int = 64, seed: int = 0,
+                 detail: str = "fine") -> tuple[np.ndarray, Scene]:
     """Image `index` of class `class_index` as uint8 [image_size, image_size, 3] and the Scene it shows; a pure
-    function of its arguments."""
+    function of its arguments. `detail`: a key of DETAILS."""
     _check_image_args(class_index, image_size)
+    if detail not in DETAILS:
+        raise ValueError(f"detail must be one of {', '.join(DETAILS)}, got {detail!r}")
     rng = np.random.default_rng([seed, class_index, index])
-    img, scene = _RENDERERS[CLASS_NAMES[class_index]](rng, image_size)
+    img, scene = _RENDERERS[CLASS_NAMES[class_index]](rng, image_size, DETAILS[detail])
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8), scene
 
 
-def render_image(class_index: int, index: int, image_size: int = 64, seed: int = 0) -> np.ndarray:
+def render_image(class_index: int, index: int, image_size: int = 64, seed: int = 0,
+                 detail: str = "fine") -> np.ndarray:
     """Image `index` of class `class_index` as uint8 [image_size, image_size, 3]; a pure function."""
-    return render_scene(class_index, index, image_size, seed)[0]
+    return render_scene(class_index, index, image_size, seed, detail)[0]
