@@ -41,3 +41,21 @@ def test_demo_pipeline_quick(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:]
     assert (out / "demo.log").read_text() == log_before
+
+
+def test_demo_refuses_a_folder_of_pictures_drawn_at_another_detail(tmp_path):
+    """A demo folder from before the demo drew coarse pictures (classes.json without "detail", i.e. fine) holds an
+    evaluator, tokenizer and codes of those pictures: reusing them would report the old data's figures as the new."""
+    import pytest
+
+    from dpar_scale.cli import UsageError
+    from dpar_scale.launch.demo_data import DETAIL, DemoData
+    from dpar_scale.launch.stages import Stages
+
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    (images / "classes.json").write_text(json.dumps({"classes": ["00_disc"], "seed": 0}))
+    demo = DemoData(Stages(tmp_path / "demo.log", cwd=tmp_path), tmp_path, tmp_path, quick=True)
+    with pytest.raises(UsageError, match="--fresh"):
+        demo.prepare(2)
+    assert DETAIL != "fine" and not (tmp_path / "data" / "evaluator.pt").exists()  # nothing was run

@@ -33,7 +33,14 @@ class DemoData:
         """Pictures, evaluator, tokenizer (judged by the evaluator: the ceiling on a model's class accuracy over its
         codes) and codes; with `captions` the caption shards beside the codes too (added to finished codes)."""
         run = self.stages.run
-        if not (self.images / "classes.json").is_file():
+        drawn = self.images / "classes.json"
+        if drawn.is_file() and json.loads(drawn.read_text()).get("detail", "fine") != DETAIL:
+            # a folder from before the demo drew coarse pictures: its evaluator, tokenizer and codes are of those
+            from dpar_scale.cli import UsageError
+            raise UsageError(f"{self.out} holds pictures drawn at detail "
+                              f"{json.loads(drawn.read_text()).get('detail', 'fine')!r}, the demo draws {DETAIL!r}: "
+                              f"rerun with --fresh (or another --out) to make its data again")
+        if not drawn.is_file():
             run("dataset", ["tools/make_dataset.py", "--out", self.images, "--num-per-class", per_class,
                             "--classes", 10, "--image-size", IMAGE_SIZE, "--seed", 0, "--detail", DETAIL])
         if not self.evaluator.is_file():
