@@ -13,7 +13,7 @@ from dpar_scale.launch.stages import Stages
 # per image, and at the CPU budget of the demo its models saw too few images to learn objects (see README).
 IMAGE_SIZE, BLOCK_SIZE, CODEBOOK = 64, 8, 512
 # coarse detail: the pictures' textures and objects at the scale of an 8x8-pixel code. With generator v1's fine
-# textures (1-5 px) the evaluator recognised 53% of this tokenizer's reconstructions (disc 0%, dots 4%); coarse: 77%
+# textures (1-5 px) the evaluator recognised 53% of this tokenizer's reconstructions (disc 0%, dots 4%); coarse: 81%
 DETAIL = "coarse"
 TARGET_MEAN_PATCH_LENGTH = 1.81  # the paper's 256 px statistic
 MAX_PATCH_LENGTH = 4
@@ -34,13 +34,13 @@ class DemoData:
         codes) and codes; with `captions` the caption shards beside the codes too (added to finished codes)."""
         run = self.stages.run
         drawn = self.images / "classes.json"
-        if drawn.is_file() and json.loads(drawn.read_text()).get("detail", "fine") != DETAIL:
+        found = json.loads(drawn.read_text()).get("detail", "fine") if drawn.is_file() else None
+        if found is not None and found != DETAIL:
             # a folder from before the demo drew coarse pictures: its evaluator, tokenizer and codes are of those
             from dpar_scale.cli import UsageError
-            raise UsageError(f"{self.out} holds pictures drawn at detail "
-                              f"{json.loads(drawn.read_text()).get('detail', 'fine')!r}, the demo draws {DETAIL!r}: "
-                              f"rerun with --fresh (or another --out) to make its data again")
-        if not drawn.is_file():
+            raise UsageError(f"{self.out} holds pictures drawn at detail {found!r}, the demo draws {DETAIL!r}: "
+                             f"rerun with --fresh (or another --out) to make its data again")
+        if found is None:
             run("dataset", ["tools/make_dataset.py", "--out", self.images, "--num-per-class", per_class,
                             "--classes", 10, "--image-size", IMAGE_SIZE, "--seed", 0, "--detail", DETAIL])
         if not self.evaluator.is_file():
