@@ -175,8 +175,8 @@ def test_missing_codes_dir_is_one_line_without_traceback(capsys):
 def test_a_bad_row_the_first_steps_would_not_draw_fails_at_open(tmp_path):
     """Row 7 of shard 2 (shards of 16 rows: row 39): a 2-step run never reads it, and still must not start."""
     codes = write_code_dataset(tmp_path / "codes", vocab=VOCAB, num_classes=CLASSES, shard_size=16, entropy=False)
-    order = GlobalOrder(np.arange(56), seed=0)  # the train split of make_cfg (val_fraction 1/8 of 64)
-    assert 39 not in order.ids(0, 2 * 8)  # 2 steps of 8 images
+    train_ids = CodeData.open(str(codes), val_fraction=0.125).train_ids  # make_cfg's split
+    assert 39 in train_ids and 39 not in GlobalOrder(train_ids, seed=0).ids(0, 2 * 8)  # 2 steps of 8 images
     rewrite_code_shard(codes, 2, lambda c, labels: c.__setitem__((7, 11), VOCAB))
     with pytest.raises(ShardError, match=r"shard_00002\.codes\.npy: row 7 \(row 39 of the data set\) at position 11 "
                                          r"holds code 512"):

@@ -1,5 +1,6 @@
-"""The step's data path and overheads: batches built ahead by workers are the batches built in the loop, the image
-cap of packed micro-batches, data_wait_s, the chunked cross-entropy and the foreach EMA."""
+"""The step's data path and overheads: the train/validation split, batches built ahead by workers are the batches
+built in the loop, the image cap of packed micro-batches, data_wait_s, the chunked cross-entropy and the foreach
+EMA."""
 import dataclasses
 
 import numpy as np
@@ -37,6 +38,21 @@ def assert_same_batches(got, ref):
         for f in dataclasses.fields(b.layout):
             x, y = getattr(a.layout, f.name), getattr(b.layout, f.name)
             assert torch.equal(x, y) if isinstance(y, torch.Tensor) else x == y, f.name
+
+
+def test_the_validation_images_are_spread_over_a_class_sorted_listing():
+    """Extracted ImageFolder rows come class by class: the held-out images are spread over them (each class its
+    share, the trainer's first validation batch already several classes), each with all its views, and every
+    other row trains."""
+    classes, per_class, views = 5, 40, 2
+    labels = np.repeat(np.arange(classes), per_class * views)
+    data = CodeData(np.zeros((len(labels), 16), dtype=np.int64), labels, grid=(4, 4), vocab_size=8,
+                    num_classes=classes, copies_per_image=views, val_fraction=0.1)
+    assert data.num_train_images == 180 and len(data.val_ids) == 20 * views
+    assert sorted(np.concatenate([data.train_ids, data.val_ids]).tolist()) == list(range(len(labels)))
+    assert set(np.bincount(data.val_ids // views).tolist()) == {0, views}  # an image's views stay together
+    assert np.bincount(labels[data.val_ids], minlength=classes).tolist() == [4 * views] * classes
+    assert len(set(labels[data.val_ids[:4 * views]].tolist())) >= 3
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "fixed"])

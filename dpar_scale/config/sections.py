@@ -22,7 +22,7 @@ class RunConfig:
 class DataConfig:
     codes_dir: str = ""  # folder written by tools/extract_codes.py (manifest.json + shards)
     entropy_dir: str = ""  # folder written by tools/compute_entropy.py; "" = <codes_dir>/entropy
-    val_fraction: float = 0.02  # held-out images (by index) for the validation loss
+    val_fraction: float = 0.02  # held-out images for the validation loss, spread over the listing (every class)
     batch_size: int = 32  # images per optimizer step, summed over data-parallel ranks (global batch)
     # DPAR: fill each micro-batch up to this many global positions Σ (M_i + 1) instead of a fixed image count
     # (data.batch_size is then unused: a step is grad_accum x data-parallel micro-batches); 0 = off

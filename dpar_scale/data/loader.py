@@ -98,14 +98,23 @@ class GlobalOrder:
 
 
 def split_source_images(num_rows: int, copies_per_image: int, val_fraction: float) -> tuple[int, int]:
-    """(training, validation) source images of a code set of `num_rows` rows, `copies_per_image` views each: the
-    last round(images x val_fraction) images (at least one when val_fraction > 0 and there are two or more) are
-    held out with all their views."""
+    """(training, validation) source images of a code set of `num_rows` rows, `copies_per_image` views each:
+    round(images x val_fraction) images (at least one when val_fraction > 0 and there are two or more) are held
+    out with all their views (which ones: `held_out_sources`)."""
     n_sources = num_rows // copies_per_image
     n_val = int(round(n_sources * val_fraction))
     if val_fraction > 0 and n_val == 0 and n_sources > 1:
         n_val = 1
     return n_sources - n_val, n_val
+
+
+def held_out_sources(n_sources: int, n_val: int) -> np.ndarray:
+    """The `n_val` validation images among `n_sources`: the middle image of each of n_val equal runs of the listing,
+    in a fixed shuffled order. Listings are sorted by class folder: the last images would all be of the last class,
+    whose loss would then stand for the whole set's while that class lost its share of training images. Shuffled
+    so that the prefix the trainer validates on (train.val_batches) spans the listing too."""
+    spread = (2 * np.arange(n_val, dtype=np.int64) + 1) * n_sources // (2 * n_val)
+    return spread[np.random.default_rng(0).permutation(n_val)]
 
 
 @dataclass
@@ -157,10 +166,12 @@ class CodeData:
         if captions is not None and len(captions) != n:
             raise ShardError(f"caption rows ({len(captions)}) do not match code rows ({n}): re-extract the captions")
         self.copies_per_image = copies_per_image
-        self.num_train_images = split_source_images(n, copies_per_image, val_fraction)[0]
-        cut = self.num_train_images * copies_per_image
-        self.train_ids = np.arange(cut, dtype=np.int64)
-        self.val_ids = np.arange(cut, n, dtype=np.int64)
+        self.num_train_images, n_val = split_source_images(n, copies_per_image, val_fraction)
+        sources = held_out_sources(n // copies_per_image, n_val)
+        self.val_ids = (sources[:, None] * copies_per_image + np.arange(copies_per_image)).reshape(-1)
+        held_out = np.zeros(n, dtype=bool)
+        held_out[self.val_ids] = True
+        self.train_ids = np.flatnonzero(~held_out).astype(np.int64)  # rows past the last whole image train too
 
     @classmethod
     def open(cls, codes_dir: str, entropy_dir: str = "", need_entropy: bool = False, val_fraction: float = 0.0,
