@@ -229,3 +229,26 @@ def test_coarse_detail_keeps_what_is_drawn_and_moves_texture_above_the_code_scal
     assert info["detail"] == "coarse"
     with pytest.raises(ValueError, match="detail"):
         generate_dataset(str(tmp_path / "x"), num_per_class=1, num_classes=2, progress=False, detail="medium")
+
+
+def test_a_palette_keeps_each_picture_and_draws_its_colours_from_eight(tmp_path):
+    """detail="coarse-palette" draws the same random numbers as "coarse": every object covers the same pixels,
+    and its colour is one of 8 (8 hues at one saturation and value, each its own colour name) instead of one of a
+    continuum."""
+    from dpar_scale.data.synthetic_captions import COLOUR_NAMES, colour_name
+    from dpar_scale.data.synthetic_scenes import render_scene
+
+    on_palette, continuous = set(), set()
+    for name in ("disc", "square", "ring", "triangle", "cross", "checker"):
+        c = CLASS_NAMES.index(name)
+        for i in range(10):
+            _, cs = render_scene(c, i, 64, 0, "coarse")
+            _, ps = render_scene(c, i, 64, 0, "coarse-palette")
+            np.testing.assert_array_equal(ps.mask, cs.mask)
+            on_palette.add(tuple(np.round(ps.colours[0], 5)))
+            continuous.add(tuple(np.round(cs.colours[0], 5)))
+    assert len(continuous) == 60 and 4 <= len(on_palette) <= 8
+    assert {colour_name(np.array(rgb)) for rgb in on_palette} <= set(COLOUR_NAMES)  # no "pale" or "dark" ones
+    assert len({colour_name(np.array(rgb)) for rgb in on_palette}) == len(on_palette)
+    assert generate_dataset(str(tmp_path / "p"), num_per_class=1, num_classes=2, seed=0, progress=False,
+                            detail="coarse-palette")["detail"] == "coarse-palette"

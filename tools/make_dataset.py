@@ -3,7 +3,7 @@
 captions.jsonl (captions of what each picture shows) and attributes.jsonl (shape, colour, size, position, ...).
 
     python tools/make_dataset.py --out DIR --num-per-class 200 --classes 10 --image-size 64 --seed 0 \
-        [--captions-per-image 3] [--detail fine|coarse]
+        [--captions-per-image 3] [--detail fine|coarse|coarse-palette]
 
 Class folders are named NN_<name> (e.g. 03_stripes) so that ImageFolder labels equal the class index. Caption
 and attribute paths are relative to DIR (e.g. "00_disc/00000.png"); see dpar_scale/data/synthetic_captions.py.
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
                    help="captions written per picture to DIR/captions.jsonl (0: an empty captions.jsonl)")
     p.add_argument("--detail", choices=sorted(DETAILS), default="fine",
                    help="fine: generator v1's pictures (textures of 1-5 px at 64 px); coarse: objects 1.35x larger, "
-                        "textures 2.5x coarser and without per-pixel noise (what the embedded demo's 8x8-pixel codes "
-                        "can represent)")
+                        "textures 2.5x coarser and without per-pixel noise (what 8x8-pixel codes can represent); "
+                        "coarse-palette (the embedded demo's): coarse, in colours of 8 hues")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     t0 = time.time()
