@@ -231,18 +231,24 @@ def test_coarse_detail_keeps_what_is_drawn_and_moves_texture_above_the_code_scal
         generate_dataset(str(tmp_path / "x"), num_per_class=1, num_classes=2, progress=False, detail="medium")
 
 
-def test_a_palette_keeps_each_picture_and_draws_its_colours_from_eight(tmp_path):
-    """detail="coarse-palette" draws the same random numbers as "coarse": every object covers the same pixels,
-    and its colour is one of 8 (8 hues at one saturation and value, each its own colour name) instead of one of a
-    continuum."""
+def test_a_palette_keeps_each_picture_and_draws_its_colours_from_eight(tmp_path, monkeypatch):
+    """detail="coarse-palette" draws the same random numbers as the same sizes without a palette: every object
+    covers the same pixels, and its colour is one of 8 (8 hues at one saturation and value, each its own colour
+    name) instead of one of a continuum."""
+    import dataclasses
+
+    from dpar_scale.data import synthetic_scenes
     from dpar_scale.data.synthetic_captions import COLOUR_NAMES, colour_name
     from dpar_scale.data.synthetic_scenes import render_scene
+
+    unsnapped = dataclasses.replace(synthetic_scenes.DETAILS["coarse-palette"], palette=())
+    monkeypatch.setitem(synthetic_scenes.DETAILS, "unsnapped", unsnapped)
 
     on_palette, continuous = set(), set()
     for name in ("disc", "square", "ring", "triangle", "cross", "checker"):
         c = CLASS_NAMES.index(name)
         for i in range(10):
-            _, cs = render_scene(c, i, 64, 0, "coarse")
+            _, cs = render_scene(c, i, 64, 0, "unsnapped")
             _, ps = render_scene(c, i, 64, 0, "coarse-palette")
             np.testing.assert_array_equal(ps.mask, cs.mask)
             on_palette.add(tuple(np.round(ps.colours[0], 5)))

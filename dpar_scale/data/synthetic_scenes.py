@@ -10,7 +10,9 @@ Detail: `detail="fine"` (the default) draws generator v1's pictures, whose textu
 dot spacing, ring widths, noise) are 1-5 pixels at 64 px; `detail="coarse"` draws the same random numbers with the
 objects 1.35x larger and every texture 2.5x coarser and free of per-pixel noise, so that what tells the classes apart
 lies at the scale of an 8x8-pixel code (the embedded demo's tokenizer), not below it (see README, demo);
-`detail="coarse-palette"` (the demo's) is coarse with its colours on a palette of 8 hues, one per colour name (`Detail.palette`).
+`detail="coarse-palette"` (the demo's) draws its textures coarser still (3.2x: checker cells of 6-13 px, stripe
+periods of 8-16 px, where coarse's 5-px cells fell below a code) and its colours from a palette of 8 hues, one per
+colour name (`Detail.palette`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Detail:
 # that every palette colour is named apart
 NAMED_HUES = tuple(degrees / 360 for degrees in (0, 27.5, 55, 117.5, 180, 225, 272.5, 317.5))
 DETAILS: dict[str, Detail] = {"fine": Detail(), "coarse": Detail(1.35, 2.5, 0.0, 0.25),
-                              "coarse-palette": Detail(1.35, 2.5, 0.0, 0.25, palette=NAMED_HUES)}
+                              "coarse-palette": Detail(1.35, 3.2, 0.0, 0.25, palette=NAMED_HUES)}
 
 # (name, what the class looks like). Order defines the label index.
 _CLASSES: list[tuple[str, str]] = [
