@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from dpar_scale.launch.stages import Stages  # noqa: E402
 from dpar_scale.cli import entry_point, parser, positive_int  # noqa: E402
+from dpar_scale.launch.demo_data import NUM_PER_CLASS  # noqa: E402
 
 TEXT_VOCAB = 128
 GRID_PROMPTS = 10  # rows of the prompt-labelled grids
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     p = parser(__doc__)
     p.add_argument("--out", default="runs/demo", help="demo folder (shared with the class demo)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and step counts (seconds, for tests)")
-    p.add_argument("--num-per-class", type=positive_int, default=300)
+    p.add_argument("--num-per-class", type=positive_int, default=NUM_PER_CLASS)
     p.add_argument("--steps", type=positive_int, default=None, help="train.steps of the text models "
                                                                         "(default: the class demo's, configs/demo/gpt.yaml)")
     p.add_argument("--eval-prompts", type=positive_int, default=50)
