@@ -6,7 +6,7 @@ re-exports these names.
 Determinism: image (class c, index i) is drawn from numpy's PCG64 seeded with (seed, c, i), so it does not
 depend on how many images per class are generated or in which order, and two runs write identical bytes.
 
-Detail: `detail="fine"` (the default) draws generator v1's pictures, whose textures (stripe periods, checker cells,
+Detail (presets in dpar_scale.data.scene_style): `detail="fine"` (the default) draws generator v1's pictures, whose textures (stripe periods, checker cells,
 dot spacing, ring widths, noise) are 1-5 pixels at 64 px; `detail="coarse"` draws the same random numbers with the
 objects 1.35x larger and every texture 2.5x coarser and free of per-pixel noise, so that what tells the classes apart
 lies at the scale of an 8x8-pixel code (the embedded demo's tokenizer), not below it (see README, demo);
@@ -23,28 +23,10 @@ from typing import Callable
 
 import numpy as np
 
+from dpar_scale.data.scene_style import DETAILS, Detail, hue_of, muted, vivid
+
 GENERATOR_VERSION = 1
 
-
-@dataclass(frozen=True)
-class Detail:
-    """How large the objects and their textures are drawn; `fine` is generator v1 exactly (factors of 1.0)."""
-
-    object_scale: float = 1.0  # object sizes (radii, half-sides, arm lengths and widths)
-    texture_scale: float = 1.0  # texture periods, cells, dot spacing, ring and line widths
-    pixel_noise: float = 0.4  # share of per-pixel noise in the blob and ground textures (rest: value noise)
-    dot_radius_min: float = 0.0  # smallest dot radius as a fraction of the dot spacing (fine: 1 pixel)
-    # empty: hues, saturations and values drawn from continuous ranges; else hues (in [0, 1)): each object in the
-    # nearest of them at one saturation and value, backgrounds too at one low saturation and four values (sky_sun
-    # keeps its own colours). Fewer colours: fewer code combinations for a small model to learn each shape in.
-    palette: tuple[float, ...] = ()
-
-
-# the middle of each colour name's hue band (synthetic_captions: red orange yellow green cyan blue purple pink), so
-# that every palette colour is named apart
-NAMED_HUES = tuple(degrees / 360 for degrees in (0, 27.5, 55, 117.5, 180, 225, 272.5, 317.5))
-DETAILS: dict[str, Detail] = {"fine": Detail(), "coarse": Detail(1.35, 2.5, 0.0, 0.25),
-                              "coarse-palette": Detail(1.35, 3.2, 0.0, 0.25, palette=NAMED_HUES)}
 
 # (name, what the class looks like). Order defines the label index.
 _CLASSES: list[tuple[str, str]] = [
@@ -74,35 +56,15 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(c, c, indexing="ij")  # yy, xx
 
 
-def _on_palette(hue: float, d: Detail) -> float:
-    """The palette hue nearest to `hue` around the colour circle."""
-    return min(d.palette, key=lambda p: min(abs(hue % 1.0 - p), 1 - abs(hue % 1.0 - p)))
-
-
-def _vivid(rng: np.random.Generator, d: Detail, hue: float | None = None) -> np.ndarray:
-    h = rng.random() if hue is None else hue % 1.0
-    saturation, value = rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0)
-    if d.palette:  # drawn all the same, so that a picture's other draws do not change
-        h, saturation, value = _on_palette(h, d), 0.85, 0.9
-    return np.array(colorsys.hsv_to_rgb(h, saturation, value), np.float32)
-
-
-def _muted(rng: np.random.Generator, d: Detail, hue: float) -> np.ndarray:
-    h, saturation, value = hue % 1.0, rng.uniform(0.05, 0.45), rng.uniform(0.15, 0.95)
-    if d.palette:  # four brightness levels from dark to light
-        h, saturation, value = _on_palette(h, d), 0.3, 0.2 + 0.7 * round(value * 3) / 3
-    return np.array(colorsys.hsv_to_rgb(h, saturation, value), np.float32)
-
-
 def _background(rng: np.random.Generator, size: int, fg_hue: float, d: Detail) -> tuple[np.ndarray, dict]:
     """Flat (half the time) or a smooth linear gradient, in a hue far from the foreground's; and what it is."""
     hue = fg_hue + rng.uniform(0.3, 0.7)
-    c0 = _muted(rng, d, hue)
+    c0 = muted(rng, d, hue)
     img = np.empty((size, size, 3), np.float32)
     if rng.random() < 0.5:
         img[:] = c0
         return img, {"kind": "flat", "colours": [c0]}
-    c1 = _muted(rng, d, hue + rng.uniform(-0.1, 0.1))
+    c1 = muted(rng, d, hue + rng.uniform(-0.1, 0.1))
     yy, xx = _grid(size)
     ang = rng.uniform(0, 2 * np.pi)
     t = (np.cos(ang) * xx + np.sin(ang) * yy) / size
@@ -170,8 +132,8 @@ def _flat(img, a, fg, bg, size) -> tuple[np.ndarray, Scene]:
 
 
 def _disc(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.3)
     rf = rng.uniform(0.12, 0.28)
@@ -180,8 +142,8 @@ def _disc(rng, s, d: Detail):
 
 
 def _square(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.32)
     u, v = _rotated(yy, xx, cy, cx, rng.uniform(0, np.pi / 2))
@@ -192,8 +154,8 @@ def _square(rng, s, d: Detail):
 
 
 def _ring(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.35)
     rf = rng.uniform(0.14, 0.3)
@@ -203,8 +165,8 @@ def _ring(rng, s, d: Detail):
 
 
 def _stripes(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.3)
     half = rng.uniform(0.15, 0.32, size=2)
@@ -213,7 +175,7 @@ def _stripes(rng, s, d: Detail):
     period = rng.uniform(2.5, 5.0) * d.texture_scale * s / 64
     u, _ = _rotated(yy, xx, cy, cx, rng.uniform(0, np.pi))
     phase = (u / period) % 1.0
-    alt = _vivid(rng, d, _hue(fg) + 0.5) * rng.uniform(0.2, 1.0)
+    alt = vivid(rng, d, hue_of(fg) + 0.5) * rng.uniform(0.2, 1.0)
     pattern = np.where(phase[..., None] < 0.5, fg, alt)
     a = _coverage(box)
     size = _fraction(float(half.mean()), 0.15, 0.32)
@@ -221,14 +183,14 @@ def _stripes(rng, s, d: Detail):
 
 
 def _checker(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.3)
     hf = rng.uniform(0.14, 0.28)
     h = hf * d.object_scale * s
     cell = float(rng.integers(2, 5)) * d.texture_scale * s / 64
-    alt = _vivid(rng, d, _hue(fg) + rng.uniform(0.3, 0.7))
+    alt = vivid(rng, d, hue_of(fg) + rng.uniform(0.3, 0.7))
     parity = (np.floor((xx - cx) / cell) + np.floor((yy - cy) / cell)) % 2
     pattern = np.where(parity[..., None] < 0.5, fg, alt)
     a = _coverage(_box_sdf(xx - cx, yy - cy, h, h))
@@ -246,8 +208,8 @@ def _polygon_sdf(yy, xx, cy, cx, radius, n, angle):
 
 
 def _triangle(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.33)
     rf = rng.uniform(0.16, 0.3)
@@ -256,8 +218,8 @@ def _triangle(rng, s, d: Detail):
 
 
 def _cross(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.33)
     u, v = _rotated(yy, xx, cy, cx, rng.uniform(0, np.pi / 2))
@@ -277,8 +239,8 @@ def _texture(rng, s, cell_px, pixel_noise):
 
 
 def _blob(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.35)
     rf = rng.uniform(0.15, 0.26)
@@ -322,8 +284,8 @@ def _sky_sun(rng, s, d: Detail):
 
 
 def _dots(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.3)
     half = rng.uniform(0.18, 0.35, size=2)
@@ -339,8 +301,8 @@ def _dots(rng, s, d: Detail):
 
 
 def _star(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     cy, cx = _centre(rng, s, 0.33)
     rf = rng.uniform(0.17, 0.3)
@@ -354,8 +316,8 @@ def _star(rng, s, d: Detail):
 
 
 def _waves(rng, s, d: Detail):
-    fg = _vivid(rng, d)
-    img, bg = _background(rng, s, _hue(fg), d)
+    fg = vivid(rng, d)
+    img, bg = _background(rng, s, hue_of(fg), d)
     yy, xx = _grid(s)
     y0, y1 = sorted(rng.uniform(0.1, 0.9, size=2) * s)
     if y1 - y0 < 0.3 * s:
@@ -368,10 +330,6 @@ def _waves(rng, s, d: Detail):
     img, a = _paint(img, np.maximum(line, band), fg)
     # the band is 0.3 to 0.8 of the height (it spans the whole width)
     return _flat(img, a, fg, bg, min(1.0, max(0.0, _fraction((y1 - y0) / s, 0.3, 0.8))))
-
-
-def _hue(rgb: np.ndarray) -> float:
-    return colorsys.rgb_to_hsv(*[float(c) for c in rgb])[0]
 
 
 _RENDERERS: dict[str, Callable[[np.random.Generator, int, Detail], tuple[np.ndarray, Scene]]] = {
