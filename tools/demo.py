@@ -25,11 +25,6 @@ from dpar_scale.launch.stages import Stages  # noqa: E402
 from dpar_scale.cli import entry_point, non_negative_int, parser, positive_int  # noqa: E402
 from dpar_scale.launch.demo_data import NUM_PER_CLASS  # noqa: E402
 
-# guidance and top-k for the grids and the evaluations (eval.cfg_scale / eval.top_k in configs/demo/{gpt,dpar}.yaml).
-# Measured on 2,000-step models (300 samples each): at guidance 3.0 both drew discs of several colours (classified
-# as squares or checkers); guidance 1.5 with top-k 50 had the most of both models' samples recognised (GPT 81%,
-# DPAR 77%, against 74% / 76% at 2.0 without top-k)
-SAMPLE_CFG, SAMPLE_TOP_K = 1.5, 50
 PLOT = "fid_loss_vs_flops.png"
 
 
@@ -81,7 +76,8 @@ def main(argv=None) -> int:
     theta, theta_file = demo.threshold()
 
     # evaluation during training, against the real images with the evaluator, and validation at the same 5 points
-    steps = args.steps or (10 if args.quick else load_config(ROOT / "configs/demo/gpt.yaml").train.steps)
+    demo_config = load_config(ROOT / "configs/demo/gpt.yaml")
+    steps = args.steps or (10 if args.quick else demo_config.train.steps)
     every = max(1, steps // 5)
     model_args = [f"train.steps={steps}", f"eval.every={every}", f"train.val_every={every}",
                   f"eval.detector=domain:{demo.evaluator}", f"eval.reference={demo.images}"]
@@ -93,8 +89,10 @@ def main(argv=None) -> int:
         target = out / "samples" / name
         if not (target / "grid.png").is_file():
             stages.run(f"grid_{name}", ["tools/sample.py", "--checkpoint", ckpt, "--classes", "0,1,2,3,4,5,6,7,8,9",
-                                        "--num-per-class", 2 if args.quick else 8, "--cfg-scale", SAMPLE_CFG,
-                                        "--top-k", SAMPLE_TOP_K, "--seed", 0, "--out", target, "--tokenizer-path", demo.tokenizer])
+                                        "--num-per-class", 2 if args.quick else 8,
+                                        # the grids are drawn as the evaluations sample (configs/demo: eval.*)
+                                        "--cfg-scale", demo_config.eval.cfg_scale, "--top-k", demo_config.eval.top_k,
+                                        "--seed", 0, "--out", target, "--tokenizer-path", demo.tokenizer])
         grids[name] = shown(target / "grid.png")
 
     summary = summarize(out, theta_file, grids, demo.evaluator)
