@@ -81,11 +81,12 @@ def main(argv=None) -> int:
     every = max(1, steps // 5)
     model_args = [f"train.steps={steps}", f"eval.every={every}", f"train.val_every={every}",
                   f"eval.detector=domain:{demo.evaluator}", f"eval.reference={demo.images}"]
-    gpt_ckpt = demo.train("gpt", "gpt", model_args)
-    dpar_ckpt = demo.train("dpar", "dpar", [*model_args, f"model.patch.threshold={theta}"])
+    # side by side, a share of the cores each (Stages.run_together)
+    ckpts = demo.train_together({"gpt": ("gpt", model_args),
+                                 "dpar": ("dpar", [*model_args, f"model.patch.threshold={theta}"])})
 
     grids = {}
-    for name, ckpt in (("gpt", gpt_ckpt), ("dpar", dpar_ckpt)):
+    for name, ckpt in ckpts.items():
         target = out / "samples" / name
         if not (target / "grid.png").is_file():
             stages.run(f"grid_{name}", ["tools/sample.py", "--checkpoint", ckpt, "--classes", "0,1,2,3,4,5,6,7,8,9",

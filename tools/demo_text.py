@@ -138,8 +138,8 @@ def main(argv=None) -> int:
     text = ["model.conditioning=text", f"model.text.tokenizer={text_model}",
             f"model.text.vocab_size={48 if args.quick else TEXT_VOCAB}", "model.text.max_length=64",
             "model.text.dropout=0.1", f"train.steps={steps}"]
-    ckpts = {"gpt-text": demo.train("gpt-text", "gpt", text),
-             "dpar-text": demo.train("dpar-text", "dpar", [*text, f"model.patch.threshold={theta}"])}
+    ckpts = demo.train_together({"gpt-text": ("gpt", text),
+                                 "dpar-text": ("dpar", [*text, f"model.patch.threshold={theta}"])})
 
     prompts = evaluation_prompts(images, n_prompts)
     prompt_file = out / "text_eval_prompts.txt"

@@ -67,16 +67,27 @@ class DemoData:
     def train(self, name: str, config: str, extra: list) -> Path:
         """train.py on configs/demo/<config>.yaml into <out>/<name> unless its last checkpoint is complete (one of
         an older format is retrained); the last checkpoint's folder."""
+        return self.train_together({name: (config, extra)})[name]
+
+    def train_together(self, runs: dict[str, tuple[str, list]]) -> dict[str, Path]:
+        """`train` for each {name: (config, overrides)}, the runs still to do side by side (Stages.run_together:
+        the cores split between them, progress bars off, a log line per train.log_every steps instead)."""
         from dpar_scale.checkpoint.save_load import is_complete, step_folder
         from dpar_scale.config import load_config
 
-        overrides = [f"run.output_dir={self.out / name}", f"data.codes_dir={self.codes}", *extra,
-                     *(QUICK_TRAIN if self.quick else [])]
-        config_file = f"configs/demo/{config}.yaml"
-        cfg = load_config(self.root / config_file, overrides)
-        done = step_folder(cfg.run.output_dir, cfg.train.steps)
-        if not is_complete(done):
-            self.stages.run(name, ["train.py", "--config", config_file, *overrides])
+        done, todo = {}, {}
+        for name, (config, extra) in runs.items():
+            overrides = [f"run.output_dir={self.out / name}", f"data.codes_dir={self.codes}", *extra,
+                         *(QUICK_TRAIN if self.quick else [])]
+            config_file = f"configs/demo/{config}.yaml"
+            cfg = load_config(self.root / config_file, overrides)
+            done[name] = step_folder(cfg.run.output_dir, cfg.train.steps)
+            if not is_complete(done[name]):
+                todo[name] = ["train.py", "--config", config_file, *overrides]
+        if len(todo) > 1:
+            todo = {name: [*args, *(["train.progress_bar=false"] if "train.progress_bar=false" not in args else [])]
+                    for name, args in todo.items()}
+        self.stages.run_together(todo)
         return done
 
     def threshold(self) -> tuple[float, Path]:
