@@ -345,3 +345,28 @@ def test_two_ranks_equal_one_rank(tmp_path, inception_pt):
     for key in ("fid", "inception_score", "inception_score_std", "precision", "recall", "num_samples",
                 "num_reference"):
         assert two[key] == one[key], key  # batches [7k, 7k + 7) on 1 or 2 ranks (3 + 2 of them) -> same floats
+
+
+def test_cli_without_samples_caches_the_reference_for_later_evaluations(tmp_path, inception_pt):
+    """tools/evaluate.py with no --samples extracts and caches the reference statistics (the demo does it once before
+    its two runs evaluate side by side); a later evaluation reads them and gets what extracting them would give."""
+    for i in range(6):
+        (tmp_path / "ref" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images(1, 50 + i, size=24)[0]).save(tmp_path / "ref" / f"c{i % 2}" / f"{i}.png")
+    cmd = [sys.executable, "tools/evaluate.py", "--reference", str(tmp_path / "ref"), "--inception", inception_pt,
+           "--device", "cpu", "--no-progress"]
+    missing = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "give --image-size" in missing.stderr  # an ImageFolder needs the samples' size
+    done = subprocess.run([*cmd, "--image-size", "16"], cwd=REPO, env=run_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    det = load_detector(f"inception:{inception_pt}")
+    cache = tmp_path / f"ref.stats-{det.sha256[:16]}-16px.npz"
+    assert f"(6 images): cached at {cache}" in done.stdout
+    calls = counting(det)
+    cached = evaluate_samples(images(8, 36), tmp_path / "ref", det, batch_size=4, progress=False)
+    assert cached["reference_from_cache"] and sum(n for n, probs in calls if not probs) == 0
+    fresh = evaluate_samples(images(8, 36), tmp_path / "ref", det, batch_size=4, progress=False, use_cache=False)
+    assert not fresh["reference_from_cache"]
+    assert (cached["fid"], cached["precision"], cached["recall"]) == (fresh["fid"], fresh["precision"],
+                                                                     fresh["recall"])

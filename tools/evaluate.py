@@ -4,6 +4,9 @@
     python tools/evaluate.py --reference REF --samples DIR/samples.npz --inception inception-2015-12-05.pt \
         [--json OUT] [--batch-size 64] [--device cuda]
     python tools/evaluate.py --reference IMAGES_DIR --samples DIR/samples.npz --features domain:evaluator.pt
+    python tools/evaluate.py --reference IMAGES_DIR --image-size 64 --features domain:evaluator.pt
+        (no --samples: only the reference statistics, cached for the evaluations to come, e.g. before runs that
+        evaluate during training side by side and would otherwise each extract them)
     torchrun --nproc_per_node 8 tools/evaluate.py ...      (feature extraction split over the ranks)
 
 REF: an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz: `arr_0`, and `mu` / `sigma`, which FID then
@@ -26,13 +29,18 @@ if _REPO not in sys.path:
 import torch  # noqa: E402
 
 from dpar_scale.cli import entry_point, parser  # noqa: E402
-from dpar_scale.evaluation.cli import add_evaluation_arguments, evaluate_from_args  # noqa: E402
+from dpar_scale.evaluation.cli import (  # noqa: E402
+    add_evaluation_arguments, cache_reference_from_args, evaluate_from_args,
+)
 from dpar_scale.parallel import process_group as pg  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
-    p.add_argument("--samples", required=True, help="samples npz: arr_0 uint8 [N, H, W, 3] (+ labels)")
+    p.add_argument("--samples", default=None, help="samples npz: arr_0 uint8 [N, H, W, 3] (+ labels); without it "
+                                                   "only the reference statistics are computed and cached")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="without --samples: the size an ImageFolder reference is cropped to (the samples' size)")
     add_evaluation_arguments(p, required=True)
     p.add_argument("--device", default=None, help="default: this rank's GPU when there is one, else cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -45,6 +53,8 @@ def run(args: argparse.Namespace) -> dict:
         device = f"cuda:{pg.get_local_rank()}"  # each rank its own GPU
     pg.init_process_group(device=torch.device(device or "cpu"), timeout_s=2 * 3600)  # nccl on GPU, gloo on CPU
     try:
+        if args.samples is None:
+            return cache_reference_from_args(args, device, progress=not args.no_progress)
         return evaluate_from_args(args, args.samples, device, progress=not args.no_progress)
     finally:
         pg.destroy_process_group()

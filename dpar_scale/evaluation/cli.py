@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from dpar_scale.evaluation.evaluate import evaluate_samples, format_table
-from dpar_scale.evaluation.sources import EvaluationError
+from dpar_scale.evaluation.reference import reference_statistics
+from dpar_scale.evaluation.sources import EvaluationError, open_images
 from dpar_scale.parallel import process_group as pg
 
 
@@ -49,3 +51,30 @@ def evaluate_from_args(args: argparse.Namespace, samples, device, progress: bool
                 json.dump(result, f, indent=1)
                 f.write("\n")
     return result
+
+
+def cache_reference_from_args(args: argparse.Namespace, device, progress: bool = True) -> dict:
+    """Collective: the reference statistics of --reference under the detector, extracted and cached (or found in
+    the cache) without samples; rank 0 prints where they are."""
+    from dpar_scale.evaluation.detectors import load_detector
+
+    if args.no_cache:
+        raise EvaluationError("without --samples only the reference statistics are computed, to be cached: "
+                              "--no-cache leaves nothing to do")
+    if args.image_size is None and os.path.isdir(args.reference):
+        raise EvaluationError(f"{args.reference} is an ImageFolder: give --image-size, the size of the samples it "
+                              f"will be compared with (its images are centre-cropped to it)")
+    reference = open_images(args.reference, image_size=args.image_size, what="reference")
+    device = device or "cpu"  # tools/evaluate.py has already picked this rank's GPU when there is one
+    stats = reference_statistics(reference, load_detector(detector_spec(args), device), args.eval_batch_size,
+                                 device, True, args.cache_dir, progress)
+    if stats is None:  # not rank 0
+        return {}
+    if stats.cache is None:
+        raise EvaluationError(f"{args.reference}: this reference or detector cannot be cached (no fingerprint or "
+                              f"detector hash); evaluate samples directly instead")
+    where = "found in the cache" if stats.from_cache else "cached"
+    print(f"reference statistics of {args.reference} ({stats.features.shape[0]} images): {where} at {stats.cache}",
+          flush=True)
+    return {"reference_cache": stats.cache, "num_reference": int(stats.features.shape[0]),
+            "from_cache": bool(stats.from_cache)}

@@ -58,11 +58,22 @@ class DemoData:
             run("tokenizer", ["tools/fit_tokenizer.py", "--images", self.images, "--out", self.tokenizer,
                               "--codebook-size", CODEBOOK, "--block-size", BLOCK_SIZE, "--image-size", IMAGE_SIZE,
                               "--evaluator", self.evaluator, "--json", self.data / "tokenizer.json"])
+        if not self.reference_cache().is_file():
+            # the evaluations during training read these statistics; the two runs side by side would each extract
+            # them from all the pictures at their first evaluation
+            run("reference", ["tools/evaluate.py", "--reference", self.images, "--image-size", IMAGE_SIZE,
+                              "--features", f"domain:{self.evaluator}", "--no-progress"])
         done = self.codes / "captions" / "manifest.json" if captions else self.codes / "manifest.json"
         if not done.is_file():
             run("codes", ["tools/extract_codes.py", "--images", self.images, "--out", self.codes, "--tokenizer",
                           "kmeans", "--tokenizer-path", self.tokenizer, "--image-size", IMAGE_SIZE, "--flip",
                           *(["--captions", self.images / "captions.jsonl"] if captions else [])])
+
+    def reference_cache(self) -> Path:
+        """Where tools/evaluate.py caches the pictures' statistics under the evaluator (evaluation/reference.py)."""
+        from dpar_scale.data.shards import sha256_file
+
+        return self.data / f"images.stats-{sha256_file(self.evaluator)[:16]}-{IMAGE_SIZE}px.npz"
 
     def train(self, name: str, config: str, extra: list) -> Path:
         """train.py on configs/demo/<config>.yaml into <out>/<name> unless its last checkpoint is complete (one of
