@@ -87,12 +87,13 @@ def main(argv=None) -> int:
 
     grids = {}
     for name, ckpt in ckpts.items():
-        target = out / "samples" / name
+        target, cfg = out / "samples" / name, load_config(ROOT / f"configs/demo/{name}.yaml")
         if not (target / "grid.png").is_file():
             stages.run(f"grid_{name}", ["tools/sample.py", "--checkpoint", ckpt, "--classes", "0,1,2,3,4,5,6,7,8,9",
                                         "--num-per-class", 2 if args.quick else 8,
-                                        # the grids are drawn as the evaluations sample (configs/demo: eval.*)
-                                        "--cfg-scale", demo_config.eval.cfg_scale, "--top-k", demo_config.eval.top_k,
+                                        # drawn as that model's evaluations sample (configs/demo/<model>: eval.*)
+                                        "--cfg-scale", cfg.eval.cfg_scale or cfg.sample.cfg_scale,
+                                        "--top-k", cfg.eval.top_k, "--temperature", cfg.eval.temperature,
                                         "--seed", 0, "--out", target, "--tokenizer-path", demo.tokenizer])
         grids[name] = shown(target / "grid.png")
 
