@@ -196,12 +196,14 @@ def print_summary(s: dict) -> None:
               f"{_f(r['recall'], '.3f'):>7} {_f(r['class_accuracy'], '.1%'):>9} {_f(r['val_loss'], '.4f'):>9} "
               f"{r['step_time_s']:>7.3f} {_f(r['train_flops'], '.3e'):>12} {_f(r['mean_patch_length'], '.3f'):>10} "
               f"{_f(r['global_positions_per_image'], '.1f'):>14}")
-    print(f"measured step-time ratio DPAR / GPT: {s['step_time_ratio_dpar_over_gpt']:.3f}")
+    print(f"measured step-time ratio DPAR / GPT: {s['step_time_ratio_dpar_over_gpt']:.3f} (side by side, a share "
+          f"of the cores each)")
     for name, r in s["models"].items():
         print(f"samples {name}: {r['sample_grid']}")
     print(f"plot: {s['plot']}")
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in s.get("stage_seconds", {}).items())
-    print(f"demo took {s.get('demo_seconds', 0):.0f} s" + (f" ({stages})" if stages else ""))
+    print(f"demo took {s.get('demo_seconds', 0):.0f} s"
+          + (f" ({stages}; gpt and dpar side by side)" if stages else ""))
 
 
 if __name__ == "__main__":
